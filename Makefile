@@ -1,0 +1,57 @@
+# edge-module: the two commands a new user needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-12)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
+
+.PHONY: install mosquitto run test lint models lock bench clean docs
+
+install: $(STAMP) mosquitto
+
+$(STAMP): pyproject.toml requirements-dev.lock
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edge-module needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements-dev.lock -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The broker the tests and `make run` start on free ports. Installed with the
+# system package manager when missing (Debian/Ubuntu: apt-get).
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing mosquitto with apt-get"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else echo "mosquitto is missing: install it with your package manager (e.g. 'apt-get install mosquitto', 'dnf install mosquitto', 'brew install mosquitto')"; exit 1; fi
+
+run: install
+	$(BIN)/python -m simulator.demo
+
+test: install lint
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check edge_module simulator tools tests
+	$(BIN)/mypy
+
+docs: $(STAMP)
+	$(BIN)/edge-module config-reference > docs/configuration.md
+
+# Re-train the default models; the .onnx files come out byte-identical.
+models: $(STAMP)
+	$(BIN)/python -m tools.train_models
+
+# Re-resolve the pinned versions (runtime and dev) from a clean environment.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --disable-pip-version-check .
+	.lock-venv/bin/pip freeze --exclude edge-module > requirements.lock
+	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev]'
+	.lock-venv/bin/pip freeze --exclude edge-module > requirements-dev.lock
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""HTTP API: health, readiness, metrics (and later status and usage logs)."""

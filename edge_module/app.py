@@ -1,0 +1,113 @@
+"""The running module: builds every part from the settings and owns their lifecycle.
+
+Start order: logging, data folder, model (loaded and warmed up), transport,
+pipeline, HTTP. Stop order on SIGTERM/SIGINT: stop intake, finish in-flight
+work, announce ``offline``, disconnect, exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from edge_module import CONTAINER_TYPE, __version__
+from edge_module.api.http import HttpApi
+from edge_module.config import Settings
+from edge_module.exceptions import ConfigError
+from edge_module.inference.models import load_model
+from edge_module.logs import get_logger
+from edge_module.metrics import Metrics
+from edge_module.pipeline import Meter, NoMeter, Pipeline
+from edge_module.state import ensure_data_dir, installation_id
+from edge_module.transport.base import Transport
+from edge_module.transport.mqtt import MqttTransport
+
+log = get_logger("app")
+
+
+class App:
+    def __init__(self, settings: Settings, meter: Meter | None = None) -> None:
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.stop_signal: int | None = None
+        self.data_path = ensure_data_dir(settings.data.path)
+        self.container_id = installation_id(self.data_path)
+        self.metrics = Metrics()
+        self.model = load_model(settings.model)
+        log.info("model_loaded", **self.model.provenance.as_dict(),
+                 path=str(self.model.path))
+        self.transport = self._transport()
+        self.pipeline = Pipeline(self.model, settings.pipeline, self.transport, self.metrics,
+                                 meter or NoMeter(), top_k=settings.model.top_k)
+        try:
+            self.http = HttpApi(settings.http.host, settings.http.port, self._render_metrics,
+                                self.readiness)
+        except OSError as exc:
+            raise ConfigError("Http:Port", f"cannot listen on {settings.http.host}:"
+                              f"{settings.http.port} ({exc.strerror}); fix: choose a free port "
+                              "with Http:Port=<n>") from exc
+
+    def _transport(self) -> Transport:
+        if self.settings.transport == "edgehub":
+            raise ConfigError("Transport", "edgehub is not available in this build yet; fix: "
+                              "use Transport=mqtt")
+        client_id = self.settings.mqtt.client_id or f"edge-module-{self.container_id[:8]}"
+        capacity = self.settings.pipeline.intake_queue * 2 + self.settings.pipeline.max_batch_size
+        return MqttTransport(self.settings.mqtt, client_id, self.metrics,
+                             receive_maximum=capacity)
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.stopping.is_set():
+            return False, "shutting down"
+        if not self.transport.connected:
+            return False, "not connected to the broker"
+        return True, "serving"
+
+    def _render_metrics(self) -> bytes:
+        ready, _ = self.readiness()
+        self.metrics.ready.set(1 if ready else 0)
+        return self.metrics.render()
+
+    def start(self) -> None:
+        self.http.start()
+        self.pipeline.start()
+        self.transport.start(self.pipeline.submit)
+        log.info("module_started", version=__version__, container_type=CONTAINER_TYPE,
+                 container_id=self.container_id, transport=self.settings.transport,
+                 http_port=self.http.port)
+
+    def request_stop(self, signum: int | None = None, _: FrameType | None = None) -> None:
+        # Runs inside a signal handler: only set flags. Logging here could deadlock on the
+        # logger's lock if the signal interrupted a log call on this thread.
+        self.stop_signal = signum
+        self.stopping.set()
+
+    def shutdown(self) -> None:
+        budget = self.settings.pipeline.shutdown_seconds
+        self.transport.stop_intake()
+        drained = self.pipeline.drain(budget * 0.6)
+        if not drained:
+            log.warning("shutdown_work_left", effect="inputs not answered stay unacknowledged "
+                        "and are redelivered by the broker")
+        self.pipeline.stop()
+        self.transport.close(budget * 0.4)
+        self.http.stop()
+        log.info("module_stopped")
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        self.start()
+        while not self.stopping.wait(0.5):
+            pass
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else None
+        log.info("stop_requested", signal=name)
+        self.shutdown()
+        return 0
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Settings as shown at start-up: secrets masked by pydantic's SecretStr."""
+    return settings.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,44 @@
+"""Result and error envelopes: the JSON the module answers every input with."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from edge_module.inference.models import Provenance
+
+
+def result_envelope(
+    request_id: str,
+    provenance: Provenance,
+    scores: np.ndarray,
+    labels: list[str],
+    top_k: int,
+    timing_ms: dict[str, float],
+) -> bytes:
+    """``{"id", "model", "results": [{"label", "score", "topK"}], "timingMs"}``."""
+    k = min(top_k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    results: list[dict[str, Any]] = []
+    for row, top in zip(scores, order, strict=True):
+        ranked = [{"label": labels[i], "score": round(float(row[i]), 6)} for i in top]
+        results.append({"label": ranked[0]["label"], "score": ranked[0]["score"],
+                        "topK": ranked})
+    body = {
+        "id": request_id,
+        "model": provenance.as_dict(),
+        "results": results,
+        "timingMs": {key: round(value, 3) for key, value in timing_ms.items()},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def error_envelope(
+    request_id: str, code: str, message: str, **extra: Any
+) -> bytes:
+    """``{"id", "error": {"code", "message", ...}}``."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    error.update({k: v for k, v in extra.items() if v is not None})
+    return json.dumps({"id": request_id, "error": error}, separators=(",", ":")).encode()

@@ -1,0 +1,101 @@
+"""Logging: structlog, one JSON object per line, secrets scrubbed.
+
+Formats: ``json`` (default), ``iotedge`` (the same line prefixed with the
+syslog severity, e.g. ``<6>``, which ``iotedge logs`` and the GetModuleLogs
+direct method filter on) and ``console`` (for people at a terminal).
+
+Redaction runs last before rendering, on every event: fields whose name looks
+secret are masked, and the literal values of the configured secrets are
+replaced wherever they appear, including inside exception text.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "***"
+SECRET_NAME = re.compile(r"(api_?key|password|secret|token|signature|private)", re.IGNORECASE)
+SYSLOG_SEVERITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+
+_secrets: list[str] = []
+
+
+def register_secrets(values: Iterable[str]) -> None:
+    """Remember secret values so that they are scrubbed from every later log line."""
+    for value in values:
+        if value and value not in _secrets:
+            _secrets.append(value)
+    _secrets.sort(key=len, reverse=True)
+
+
+def scrub(text: str) -> str:
+    """Replace every registered secret inside ``text``."""
+    for secret in _secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: REDACTED if SECRET_NAME.search(str(k)) else _scrub_value(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_value(v) for v in value]
+    return value
+
+
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: mask secret-looking fields and registered secret values."""
+    for key in list(event):
+        if SECRET_NAME.search(key):
+            event[key] = REDACTED
+        else:
+            event[key] = _scrub_value(event[key])
+    return event
+
+
+def _syslog_prefix(renderer: Any) -> Any:
+    def render(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        severity = SYSLOG_SEVERITY.get(str(event.get("level", "info")), 6)
+        return f"<{severity}> {renderer(logger, name, event)}"
+
+    return render
+
+
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Set up structlog for the whole process."""
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        if fmt == "iotedge":
+            renderer = _syslog_prefix(renderer)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A bound logger carrying ``logger=<name>``."""
+    return structlog.get_logger().bind(logger=name)

@@ -1,0 +1,50 @@
+"""Prometheus metrics of one module instance, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages_in = Counter("edge_module_messages_received", "Input messages taken in.",
+                                   registry=r)
+        self.results_out = Counter("edge_module_results_published",
+                                   "Result envelopes sent.", registry=r)
+        self.items_inferred = Counter("edge_module_items_inferred",
+                                      "Items (images or tensor rows) run through the model.",
+                                      registry=r)
+        self.errors = Counter("edge_module_errors", "Error envelopes sent, by code.", ["code"],
+                              registry=r)
+        self.publish_failures = Counter(
+            "edge_module_publish_failures",
+            "Sends the transport could not hand to the broker (QoS 0 while disconnected).",
+            registry=r)
+        self.decode_seconds = Histogram("edge_module_decode_seconds",
+                                        "Time to decode one message.",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("edge_module_inference_seconds",
+                                           "Time of one session.run (one batch).",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("edge_module_queue_seconds",
+                                       "Time from receipt until inference starts.",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end_seconds = Histogram("edge_module_end_to_end_seconds",
+                                            "Time from receipt until the answer is sent.",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("edge_module_batch_size", "Items per session.run.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.intake_depth = Gauge("edge_module_intake_queue_depth",
+                                  "Messages waiting to be decoded.", registry=r)
+        self.batch_depth = Gauge("edge_module_batch_queue_depth",
+                                 "Decoded requests waiting for inference.", registry=r)
+        self.ready = Gauge("edge_module_ready", "1 when the module serves.", registry=r)
+        self.connected = Gauge("edge_module_transport_connected",
+                               "1 while the transport is connected.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

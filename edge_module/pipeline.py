@@ -1,0 +1,289 @@
+"""The pipeline: intake queue -> decode -> batch -> gate -> infer -> meter -> publish.
+
+Threads and queues (docs/architecture.md draws them):
+
+* the transport's thread calls ``submit``, which blocks while the bounded
+  intake queue is full: back-pressure reaches the broker, nothing is dropped;
+* ``DecodeWorkers`` threads decode payloads (OpenCV releases the GIL) and
+  answer bad ones at once with an error envelope;
+* one inference thread gathers decoded requests into a batch (up to
+  ``MaxBatchSize`` items, waiting at most ``MaxQueueDelayMs`` after the first,
+  like Triton's dynamic batcher), asks the gate and the meter whether it may
+  serve, runs the model once, commits the usage records, and only then
+  publishes the results.
+
+Invariant (durable before visible): no result leaves the module before the
+metering record of its transaction is committed. ``Meter.commit`` returns only
+when the records are durable; if it fails, the results are not sent and the
+requests get a ``MeteringUnavailable`` error instead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import numpy as np
+
+from edge_module.config import PipelineSettings
+from edge_module.envelope import error_envelope, result_envelope
+from edge_module.exceptions import EdgeModuleError, PayloadError, Refusal
+from edge_module.inference.codecs import Codec, ErrorCode, Limits, RequestError
+from edge_module.inference.models import Model
+from edge_module.logs import get_logger
+from edge_module.metrics import Metrics
+from edge_module.transport.base import Inbound, Transport
+
+log = get_logger("pipeline")
+
+
+class Meter(Protocol):
+    """Where usage goes. ``commit`` must return only once the records are durable."""
+
+    def check_capacity(self) -> None:
+        """Raise Refusal when no more usage can be recorded (buffer full)."""
+
+    def commit(self, quantities: Sequence[int]) -> None:
+        """Durably record one transaction per entry of ``quantities``."""
+
+
+class Gate(Protocol):
+    """The licensing decision, taken once before inference."""
+
+    def check(self) -> None:
+        """Raise Refusal when the module may not serve now."""
+
+
+class OpenGate:
+    def check(self) -> None:
+        return None
+
+
+class NoMeter:
+    """For tools and benchmarks that measure the pipeline without metering."""
+
+    def check_capacity(self) -> None:
+        return None
+
+    def commit(self, quantities: Sequence[int]) -> None:
+        return None
+
+
+@dataclass
+class Job:
+    inbound: Inbound
+    request_id: str
+    items: list[np.ndarray]
+    decode_ms: float
+
+
+_STOP: Any = object()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        model: Model,
+        settings: PipelineSettings,
+        transport: Transport,
+        metrics: Metrics,
+        meter: Meter,
+        gate: Gate | None = None,
+        top_k: int = 3,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.transport = transport
+        self.metrics = metrics
+        self.meter = meter
+        self.gate = gate or OpenGate()
+        self.top_k = top_k
+        self.codec = Codec(model, Limits(settings.max_payload_bytes, settings.max_batch_items))
+        self.quantity_per_item = model.descriptor.metering.quantityPerItem
+        self.intake: queue.Queue[Inbound] = queue.Queue(maxsize=settings.intake_queue)
+        self.batches: queue.Queue[Job] = queue.Queue(maxsize=settings.intake_queue)
+        self._threads: list[threading.Thread] = []
+        self._accepting = True
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        for i in range(self.settings.decode_workers):
+            self._spawn(self._decode_loop, f"decode-{i}")
+        self._spawn(self._infer_loop, "infer")
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def submit(self, inbound: Inbound) -> None:
+        """Called by the transport for every input; blocks while the intake is full."""
+        self.metrics.messages_in.inc()
+        self.intake.put(inbound)
+        self.metrics.intake_depth.set(self.intake.qsize())
+
+    def idle(self) -> bool:
+        return self.intake.unfinished_tasks == 0 and self.batches.unfinished_tasks == 0
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every accepted input has been answered; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.idle():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stop(self) -> None:
+        for _ in range(self.settings.decode_workers):
+            self.intake.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    # -- decode -----------------------------------------------------------
+
+    def _decode_loop(self) -> None:
+        while True:
+            inbound = self.intake.get()
+            if inbound is _STOP:
+                self.intake.task_done()
+                self.batches.put(cast(Job, _STOP))
+                return
+            try:
+                self._decode(inbound)
+            except Exception as exc:  # a bug must not kill the worker or lose the message
+                log.exception("decode_crashed", error=str(exc))
+                self._send_error(inbound, inbound.correlation_id or uuid.uuid4().hex,
+                                 ErrorCode.INTERNAL, "internal error while decoding; see logs")
+            finally:
+                self.intake.task_done()
+                self.metrics.intake_depth.set(self.intake.qsize())
+
+    def _decode(self, inbound: Inbound) -> None:
+        start = time.perf_counter()
+        try:
+            decoded = self.codec.decode(inbound.payload)
+        except RequestError as exc:
+            request_id = exc.request_id or inbound.correlation_id or uuid.uuid4().hex
+            self._send_error(inbound, request_id, exc.code, exc.message)
+            return
+        elapsed = time.perf_counter() - start
+        self.metrics.decode_seconds.observe(elapsed)
+        request_id = decoded.request_id or inbound.correlation_id or uuid.uuid4().hex
+        self.batches.put(Job(inbound, request_id, decoded.items, elapsed * 1000))
+        self.metrics.batch_depth.set(self.batches.qsize())
+
+    # -- batch, infer, meter, publish -------------------------------------
+
+    def _infer_loop(self) -> None:
+        stops = 0
+        carry: Job | None = None
+        max_items = self.settings.max_batch_size
+        delay = self.settings.max_queue_delay_ms / 1000
+        while True:
+            first = carry if carry is not None else self.batches.get()
+            carry = None
+            if first is _STOP:
+                self.batches.task_done()
+                stops += 1
+                if stops == self.settings.decode_workers:
+                    return
+                continue
+            jobs = [first]
+            count = len(first.items)
+            deadline = time.perf_counter() + delay
+            while count < max_items:
+                remaining = deadline - time.perf_counter()
+                try:
+                    job = self.batches.get(timeout=remaining) if remaining > 0 else \
+                        self.batches.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP or count + len(job.items) > max_items:
+                    carry = job
+                    break
+                jobs.append(job)
+                count += len(job.items)
+            try:
+                self._serve(jobs)
+            except Exception as exc:  # never lose a batch to a bug: answer every job
+                log.exception("batch_crashed", error=str(exc))
+                for job in jobs:
+                    self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
+                                     "internal error while serving; see logs")
+            finally:
+                for _ in jobs:
+                    self.batches.task_done()
+                self.metrics.batch_depth.set(self.batches.qsize())
+
+    def _serve(self, jobs: list[Job]) -> None:
+        try:
+            self.gate.check()
+            self.meter.check_capacity()
+        except Refusal as refusal:
+            for job in jobs:
+                self._send_error(job.inbound, job.request_id, refusal.code, refusal.message,
+                                 **refusal.details)
+            return
+        started = time.perf_counter()
+        for job in jobs:
+            self.metrics.queue_seconds.observe(started - job.inbound.received)
+        try:
+            scores = self._infer([item for job in jobs for item in job.items])
+        except Exception as exc:  # onnxruntime raises untyped errors
+            log.error("inference_failed", error=str(exc), batch=len(jobs))
+            for job in jobs:
+                self._send_error(job.inbound, job.request_id, ErrorCode.INFERENCE_FAILED,
+                                 f"the model failed on this input: {exc}")
+            return
+        infer_ms = (time.perf_counter() - started) * 1000
+        try:
+            self.meter.commit([len(job.items) * self.quantity_per_item for job in jobs])
+        except EdgeModuleError as exc:
+            log.error("metering_commit_failed", error=str(exc), batch=len(jobs))
+            for job in jobs:
+                self._send_error(job.inbound, job.request_id, "MeteringUnavailable",
+                                 "the usage record could not be stored, so no result is "
+                                 "released; the module retries on the next message")
+            return
+        offset = 0
+        labels = self.model.labels
+        provenance = self.model.provenance
+        for job in jobs:
+            n = len(job.items)
+            total_ms = (time.perf_counter() - job.inbound.received) * 1000
+            body = result_envelope(
+                job.request_id, provenance, scores[offset:offset + n], labels, self.top_k,
+                {"decode": job.decode_ms, "infer": infer_ms, "total": total_ms},
+            )
+            offset += n
+            self.transport.send_result(job.inbound, body)
+            self.metrics.results_out.inc()
+            self.metrics.end_to_end_seconds.observe(total_ms / 1000)
+
+    def _infer(self, items: list[np.ndarray]) -> np.ndarray:
+        max_items = self.settings.max_batch_size
+        outputs = []
+        for start in range(0, len(items), max_items):
+            chunk = np.stack(items[start:start + max_items])
+            t0 = time.perf_counter()
+            outputs.append(self.model.run(chunk))
+            self.metrics.inference_seconds.observe(time.perf_counter() - t0)
+            self.metrics.batch_size.observe(len(chunk))
+            self.metrics.items_inferred.inc(len(chunk))
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def _send_error(self, inbound: Inbound, request_id: str, code: str, message: str,
+                    **extra: Any) -> None:
+        self.metrics.errors.labels(code=code).inc()
+        log.info("request_refused", code=code, id=request_id, reason=message)
+        self.transport.send_error(inbound, error_envelope(request_id, code, message, **extra))
+
+
+__all__ = ["Gate", "Job", "Meter", "NoMeter", "OpenGate", "PayloadError", "Pipeline"]

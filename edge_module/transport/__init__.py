@@ -1,0 +1,1 @@
+"""Transports: where messages come from and where results go (MQTT, edgeHub)."""

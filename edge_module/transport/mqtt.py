@@ -1,0 +1,305 @@
+"""MQTT transport (paho-mqtt 1.6 API; azure-iot-device 2.14 pins paho < 2).
+
+Two connections to the broker, each with a persistent session:
+
+* **intake** subscribes to the input filters. paho 1.6 acknowledges a QoS 1
+  message as soon as ``on_message`` returns; this client defers that PUBACK
+  until the message's answer has been acknowledged by the broker, so a crash
+  anywhere in between makes the broker redeliver the input instead of losing
+  it. On shutdown it stops taking messages but stays connected until the
+  answers in flight are acknowledged; what it did not take stays queued in the
+  broker for the next start (it never unsubscribes).
+* **output** publishes results, errors and the retained availability topic
+  (``online``/``offline``, with ``offline`` as the last will).
+
+Both reconnect with exponential back-off and the intake resubscribes after
+every reconnect. Packet ids are only acknowledged within the session they
+belong to: when the broker reports that the session was not resumed, pending
+acknowledgements of the old session are dropped (the broker forgot them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_module.config import MqttSettings, subscription_filter
+from edge_module.logs import get_logger
+from edge_module.metrics import Metrics
+from edge_module.transport.base import Deliver, Inbound
+
+log = get_logger("mqtt")
+
+
+class DeferredAckClient(mqtt.Client):  # type: ignore[misc]
+    """A paho 1.6 client whose QoS 1 PUBACKs are sent by ``ack``, not by paho."""
+
+    def _send_puback(self, mid: int) -> int:
+        return int(mqtt.MQTT_ERR_SUCCESS)  # deferred: see MqttTransport._settle_input
+
+    def ack(self, mid: int) -> int:
+        return int(mqtt.Client._send_puback(self, mid))
+
+
+def _reason(rc: Any) -> int:
+    return int(getattr(rc, "value", rc))
+
+
+class MqttTransport:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        metrics: Metrics,
+        receive_maximum: int = 256,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.v5 = settings.protocol == "5"
+        self._filters = [subscription_filter(f) for f in settings.input_topic]
+        self._deliver: Deliver | None = None
+        self._accepting = True
+        self._lock = threading.Lock()
+        self._epoch = 0  # bumped whenever the broker did not resume our intake session
+        self._taken: set[tuple[int, int]] = set()  # (epoch, mid) taken, not yet acknowledged
+        self._pending: dict[int, Callable[[], None]] = {}  # output mid -> settle callback
+        self._early: set[int] = set()  # output mids acknowledged before we registered them
+        self._receive_maximum = max(1, min(receive_maximum, 65535))
+        self._intake = self._client(f"{client_id}-in", DeferredAckClient)
+        self._output = self._client(f"{client_id}-out", mqtt.Client)
+        self._intake.on_connect = self._on_intake_connect
+        self._intake.on_message = self._on_message
+        self._intake.on_disconnect = self._on_disconnect("intake")
+        self._output.on_connect = self._on_output_connect
+        self._output.on_publish = self._on_publish
+        self._output.on_disconnect = self._on_disconnect("output")
+        self._output.will_set(settings.availability_topic, b"offline", qos=1, retain=True)
+        self._output.max_inflight_messages_set(1000)
+
+    def _client(self, client_id: str, cls: type[mqtt.Client]) -> mqtt.Client:
+        s = self.settings
+        if self.v5:
+            client = cls(client_id=client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = cls(client_id=client_id, clean_session=False, protocol=mqtt.MQTTv311)
+        if s.username is not None:
+            password = s.password.get_secret_value() if s.password is not None else None
+            client.username_pw_set(s.username, password)
+        if s.tls.ca_file is not None:
+            client.tls_set(
+                ca_certs=str(s.tls.ca_file),
+                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            client.tls_insecure_set(s.tls.insecure)
+        client.reconnect_delay_set(min_delay=s.reconnect_min_delay,
+                                   max_delay=s.reconnect_max_delay)
+        client.suppress_exceptions = True  # a bug in a callback must not kill the loop
+        return client
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._connect(self._output, receive_maximum=None)
+        self._connect(self._intake, receive_maximum=self._receive_maximum)
+        log.info("mqtt_connecting", host=self.settings.host, port=self.settings.port,
+                 protocol=self.settings.protocol, tls=self.settings.tls.ca_file is not None,
+                 inputs=self.settings.input_topic)
+
+    def _connect(self, client: mqtt.Client, receive_maximum: int | None) -> None:
+        s = self.settings
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = s.session_expiry
+            if receive_maximum is not None:
+                props.ReceiveMaximum = receive_maximum
+            client.connect_async(s.host, s.port, s.keepalive, clean_start=False,
+                                 properties=props)
+        else:
+            client.connect_async(s.host, s.port, s.keepalive)
+        client.loop_start()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._intake.is_connected() and self._output.is_connected())
+
+    def stop_intake(self) -> None:
+        """Take no more messages; those not taken stay with the broker."""
+        self._accepting = False
+        log.info("mqtt_intake_stopped")
+
+    def close(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(cb is not _noop for cb in list(self._pending.values())) and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._pending:
+            log.warning("mqtt_unacknowledged_at_shutdown", count=len(self._pending),
+                        effect="their inputs stay unacknowledged and are redelivered")
+        info = self._output.publish(self.settings.availability_topic, b"offline", qos=1,
+                                    retain=True)
+        self._track(info.mid, _noop)
+        try:
+            info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+        except (RuntimeError, ValueError) as exc:  # paho raises when not connected
+            log.warning("mqtt_offline_not_announced", reason=str(exc),
+                        effect="the broker publishes the last will 'offline' instead")
+        for client in (self._intake, self._output):
+            client.disconnect()
+            client.loop_stop()
+        log.info("mqtt_closed")
+
+    # -- callbacks (paho's network threads) -------------------------------
+
+    def _on_output_connect(self, client: mqtt.Client, _: Any, flags: Any, rc: Any,
+                           *__: Any) -> None:
+        if _reason(rc) != 0:
+            log.error("mqtt_connect_refused", client="output", reason=str(rc))
+            return
+        _no_delay(client)
+        info = client.publish(self.settings.availability_topic, b"online", qos=1, retain=True)
+        self._track(info.mid, _noop)
+        self._update_connected()
+        log.info("mqtt_connected", client="output")
+
+    def _on_intake_connect(self, client: mqtt.Client, _: Any, flags: Any, rc: Any,
+                           *__: Any) -> None:
+        if _reason(rc) != 0:
+            log.error("mqtt_connect_refused", client="intake", reason=str(rc),
+                      fix="check Mqtt:Username, Mqtt:Password and the broker's ACL")
+            return
+        resumed = bool(flags.get("session present", 0))
+        if not resumed:
+            with self._lock:
+                self._epoch += 1
+                self._taken.clear()
+        qos = self.settings.qos
+        _no_delay(client)
+        client.subscribe([(topic_filter, qos) for topic_filter in self.settings.input_topic])
+        self._update_connected()
+        log.info("mqtt_connected", client="intake", session_resumed=resumed,
+                 subscribed=self.settings.input_topic)
+
+    def _on_disconnect(self, name: str) -> Callable[..., None]:
+        def handler(client: mqtt.Client, _: Any, rc: Any, *__: Any) -> None:
+            self._update_connected()
+            if _reason(rc) != 0:
+                log.warning("mqtt_disconnected", client=name, reason=str(rc),
+                            retry="reconnecting with back-off")
+        return handler
+
+    def _update_connected(self) -> None:
+        self.metrics.connected.set(1 if self.connected else 0)
+
+    def _on_message(self, client: mqtt.Client, _: Any, msg: mqtt.MQTTMessage) -> None:
+        if not self._accepting or self._deliver is None:
+            return  # not acknowledged: the broker redelivers it to the next session
+        settle: Callable[[], None] = _noop
+        if msg.qos > 0:
+            with self._lock:
+                key = (self._epoch, msg.mid)
+                if msg.dup and key in self._taken:
+                    return  # a redelivery of a message still being processed
+                self._taken.add(key)
+            settle = _bind_settle(self, key)
+        reply_to = correlation = content_type = None
+        props = getattr(msg, "properties", None)
+        if props is not None:
+            reply_to = getattr(props, "ResponseTopic", None)
+            raw = getattr(props, "CorrelationData", None)
+            if raw is not None:
+                correlation = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else \
+                    str(raw)
+            content_type = getattr(props, "ContentType", None)
+        self._deliver(Inbound(
+            payload=msg.payload, source=msg.topic, correlation_id=correlation,
+            reply_to=reply_to, content_type=content_type, settle=settle,
+        ))
+
+    def _settle_input(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            if key not in self._taken:
+                return
+            self._taken.discard(key)
+            current = key[0] == self._epoch
+        if current:
+            self._intake.ack(key[1])
+
+    def _on_publish(self, client: mqtt.Client, _: Any, mid: int) -> None:
+        with self._lock:
+            settle = self._pending.pop(mid, None)
+            if settle is None:
+                self._early.add(mid)
+                return
+        settle()
+
+    # -- sending ----------------------------------------------------------
+
+    def send_result(self, inbound: Inbound, body: bytes) -> None:
+        self._send(inbound, body, inbound.reply_to or self.settings.result_topic)
+
+    def send_error(self, inbound: Inbound, body: bytes) -> None:
+        self._send(inbound, body, self.settings.error_topic)
+
+    def _send(self, inbound: Inbound, body: bytes, template: str) -> None:
+        topic = template.replace("{topic}", inbound.source)
+        if any(mqtt.topic_matches_sub(f, topic) for f in self._filters):
+            self.metrics.publish_failures.inc()
+            log.error("mqtt_output_loop", topic=topic, code="OutputTopicLoop",
+                      fix="choose ResultTopic/ErrorTopic (or the response topic) outside "
+                          "Mqtt:InputTopic")
+            inbound.settle()
+            return
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+            if inbound.correlation_id is not None:
+                props.CorrelationData = inbound.correlation_id.encode()
+        info = self._output.publish(topic, body, qos=self.settings.qos, properties=props)
+        if self.settings.qos == 0 and info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self.metrics.publish_failures.inc()
+            log.warning("mqtt_publish_failed", topic=topic, reason=mqtt.error_string(info.rc),
+                        effect="QoS 0 answer not sent; use Mqtt:Qos=1 for guaranteed delivery")
+            inbound.settle()
+            return
+        self._track(info.mid, inbound.settle)
+
+    def _track(self, mid: int, settle: Callable[[], None]) -> None:
+        """Call ``settle`` once the broker acknowledges publish ``mid`` (maybe already)."""
+        with self._lock:
+            if mid in self._early:
+                self._early.discard(mid)
+                acknowledged = True
+            else:
+                self._pending[mid] = settle
+                acknowledged = False
+        if acknowledged:
+            settle()
+
+
+def _no_delay(client: mqtt.Client) -> None:
+    """Turn Nagle's algorithm off: paho 1.6 leaves it on, which adds ~40 ms per answer."""
+    sock = client.socket()
+    if sock is not None and hasattr(sock, "setsockopt"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _noop() -> None:
+    return None
+
+
+def _bind_settle(transport: MqttTransport, key: tuple[int, int]) -> Callable[[], None]:
+    return lambda: transport._settle_input(key)

@@ -1,0 +1,101 @@
+"""A local mosquitto on a free loopback port, for tests, `make run` and benchmarks.
+
+Persistence is on (sessions and queued QoS 1 messages survive a restart of the
+broker) and the per-client queue limits are lifted, as a production broker
+feeding this module should be configured.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+INSTALL_HINT = (
+    "mosquitto is not installed. Install it with 'make install' (it uses apt-get) or "
+    "'sudo apt-get install mosquitto' (Fedora: 'dnf install mosquitto', macOS: "
+    "'brew install mosquitto')."
+)
+
+
+class BrokerMissing(RuntimeError):
+    """mosquitto is not installed."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto")
+    if found is None and os.access("/usr/sbin/mosquitto", os.X_OK):
+        found = "/usr/sbin/mosquitto"
+    if found is None:
+        raise BrokerMissing(INSTALL_HINT)
+    return found
+
+
+class Broker:
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.workdir = workdir
+        self.host = host
+        self.port = port or free_port(host)
+        self.log = workdir / "mosquitto.log"
+        self.conf = workdir / "mosquitto.conf"
+        (workdir / "persist").mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(
+            f"listener {self.port} {host}\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {workdir / 'persist'}/\n"
+            "max_queued_messages 100000\n"
+            "max_inflight_messages 0\n"
+            "set_tcp_nodelay true\n"
+            f"log_dest file {self.log}\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10) -> Broker:
+        self.process = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for its owner must not kill it first
+        )
+        deadline = time.monotonic() + timeout
+        while not self._accepts():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self._log_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not listen on {self.port}: {self._log_text()}")
+            time.sleep(0.02)
+        return self
+
+    def _log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def _accepts(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or power loss looks like to the module."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)

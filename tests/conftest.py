@@ -1,0 +1,40 @@
+"""Fixtures that start real parts: a mosquitto broker per test, the module as a process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Broker, Collector, Module, start_broker
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    b = start_broker(workdir)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def start_module(tmp_path: Path, broker: Broker) -> Iterator[Callable[..., Module]]:
+    started: list[Module] = []
+
+    def start(*extra: str, wait_ready: bool = True, **kwargs: object) -> Module:
+        module = Module(tmp_path, broker.port, *extra, **kwargs)  # type: ignore[arg-type]
+        started.append(module)
+        return module.start(wait_ready=wait_ready)
+
+    yield start
+    for module in started:
+        module.stop()
+
+
+@pytest.fixture
+def collector(broker: Broker) -> Iterator[Collector]:
+    c = Collector(broker.port, ["em/results", "em/errors", "em/status"])
+    yield c
+    c.close()
