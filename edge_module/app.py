@@ -14,12 +14,17 @@ from typing import Any
 
 from edge_module import CONTAINER_TYPE, __version__
 from edge_module.api.http import HttpApi
+from edge_module.billing_api import BillingClient
 from edge_module.config import Settings
 from edge_module.exceptions import ConfigError
 from edge_module.inference.models import load_model
 from edge_module.logs import get_logger
+from edge_module.metering.drain import Drainer
+from edge_module.metering.ledger import Ledger
+from edge_module.metering.meter import LedgerMeter
+from edge_module.metering.records import Identity, MeterSpec
 from edge_module.metrics import Metrics
-from edge_module.pipeline import Meter, NoMeter, Pipeline
+from edge_module.pipeline import Meter, Pipeline
 from edge_module.state import ensure_data_dir, installation_id
 from edge_module.transport.base import Transport
 from edge_module.transport.mqtt import MqttTransport
@@ -38,9 +43,18 @@ class App:
         self.model = load_model(settings.model)
         log.info("model_loaded", **self.model.provenance.as_dict(),
                  path=str(self.model.path))
+        self.identity = Identity(CONTAINER_TYPE, __version__, self.container_id)
+        self.ledger = Ledger(self.data_path / "ledger.db", self.identity, settings.metering)
+        self.billing = BillingClient(str(settings.billing), settings.api_key.get_secret_value(),
+                                     timeout=settings.metering.timeout_seconds)
+        self.drainer = Drainer(self.ledger, self.billing, settings.metering, self.metrics)
+        descriptor = self.model.descriptor.metering
+        self.meter = meter or LedgerMeter(
+            self.ledger, MeterSpec(descriptor.meterName, descriptor.apiType), self.metrics,
+            self.drainer)
         self.transport = self._transport()
         self.pipeline = Pipeline(self.model, settings.pipeline, self.transport, self.metrics,
-                                 meter or NoMeter(), top_k=settings.model.top_k)
+                                 self.meter, top_k=settings.model.top_k)
         try:
             self.http = HttpApi(settings.http.host, settings.http.port, self._render_metrics,
                                 self.readiness)
@@ -68,10 +82,23 @@ class App:
     def _render_metrics(self) -> bytes:
         ready, _ = self.readiness()
         self.metrics.ready.set(1 if ready else 0)
+        self.refresh_backlog()
         return self.metrics.render()
+
+    def refresh_backlog(self) -> dict[str, Any]:
+        """Backlog figures from the ledger, also set on the metrics gauges."""
+        stats = self.ledger.stats().as_dict()
+        m = self.metrics
+        m.ledger_pending.set(stats["pending"])
+        m.ledger_oldest_age.set(stats["oldestPendingAgeSeconds"] or 0)
+        m.ledger_quarantined.set(stats["quarantined"])
+        m.ledger_bytes.set(stats["ledgerBytes"])
+        m.ledger_fill.set(self.ledger.fill_ratio())
+        return stats
 
     def start(self) -> None:
         self.http.start()
+        self.drainer.start()
         self.pipeline.start()
         self.transport.start(self.pipeline.submit)
         log.info("module_started", version=__version__, container_type=CONTAINER_TYPE,
@@ -93,6 +120,9 @@ class App:
                         "and are redelivered by the broker")
         self.pipeline.stop()
         self.transport.close(budget * 0.4)
+        self.drainer.stop()
+        self.billing.close()
+        self.ledger.close()
         self.http.stop()
         log.info("module_stopped")
 

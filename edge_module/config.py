@@ -278,6 +278,49 @@ class PipelineSettings(Section):
     )
 
 
+class MeteringSettings(Section):
+    batch_size: int = Field(
+        500, alias="BatchSize", ge=1, le=500,
+        description="Usage records per upload to the billing endpoint (the API takes 500 at "
+        "most).",
+    )
+    max_delay_seconds: float = Field(
+        10.0, alias="MaxDelaySeconds", gt=0,
+        description="Upload pending usage at the latest this long after it was recorded, "
+        "even when a batch is not full.",
+    )
+    timeout_seconds: float = Field(
+        10.0, alias="TimeoutSeconds", gt=0,
+        description="Timeout of one billing call (connect and answer). A blackholed "
+        "endpoint costs the uploader this long per try and never stalls inference.",
+    )
+    max_backoff_seconds: float = Field(
+        300.0, alias="MaxBackoffSeconds", gt=0,
+        description="Cap of the exponential back-off (with jitter) between failed uploads. "
+        "A Retry-After from the endpoint is honoured exactly instead.",
+    )
+    max_pending_records: int = Field(
+        1_000_000, alias="MaxPendingRecords", ge=1,
+        description="Most records waiting for upload. At the cap the module refuses new "
+        "work with `MeteringBufferFull` (never drops a record) until the upload frees "
+        "space; a warning is logged at 80%.",
+    )
+    max_ledger_mb: float = Field(
+        512.0, alias="MaxLedgerMb", gt=0,
+        description="Most megabytes the ledger may use; the same refusal applies at the cap.",
+    )
+    retention_hours: float = Field(
+        168.0, alias="RetentionHours", ge=0,
+        description="How long acknowledged records are kept (for audits) before pruning. "
+        "Quarantined records are kept until removed by hand.",
+    )
+    synchronous: Literal["full", "normal"] = Field(
+        "full", alias="Synchronous",
+        description="SQLite `synchronous`: `full` survives power loss, `normal` survives "
+        "process crashes only and is faster on slow storage.",
+    )
+
+
 class HttpSettings(Section):
     host: str = Field("0.0.0.0", alias="Host", description="Address the HTTP API listens on.")
     port: int = Field(
@@ -331,6 +374,7 @@ class Settings(Section):
     mqtt: MqttSettings = Field(default_factory=MqttSettings, alias="Mqtt")
     model: ModelSettings = Field(default_factory=ModelSettings, alias="Model")
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings, alias="Pipeline")
+    metering: MeteringSettings = Field(default_factory=MeteringSettings, alias="Metering")
     http: HttpSettings = Field(default_factory=HttpSettings, alias="Http")
     data: DataSettings = Field(default_factory=DataSettings, alias="Data")
     log: LogSettings = Field(default_factory=LogSettings, alias="Log")

@@ -46,5 +46,41 @@ class Metrics:
         self.connected = Gauge("edge_module_transport_connected",
                                "1 while the transport is connected.", registry=r)
 
+        # Metering backlog (gauges refreshed from the ledger at every scrape).
+        self.ledger_pending = Gauge("edge_module_ledger_pending_records",
+                                    "Usage records waiting for upload.", registry=r)
+        self.ledger_oldest_age = Gauge(
+            "edge_module_ledger_oldest_pending_age_seconds",
+            "Age of the oldest usage record waiting for upload (0 when none).", registry=r)
+        self.ledger_quarantined = Gauge("edge_module_ledger_quarantined_records",
+                                        "Usage records rejected for good, kept aside.",
+                                        registry=r)
+        self.ledger_fill = Gauge("edge_module_ledger_fill_ratio",
+                                 "Pending records or ledger size over its cap (1 = full, "
+                                 "new work refused; warning at 0.8).", registry=r)
+        self.ledger_bytes = Gauge("edge_module_ledger_bytes", "Ledger size on disk.",
+                                  registry=r)
+        self.ledger_commit_seconds = Histogram("edge_module_ledger_commit_seconds",
+                                               "Time of one group commit.",
+                                               buckets=LATENCY_BUCKETS, registry=r)
+        self.drain_acknowledged = Counter("edge_module_drain_acknowledged_records",
+                                          "Usage records accepted by the billing endpoint.",
+                                          registry=r)
+        self.drain_duplicates = Counter("edge_module_drain_duplicate_records",
+                                        "Usage records the endpoint already had (a resend; "
+                                        "counted as delivered).", registry=r)
+        self.drain_quarantined = Counter("edge_module_drain_quarantined_records",
+                                         "Usage records rejected for good.", registry=r)
+        self.drain_failures = Counter("edge_module_drain_failures",
+                                      "Failed uploads, by status.", ["status"], registry=r)
+        self.drain_seconds = Histogram("edge_module_drain_batch_seconds",
+                                       "Time of one upload call.",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.last_drain = Gauge("edge_module_drain_last_success_timestamp_seconds",
+                                "When an upload last succeeded (epoch seconds).", registry=r)
+        self.replays = Counter("edge_module_replayed_messages",
+                               "Redelivered inputs answered again without a new usage record.",
+                               registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

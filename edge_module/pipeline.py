@@ -20,6 +20,7 @@ requests get a ``MeteringUnavailable`` error instead.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ from edge_module.exceptions import EdgeModuleError, PayloadError, Refusal
 from edge_module.inference.codecs import Codec, ErrorCode, Limits, RequestError
 from edge_module.inference.models import Model
 from edge_module.logs import get_logger
+from edge_module.metering.records import Usage
 from edge_module.metrics import Metrics
 from edge_module.transport.base import Inbound, Transport
 
@@ -45,11 +47,17 @@ log = get_logger("pipeline")
 class Meter(Protocol):
     """Where usage goes. ``commit`` must return only once the records are durable."""
 
-    def check_capacity(self) -> None:
-        """Raise Refusal when no more usage can be recorded (buffer full)."""
+    def admit(self, wanted: int) -> int:
+        """How many of ``wanted`` new transactions can be recorded now (0 when full)."""
 
-    def commit(self, quantities: Sequence[int]) -> None:
-        """Durably record one transaction per entry of ``quantities``."""
+    def buffer_full(self) -> Refusal:
+        """The refusal sent for transactions that were not admitted."""
+
+    def commit(self, usages: Sequence[Usage]) -> list[str]:
+        """Durably record one transaction per usage; return the record ids."""
+
+    def replayed(self, key: str, digest: bytes) -> str | None:
+        """The record of an earlier answer to this same delivery, if any."""
 
 
 class Gate(Protocol):
@@ -67,10 +75,16 @@ class OpenGate:
 class NoMeter:
     """For tools and benchmarks that measure the pipeline without metering."""
 
-    def check_capacity(self) -> None:
-        return None
+    def admit(self, wanted: int) -> int:
+        return wanted
 
-    def commit(self, quantities: Sequence[int]) -> None:
+    def buffer_full(self) -> Refusal:
+        return Refusal("MeteringBufferFull", "unreachable: this meter never fills")
+
+    def commit(self, usages: Sequence[Usage]) -> list[str]:
+        return ["" for _ in usages]
+
+    def replayed(self, key: str, digest: bytes) -> str | None:
         return None
 
 
@@ -80,6 +94,10 @@ class Job:
     request_id: str
     items: list[np.ndarray]
     decode_ms: float
+    replay_of: str | None = None  # record id when this answers a redelivered input again
+
+    def digest(self) -> bytes:
+        return hashlib.blake2b(self.inbound.payload, digest_size=16).digest()
 
 
 _STOP: Any = object()
@@ -223,14 +241,31 @@ class Pipeline:
                 self.metrics.batch_depth.set(self.batches.qsize())
 
     def _serve(self, jobs: list[Job]) -> None:
-        try:
-            self.gate.check()
-            self.meter.check_capacity()
-        except Refusal as refusal:
-            for job in jobs:
-                self._send_error(job.inbound, job.request_id, refusal.code, refusal.message,
-                                 **refusal.details)
-            return
+        for job in jobs:
+            key = job.inbound.delivery_key
+            if job.inbound.redelivered and key is not None:
+                job.replay_of = self.meter.replayed(key, job.digest())
+        fresh = [job for job in jobs if job.replay_of is None]
+        refused: list[tuple[Job, Refusal]] = []
+        if fresh:
+            try:
+                self.gate.check()
+            except Refusal as gate_refusal:
+                refused = [(job, gate_refusal) for job in fresh]
+            else:
+                allowed = self.meter.admit(len(fresh))
+                if allowed < len(fresh):
+                    full = self.meter.buffer_full()
+                    refused = [(job, full) for job in fresh[allowed:]]
+        if refused:
+            for job, reason in refused:
+                self._send_error(job.inbound, job.request_id, reason.code, reason.message,
+                                 **reason.details)
+            turned_away = {id(job) for job, _ in refused}
+            jobs = [job for job in jobs if id(job) not in turned_away]
+            fresh = [job for job in fresh if id(job) not in turned_away]
+            if not jobs:
+                return
         started = time.perf_counter()
         for job in jobs:
             self.metrics.queue_seconds.observe(started - job.inbound.received)
@@ -243,15 +278,25 @@ class Pipeline:
                                  f"the model failed on this input: {exc}")
             return
         infer_ms = (time.perf_counter() - started) * 1000
+        # Durable before visible: the records of this batch are committed before any of
+        # its results is published. Replays were billed when first answered.
         try:
-            self.meter.commit([len(job.items) * self.quantity_per_item for job in jobs])
+            if fresh:
+                self.meter.commit([
+                    Usage(len(job.items) * self.quantity_per_item, job.inbound.delivery_key,
+                          job.digest() if job.inbound.delivery_key is not None else None)
+                    for job in fresh])
         except EdgeModuleError as exc:
-            log.error("metering_commit_failed", error=str(exc), batch=len(jobs))
+            log.error("metering_commit_failed", error=str(exc), batch=len(fresh))
             for job in jobs:
                 self._send_error(job.inbound, job.request_id, "MeteringUnavailable",
                                  "the usage record could not be stored, so no result is "
-                                 "released; the module retries on the next message")
+                                 "released; send the input again once the disk under "
+                                 "Data:Path has room")
             return
+        replays = len(jobs) - len(fresh)
+        if replays:
+            self.metrics.replays.inc(replays)
         offset = 0
         labels = self.model.labels
         provenance = self.model.provenance

@@ -26,6 +26,10 @@ class Inbound:
     content_type: str | None = None
     received: float = field(default_factory=time.perf_counter)
     settle: Callable[[], None] = lambda: None
+    # Identifies this delivery within the transport session (MQTT QoS 1: the packet id),
+    # and whether the transport says it was delivered before (MQTT DUP flag).
+    delivery_key: str | None = None
+    redelivered: bool = False
 
 
 class Deliver(Protocol):

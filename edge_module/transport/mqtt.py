@@ -225,6 +225,7 @@ class MqttTransport:
         self._deliver(Inbound(
             payload=msg.payload, source=msg.topic, correlation_id=correlation,
             reply_to=reply_to, content_type=content_type, settle=settle,
+            delivery_key=str(msg.mid) if msg.qos > 0 else None, redelivered=bool(msg.dup),
         ))
 
     def _settle_input(self, key: tuple[int, int]) -> None:

@@ -1,0 +1,251 @@
+"""The uploader: drains pending usage records to the billing endpoint, oldest first.
+
+* Uploads when a full batch is pending or the oldest pending record is older
+  than ``Metering:MaxDelaySeconds``; after a success it continues at once
+  while records remain, so a backlog drains at full speed.
+* ``Accepted`` and ``Duplicate`` both mean delivered: the endpoint
+  deduplicates by record id, so a resend after a crash or a lost answer never
+  bills twice. ``Rejected`` is quarantined with its reason unless the result
+  says ``retryable``; a whole-batch 400 is bisected so one poison record
+  cannot block the rest.
+* Failures back off exponentially with full jitter, capped at
+  ``Metering:MaxBackoffSeconds``; a ``Retry-After`` is honoured exactly. The
+  thread sleeps on an event while idle or backing off: no busy loop.
+* Every call has a timeout and runs on this thread only, so a blackholed
+  endpoint never stalls inference.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_module.billing_api import Answer, ApiStatus, BillingClient
+from edge_module.config import MeteringSettings
+from edge_module.logs import get_logger
+from edge_module.metering.ledger import ACCEPTED, DUPLICATE, Ledger, PendingRecord
+from edge_module.metrics import Metrics
+
+log = get_logger("drain")
+
+BASE_BACKOFF = 1.0
+
+
+@dataclass
+class BatchOutcome:
+    delivered: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    answer: Answer | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.answer is not None and self.answer.ok
+
+
+class Backoff:
+    """Exponential back-off with full jitter: uniform(0, min(cap, base * 2**n))."""
+
+    def __init__(self, cap: float, base: float = BASE_BACKOFF,
+                 rng: random.Random | None = None) -> None:
+        self.cap = cap
+        self.base = base
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * (2 ** self.failures))
+        self.failures += 1
+        return max(0.05, self._rng.uniform(0, ceiling))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Drainer:
+    def __init__(self, ledger: Ledger, client: BillingClient, settings: MeteringSettings,
+                 metrics: Metrics | None = None,
+                 on_answer: Callable[[Answer], None] | None = None) -> None:
+        self.ledger = ledger
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+        self.on_answer = on_answer
+        self.backoff = Backoff(settings.max_backoff_seconds)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one batch at a time (thread, CLI, direct method)
+        self.last_answer: Answer | None = None
+        self.next_attempt: float = 0.0  # monotonic time of the next try while backing off
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="drain", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Ask for an upload now (after commits, on DrainNow, when the link returns)."""
+        self.next_attempt = 0.0
+        self._wake.set()
+
+    def notify_committed(self) -> None:
+        if self.ledger.pending >= self.settings.batch_size:
+            self._wake.set()
+
+    # -- the loop ---------------------------------------------------------
+
+    def _run(self) -> None:
+        last_prune = 0.0
+        while not self._stop.is_set():
+            delay = self._due_in()
+            if delay > 0:
+                self._wake.wait(delay)
+                self._wake.clear()
+                continue
+            outcome = self.drain_batch()
+            if time.monotonic() - last_prune > 600:
+                last_prune = time.monotonic()
+                self.ledger.prune()
+            if outcome.ok:
+                continue
+            self._schedule_retry(outcome.answer)
+
+    def _due_in(self) -> float:
+        """Seconds until the next upload is due (0: now)."""
+        now = time.monotonic()
+        if now < self.next_attempt:
+            return self.next_attempt - now
+        pending = self.ledger.pending
+        if pending == 0:
+            return self.settings.max_delay_seconds
+        if pending >= self.settings.batch_size:
+            return 0.0
+        oldest = self.ledger.oldest_pending_ms()
+        if oldest is None:
+            return self.settings.max_delay_seconds
+        age = time.time() - oldest / 1000
+        return max(0.0, self.settings.max_delay_seconds - age)
+
+    def _schedule_retry(self, answer: Answer | None) -> None:
+        if answer is None:
+            return
+        if answer.retry_after is not None and answer.status in (ApiStatus.BUSY,
+                                                                 ApiStatus.OUT_OF_QUOTA):
+            wait = answer.retry_after  # honoured exactly, no jitter
+        else:
+            wait = self.backoff.next()
+        self.next_attempt = time.monotonic() + wait
+        log.warning("drain_failed", status=str(answer.status), http=answer.http_status,
+                    error=answer.error, retry_in_s=round(wait, 3),
+                    pending=self.ledger.pending)
+
+    # -- one batch ------------------------------------------------------
+
+    def drain_batch(self) -> BatchOutcome:
+        with self._lock:
+            batch = self.ledger.pending_batch(self.settings.batch_size)
+            if not batch:
+                return BatchOutcome(answer=Answer(ApiStatus.VALID))
+            return self._upload(batch)
+
+    def _upload(self, batch: list[PendingRecord]) -> BatchOutcome:
+        started = time.perf_counter()
+        answer = self.client.post_raw_usage([r.body for r in batch])
+        self.last_answer = answer
+        if self.on_answer is not None:
+            self.on_answer(answer)
+        if self.metrics is not None:
+            self.metrics.drain_seconds.observe(time.perf_counter() - started)
+        if answer.http_status == 400 and len(batch) > 1:
+            # The endpoint refused the whole batch: bisect to isolate the poison record.
+            half = len(batch) // 2
+            first = self._upload(batch[:half])
+            second = self._upload(batch[half:])
+            return BatchOutcome(first.delivered + second.delivered,
+                                first.duplicates + second.duplicates,
+                                first.quarantined + second.quarantined,
+                                second.answer if first.ok else first.answer)
+        if answer.http_status == 400:
+            reason = f"HTTP 400: {answer.error}"
+            self.ledger.settle([], quarantined=[(batch[0].seq, reason)])
+            self._count_quarantine(batch[0].id, reason)
+            return BatchOutcome(quarantined=1, answer=Answer(ApiStatus.VALID))
+        if not answer.ok:
+            if self.metrics is not None:
+                self.metrics.drain_failures.labels(status=str(answer.status)).inc()
+            return BatchOutcome(answer=answer)
+        return self._apply(batch, answer)
+
+    def _apply(self, batch: list[PendingRecord], answer: Answer) -> BatchOutcome:
+        results = answer.body.get("results")
+        if not isinstance(results, list):
+            bad = Answer(ApiStatus.UNKNOWN, answer.http_status, answer.body,
+                         error="200 without a results list")
+            return BatchOutcome(answer=bad)
+        by_id = {str(r.get("id")): r for r in results if isinstance(r, dict)}
+        delivered: list[tuple[int, int]] = []
+        quarantined: list[tuple[int, str]] = []
+        retried: list[int] = []
+        duplicates = 0
+        for record in batch:
+            result = by_id.get(record.id)
+            status = result.get("status") if result else None
+            if status == "Accepted":
+                delivered.append((record.seq, ACCEPTED))
+            elif status == "Duplicate":
+                delivered.append((record.seq, DUPLICATE))
+                duplicates += 1
+            elif status == "Rejected" and not (result or {}).get("retryable", False):
+                reason = str((result or {}).get("reason") or "Rejected without a reason")
+                quarantined.append((record.seq, reason))
+                self._count_quarantine(record.id, reason)
+            else:
+                retried.append(record.seq)
+        self.ledger.settle(delivered, quarantined, retried)
+        self.backoff.reset()
+        if self.metrics is not None:
+            self.metrics.drain_acknowledged.inc(len(delivered) - duplicates)
+            self.metrics.drain_duplicates.inc(duplicates)
+            self.metrics.last_drain.set(time.time())
+        if retried:
+            log.warning("drain_partial", retried=len(retried),
+                        effect="records without a definite answer are sent again")
+            return BatchOutcome(len(delivered), duplicates, len(quarantined),
+                                Answer(ApiStatus.UNKNOWN, 200, error="some records unanswered"))
+        return BatchOutcome(len(delivered), duplicates, len(quarantined), answer)
+
+    def _count_quarantine(self, record_id: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.drain_quarantined.inc()
+        log.error("usage_record_quarantined", record=record_id, reason=reason,
+                  effect="kept in the ledger, never retried; see `edge-module ledger`")
+
+    # -- on demand (CLI, DrainNow) ---------------------------------------
+
+    def drain_all(self, deadline: float,
+                  progress: Callable[[int, int], None] | None = None) -> BatchOutcome:
+        """Upload until nothing is pending, a call fails, or ``deadline`` (monotonic)."""
+        total = BatchOutcome(answer=Answer(ApiStatus.VALID))
+        start_pending = self.ledger.pending
+        while self.ledger.pending and time.monotonic() < deadline:
+            outcome = self.drain_batch()
+            total.delivered += outcome.delivered
+            total.duplicates += outcome.duplicates
+            total.quarantined += outcome.quarantined
+            total.answer = outcome.answer
+            if progress is not None:
+                progress(start_pending - self.ledger.pending, start_pending)
+            if not outcome.ok:
+                break
+        return total

@@ -1,0 +1,42 @@
+"""The pipeline's meter: records each answered transaction in the ledger.
+
+Adapts ``Ledger`` to the pipeline's ``Meter`` protocol, wakes the uploader
+when a full batch is pending, and times group commits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from edge_module.exceptions import Refusal
+from edge_module.metering.drain import Drainer
+from edge_module.metering.ledger import Ledger
+from edge_module.metering.records import MeterSpec, Usage
+from edge_module.metrics import Metrics
+
+
+class LedgerMeter:
+    def __init__(self, ledger: Ledger, meter: MeterSpec, metrics: Metrics,
+                 drainer: Drainer | None = None) -> None:
+        self.ledger = ledger
+        self.meter = meter
+        self.metrics = metrics
+        self.drainer = drainer
+
+    def admit(self, wanted: int) -> int:
+        return self.ledger.admit(wanted)
+
+    def buffer_full(self) -> Refusal:
+        return self.ledger.buffer_full()
+
+    def commit(self, usages: Sequence[Usage]) -> list[str]:
+        started = time.perf_counter()
+        ids = self.ledger.append(self.meter, usages)
+        self.metrics.ledger_commit_seconds.observe(time.perf_counter() - started)
+        if self.drainer is not None:
+            self.drainer.notify_committed()
+        return ids
+
+    def replayed(self, key: str, digest: bytes) -> str | None:
+        return self.ledger.replayed(key, digest)
