@@ -106,3 +106,14 @@ def test_configuration_reference_page_matches_the_code() -> None:
     assert page == reference_markdown(), "run `make docs` to regenerate docs/configuration.md"
     for key in all_keys():
         assert f"`{key}`" in page
+
+
+def test_argument_errors_never_echo_secret_values() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_module", "ledger", "--bogus", "ApiKey=very-secret-1",
+         "Mqtt:Password=very-secret-2", "--drain", "--nope", "Mqtt__password=very-secret-3"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "unrecognized arguments" in proc.stderr
+    assert "very-secret" not in proc.stderr + proc.stdout

@@ -1,0 +1,123 @@
+"""``edge-module ledger``: the metering backlog for operators, and an upload on demand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from edge_module import CONTAINER_TYPE, __version__, logs
+from edge_module.billing_api import BillingClient
+from edge_module.cli import EXIT_CONFIG, fail
+from edge_module.config import Settings, load_settings
+from edge_module.exceptions import ConfigError
+from edge_module.metering.drain import Drainer
+from edge_module.metering.ledger import Ledger
+from edge_module.metering.records import Identity
+from edge_module.state import installation_id
+
+PLACEHOLDERS = ["Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused"]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    given = {a.partition("=")[0].lower() for a in args.settings}
+    if not args.drain:  # reading the ledger needs no endpoint and no licence acceptance
+        extra = [p for p in PLACEHOLDERS if p.partition("=")[0].lower() not in given]
+        return load_settings([*extra, *args.settings], config_file=args.config)
+    return load_settings(args.settings, config_file=args.config)
+
+
+def ledger_command(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}")
+        return EXIT_CONFIG
+    path = settings.data.path / "ledger.db"
+    if not path.exists():
+        fail(f"no ledger at {path}; fix: point Data:Path at the module's data folder")
+        return EXIT_CONFIG
+    logs.register_secrets(settings.secrets())
+    logs.configure("warning", "console")
+    identity = Identity(CONTAINER_TYPE, __version__, installation_id(settings.data.path))
+    ledger = Ledger(path, identity, settings.metering)
+    try:
+        if args.quarantined:
+            _print(args, {"quarantined": ledger.quarantined()})
+            return 0
+        if args.drain:
+            return _drain(args, settings, ledger)
+        _print(args, ledger.stats().as_dict())
+        return 0
+    finally:
+        ledger.close()
+
+
+def _drain(args: argparse.Namespace, settings: Settings, ledger: Ledger) -> int:
+    client = BillingClient(str(settings.billing), settings.api_key.get_secret_value(),
+                           timeout=settings.metering.timeout_seconds)
+    drainer = Drainer(ledger, client, settings.metering)
+    started = time.monotonic()
+    bar = ProgressBar(sys.stderr)
+    outcome = drainer.drain_all(deadline=time.monotonic() + 24 * 3600, progress=bar.update)
+    bar.finish()
+    client.close()
+    elapsed = time.monotonic() - started
+    answer = outcome.answer
+    result: dict[str, Any] = {
+        "uploaded": outcome.delivered, "duplicates": outcome.duplicates,
+        "quarantined": outcome.quarantined, "seconds": round(elapsed, 2),
+        "status": str(answer.status) if answer else None,
+        "remaining": ledger.pending,
+    }
+    if answer is not None and not answer.ok:
+        result["error"] = answer.error
+        if answer.retry_after is not None:
+            result["retryAfter"] = answer.retry_after
+    _print(args, result)
+    return 0 if ledger.pending == 0 else 1
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if isinstance(value, list):
+            print(f"{key}: {len(value)}")
+            for item in value:
+                print("  " + json.dumps(item))
+        else:
+            print(f"{key:>24}: {'-' if value is None else value}")
+
+
+class ProgressBar:
+    """A one-line bar on a terminal; a line every 10% otherwise."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.last_decile = -1
+        self.started = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        fraction = min(1.0, done / total)
+        rate = done / max(1e-6, time.monotonic() - self.started)
+        if self.tty:
+            filled = int(30 * fraction)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
+                              f"records ({rate:.0f}/s)")
+            self.stream.flush()
+            self.shown = True
+        elif int(fraction * 10) > self.last_decile:
+            self.last_decile = int(fraction * 10)
+            self.stream.write(f"uploaded {done}/{total} records ({rate:.0f}/s)\n")
+
+    def finish(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\n")
