@@ -1,0 +1,47 @@
+"""``python -m simulator.billing --port 8600 --db billing.db --key demo-key``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from simulator.billing.server import BillingSimulator, KeyInfo
+
+
+def parse_key(text: str) -> tuple[str, KeyInfo]:
+    """``KEY[:CONTAINER_TYPE[:QUOTA]]``."""
+    parts = text.split(":")
+    info = KeyInfo()
+    if len(parts) > 1 and parts[1]:
+        info.container_type = parts[1]
+    if len(parts) > 2 and parts[2]:
+        info.quota = int(parts[2])
+    return parts[0], info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Billing API v1 simulator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8600)
+    parser.add_argument("--db", type=Path, default=Path("billing-simulator.db"))
+    parser.add_argument("--key", action="append", default=[],
+                        help="KEY[:CONTAINER_TYPE[:QUOTA]] (repeatable; default demo-key)")
+    parser.add_argument("--revoked-key", action="append", default=[])
+    args = parser.parse_args(argv)
+    keys = dict(parse_key(k) for k in (args.key or ["demo-key"]))
+    for revoked in args.revoked_key:
+        keys[revoked] = KeyInfo(revoked=True)
+    sim = BillingSimulator(args.db, args.host, args.port, keys).start()
+    print(f"billing simulator on {sim.url} (admin API under {sim.url}/admin/)", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    sim.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""The billing endpoint simulator: Billing API v1 over HTTP, persisted in SQLite.
+
+* Deduplicates usage records by ``id``: a resend answers ``Duplicate``.
+* A key registry: keys valid for a container type, keys of another type
+  (``Mismatch``), revoked keys (``ContainerUseUnauthorized``), and a quota of
+  metered quantity per key (``OutOfQuota`` once used up).
+* Fault modes switched at run time through the admin API, applied to the
+  ``/billing/`` routes only (the admin API keeps working):
+
+  ========== ===========================================================
+  mode       effect
+  ========== ===========================================================
+  none       normal service
+  refuse     the connection is reset at once, nothing is answered
+  blackhole  the request is read and never answered (the socket stays open)
+  busy       503 ``BillingEndpointBusy`` with ``Retry-After``
+  quota      429 ``OutOfQuota`` with ``Retry-After``
+  slow       answers after ``delaySeconds``
+  error500   500 with no body
+  drop       usage is committed, then the connection is closed unanswered
+  ========== ===========================================================
+
+Admin API: ``POST /admin/fault {"mode", "retryAfter", "delaySeconds"}``,
+``GET /admin/usage`` (totals), ``GET /admin/records`` (what was received),
+``POST /admin/reject {"meter", "reason"}`` (answer ``Rejected`` for a meter),
+``POST /admin/bad-request {"id"}`` (answer 400 to any batch holding that id),
+``POST /admin/keys {"key", "containerType", "quota", "revoked"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from simulator.billing.store import UsageStore
+
+KEY_HEADER = "Ocp-Apim-Subscription-Key"
+MAX_RECORDS = 500
+EXPIRY_MS = 30 * 24 * 3600 * 1000
+RECORD_FIELDS = {"id", "containerType", "containerVersion", "containerId", "meter",
+                 "requestTime", "apiType"}
+MODES = {"none", "refuse", "blackhole", "busy", "quota", "slow", "error500", "drop"}
+
+
+@dataclass
+class KeyInfo:
+    container_type: str = "edge-module"
+    quota: int | None = None
+    revoked: bool = False
+
+
+@dataclass
+class Fault:
+    mode: str = "none"
+    retry_after: float = 2.0
+    delay_seconds: float = 5.0
+
+
+@dataclass
+class State:
+    keys: dict[str, KeyInfo] = field(default_factory=dict)
+    fault: Fault = field(default_factory=Fault)
+    reject_meters: dict[str, str] = field(default_factory=dict)
+    bad_request_ids: set[str] = field(default_factory=set)
+    requests: int = 0
+    # (time.monotonic(), path, HTTP status or fault mode) of every billing call.
+    calls: list[tuple[float, str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    fault_changed: threading.Condition = field(default_factory=threading.Condition)
+
+
+class BillingSimulator:
+    def __init__(self, db_path: Path, host: str = "127.0.0.1", port: int = 0,
+                 keys: dict[str, KeyInfo] | None = None) -> None:
+        self.store = UsageStore(db_path)
+        self.state = State(keys=dict(keys or {"demo-key": KeyInfo()}))
+        handler = _handler(self)
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.url = f"http://{host}:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                        name="billing-simulator")
+
+    def start(self) -> BillingSimulator:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.set_fault("none")  # release blackholed requests
+        self.server.shutdown()
+        self.server.server_close()
+        self.store.close()
+
+    def set_fault(self, mode: str, retry_after: float = 2.0, delay_seconds: float = 5.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown fault mode {mode!r}; modes: {', '.join(sorted(MODES))}")
+        with self.state.fault_changed:
+            self.state.fault = Fault(mode, retry_after, delay_seconds)
+            self.state.fault_changed.notify_all()
+
+    def log_call(self, path: str, outcome: str) -> None:
+        with self.state.lock:
+            self.state.calls.append((time.monotonic(), path, outcome))
+
+    def calls(self, path: str = "/billing/v1/usage") -> list[tuple[float, str]]:
+        with self.state.lock:
+            return [(t, outcome) for t, p, outcome in self.state.calls if p == path]
+
+    def totals(self) -> dict[str, Any]:
+        return self.store.totals()
+
+    # -- the API ----------------------------------------------------------
+
+    def authorise(self, key: str | None,
+                  container_type: str | None) -> tuple[int, dict[str, Any]] | None:
+        info = self.state.keys.get(key or "")
+        if info is None:
+            return 401, {"status": "Invalid", "message": "the ApiKey is not valid"}
+        if info.revoked:
+            return 403, {"status": "ContainerUseUnauthorized",
+                         "message": "this key may no longer run containers"}
+        if container_type is not None and container_type != info.container_type:
+            return 403, {"status": "Mismatch",
+                         "message": f"the key is for {info.container_type}, not "
+                                    f"{container_type}"}
+        if info.quota is not None and self.store.quantity_for(key or "") >= info.quota:
+            return 429, {"status": "OutOfQuota", "message": "the key's quota is used up"}
+        return None
+
+    def status(self, key: str | None, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        refused = self.authorise(key, body.get("containerType"))
+        if refused is not None:
+            return refused
+        return 200, {"status": "Valid", "message": "the key is valid for this container"}
+
+    def usage(self, key: str | None, body: Any) -> tuple[int, dict[str, Any]]:
+        if not isinstance(body, dict) or not isinstance(body.get("records"), list):
+            return 400, {"status": "Unknown", "message": "body must be {\"records\": [...]}"}
+        records = body["records"]
+        if len(records) > MAX_RECORDS:
+            return 400, {"status": "Unknown",
+                         "message": f"at most {MAX_RECORDS} records per call"}
+        types = {r.get("containerType") for r in records if isinstance(r, dict)}
+        refused = self.authorise(key, next(iter(types)) if len(types) == 1 else None)
+        if refused is not None:
+            return refused
+        if any(isinstance(r, dict) and r.get("id") in self.state.bad_request_ids
+               for r in records):
+            return 400, {"status": "Unknown", "message": "malformed record in batch"}
+        info = self.state.keys[key or ""]
+        now_ms = int(time.time() * 1000)
+        results: list[dict[str, Any]] = []
+        valid: list[dict[str, Any]] = []
+        for record in records:
+            problem = _validate(record, now_ms)
+            if problem is None and record["meter"]["name"] in self.state.reject_meters:
+                problem = self.state.reject_meters[record["meter"]["name"]]
+            if problem is not None:
+                rid = record.get("id") if isinstance(record, dict) else None
+                results.append({"id": rid, "status": "Rejected", "reason": problem})
+            else:
+                valid.append(record)
+        if info.quota is not None:
+            wanted = sum(int(r["meter"]["quantity"]) for r in valid)
+            if self.store.quantity_for(key or "") + wanted > info.quota:
+                return 429, {"status": "OutOfQuota", "message": "the key's quota is used up"}
+        inserted = self.store.insert(key or "", valid, now_ms)
+        for record in valid:
+            results.append({"id": record["id"],
+                            "status": "Accepted" if record["id"] in inserted else "Duplicate"})
+        return 200, {"results": results}
+
+
+def _validate(record: Any, now_ms: int) -> str | None:
+    if not isinstance(record, dict):
+        return "Malformed: a record must be an object"
+    missing = RECORD_FIELDS - set(record)
+    if missing:
+        return f"Malformed: missing {', '.join(sorted(missing))}"
+    extra = set(record) - RECORD_FIELDS
+    if extra:
+        return f"Malformed: unexpected {', '.join(sorted(extra))}"
+    meter = record["meter"]
+    if not isinstance(meter, dict) or not isinstance(meter.get("quantity"), int) \
+            or meter["quantity"] < 1 or not isinstance(meter.get("name"), str):
+        return "Malformed: meter must be {name, quantity >= 1}"
+    if not isinstance(record["requestTime"], int):
+        return "Malformed: requestTime must be epoch milliseconds"
+    if now_ms - record["requestTime"] > EXPIRY_MS:
+        return "Expired: requestTime is more than 30 days old"
+    return None
+
+
+def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as real endpoints do
+        server_version = "billing-simulator"
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            return None
+
+        def _body(self) -> Any:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                return json.loads(raw) if raw else {}
+            except ValueError:
+                return None
+
+        def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(body).encode() if body is not None else b""
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _reset(self) -> None:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/admin/usage"):
+                self._send(200, {**sim.store.totals(), "requests": sim.state.requests})
+            elif self.path.startswith("/admin/records"):
+                self._send(200, {"records": sim.store.records()})
+            elif self.path.startswith("/admin/fault"):
+                fault = sim.state.fault
+                self._send(200, {"mode": fault.mode, "retryAfter": fault.retry_after,
+                                 "delaySeconds": fault.delay_seconds})
+            else:
+                self._send(404, {"message": f"no route {self.path}"})
+
+        def do_POST(self) -> None:
+            if self.path.startswith("/admin/"):
+                self._admin()
+                return
+            body = self._body()
+            fault = sim.state.fault
+            if fault.mode not in ("none", "slow", "drop"):
+                sim.log_call(self.path, fault.mode)
+            if fault.mode == "refuse":
+                self._reset()
+                return
+            if fault.mode == "blackhole":
+                with sim.state.fault_changed:
+                    sim.state.fault_changed.wait_for(
+                        lambda: sim.state.fault.mode != "blackhole", timeout=3600)
+                self._reset()
+                return
+            if fault.mode == "busy":
+                self._send(503, {"status": "BillingEndpointBusy", "message": "try later"},
+                           {"Retry-After": _seconds(fault.retry_after)})
+                return
+            if fault.mode == "quota":
+                self._send(429, {"status": "OutOfQuota", "message": "quota used up"},
+                           {"Retry-After": _seconds(fault.retry_after)})
+                return
+            if fault.mode == "error500":
+                self._send(500, None)
+                return
+            if fault.mode == "slow":
+                time.sleep(fault.delay_seconds)
+            key = self.headers.get(KEY_HEADER)
+            with sim.state.lock:
+                sim.state.requests += 1
+            if self.path == "/billing/v1/status":
+                status, answer = sim.status(key, body if isinstance(body, dict) else {})
+            elif self.path == "/billing/v1/usage":
+                status, answer = sim.usage(key, body)
+            else:
+                status, answer = 404, {"message": f"no route {self.path}"}
+            if fault.mode == "drop" and self.path == "/billing/v1/usage":
+                sim.log_call(self.path, "drop")
+                self._reset()  # committed, but the answer is lost
+                return
+            sim.log_call(self.path, str(status))
+            self._send(status, answer)
+
+        def _admin(self) -> None:
+            body = self._body() or {}
+            if self.path == "/admin/fault":
+                try:
+                    sim.set_fault(str(body.get("mode", "none")),
+                                  float(body.get("retryAfter", 2.0)),
+                                  float(body.get("delaySeconds", 5.0)))
+                except ValueError as exc:
+                    self._send(400, {"message": str(exc)})
+                    return
+                self._send(200, {"mode": sim.state.fault.mode})
+            elif self.path == "/admin/reject":
+                sim.state.reject_meters[str(body["meter"])] = str(body.get("reason",
+                                                                           "Rejected"))
+                self._send(200, {"rejecting": sorted(sim.state.reject_meters)})
+            elif self.path == "/admin/bad-request":
+                sim.state.bad_request_ids.add(str(body["id"]))
+                self._send(200, {"badRequestIds": sorted(sim.state.bad_request_ids)})
+            elif self.path == "/admin/keys":
+                sim.state.keys[str(body["key"])] = KeyInfo(
+                    str(body.get("containerType", "edge-module")), body.get("quota"),
+                    bool(body.get("revoked", False)))
+                self._send(200, {"keys": len(sim.state.keys)})
+            else:
+                self._send(404, {"message": f"no route {self.path}"})
+
+    return Handler
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -1,0 +1,87 @@
+"""The simulator's persistence: received usage records in SQLite, deduplicated by id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class UsageStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS usage (id TEXT PRIMARY KEY, key_hash TEXT NOT NULL, "
+            "meter TEXT NOT NULL, quantity INTEGER NOT NULL, body TEXT NOT NULL, "
+            "received_at INTEGER NOT NULL)")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, "
+                           "value INTEGER NOT NULL)")
+        self._lock = threading.Lock()
+        self._quantity: dict[str, int] = {}
+
+    @staticmethod
+    def _hash(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def insert(self, key: str, records: list[dict[str, Any]], now_ms: int) -> set[str]:
+        """Insert new records; return the ids that were new (the rest are duplicates)."""
+        key_hash = self._hash(key)
+        rows = [(r["id"], key_hash, r["meter"]["name"], int(r["meter"]["quantity"]),
+                 json.dumps(r, separators=(",", ":")), now_ms) for r in records]
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            new: set[str] = set()
+            for row in rows:
+                cursor = self._conn.execute(
+                    "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?)", row)
+                if cursor.rowcount == 1:
+                    new.add(row[0])
+            duplicates = len(rows) - len(new)
+            if duplicates:
+                self._conn.execute(
+                    "INSERT INTO stats VALUES ('duplicates', ?) ON CONFLICT(name) DO UPDATE "
+                    "SET value = value + excluded.value", (duplicates,))
+            self._conn.execute("COMMIT")
+            if key_hash in self._quantity:
+                self._quantity[key_hash] += sum(r[3] for r in rows if r[0] in new)
+        return new
+
+    def _quantity_locked(self, key_hash: str) -> int:
+        row = self._conn.execute("SELECT coalesce(sum(quantity), 0) FROM usage WHERE "
+                                 "key_hash = ?", (key_hash,)).fetchone()
+        return int(row[0])
+
+    def quantity_for(self, key: str) -> int:
+        key_hash = self._hash(key)
+        with self._lock:
+            if key_hash not in self._quantity:
+                self._quantity[key_hash] = self._quantity_locked(key_hash)
+            return self._quantity[key_hash]
+
+    def totals(self) -> dict[str, Any]:
+        with self._lock:
+            count, quantity = self._conn.execute(
+                "SELECT count(*), coalesce(sum(quantity), 0) FROM usage").fetchone()
+            duplicates = self._conn.execute(
+                "SELECT coalesce(max(value), 0) FROM stats WHERE name = 'duplicates'"
+            ).fetchone()[0]
+            meters = dict(self._conn.execute(
+                "SELECT meter, sum(quantity) FROM usage GROUP BY meter").fetchall())
+        return {"records": int(count), "quantity": int(quantity),
+                "duplicates": int(duplicates), "byMeter": meters}
+
+    def records(self, limit: int = 100000) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT body FROM usage ORDER BY rowid LIMIT ?",
+                                      (limit,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
