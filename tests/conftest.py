@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Broker, Collector, Module, start_broker
+from simulator.billing import BillingSimulator, KeyInfo
+from simulator.faultproxy import FaultProxy
+from tests.support import API_KEY, Broker, Collector, Module, start_broker
 
 
 @pytest.fixture
@@ -31,6 +33,22 @@ def start_module(tmp_path: Path, broker: Broker) -> Iterator[Callable[..., Modul
     yield start
     for module in started:
         module.stop()
+
+
+@pytest.fixture
+def billing(tmp_path: Path) -> Iterator[BillingSimulator]:
+    sim = BillingSimulator(tmp_path / "billing.db",
+                           keys={API_KEY: KeyInfo(), "other-type-key": KeyInfo("speech")})
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def proxy(billing: BillingSimulator) -> Iterator[FaultProxy]:
+    p = FaultProxy(billing.port).start()
+    yield p
+    p.stop()
 
 
 @pytest.fixture

@@ -41,6 +41,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
+API_KEY = "test-api-key-1234567890"
+
+
 class Collector:
     """A paho client that subscribes to topics and keeps every message it gets."""
 
@@ -92,13 +95,14 @@ class Module:
     """The module as users run it: ``python -m edge_module run Key=Value ...``."""
 
     def __init__(self, workdir: Path, broker_port: int, *extra: str,
-                 env: dict[str, str] | None = None, prefix: str = "em") -> None:
+                 env: dict[str, str] | None = None, prefix: str = "em",
+                 billing: str = "http://127.0.0.1:9/", api_key: str = API_KEY) -> None:
         self.workdir = workdir
         self.http_port = free_port()
         self.prefix = prefix
         self.log_path = workdir / f"module-{self.http_port}.log"
         self.args = [
-            "Eula=accept", "Billing=http://127.0.0.1:9/", "ApiKey=test-api-key-1234567890",
+            "Eula=accept", f"Billing={billing}", f"ApiKey={api_key}",
             f"Mqtt:Port={broker_port}", f"Http:Port={self.http_port}",
             f"Data:Path={workdir / 'data'}",
             f"Mqtt:InputTopic={prefix}/in/#", f"Mqtt:ResultTopic={prefix}/results",
