@@ -1,4 +1,4 @@
-"""`make run`: a broker, the module on the default model and the publisher, all local.
+"""`make run`: a broker, the billing simulator, the module and the publisher, all local.
 
 Everything listens on loopback only and lives under ``.run/`` in the checkout.
 Ctrl-C stops the publisher, then the module (which finishes its work in flight
@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from simulator.billing import BillingSimulator, KeyInfo
 from simulator.broker import Broker, BrokerMissing, free_port
 
 RUN_DIR = Path(".run")
@@ -42,12 +43,14 @@ def main() -> int:
     except BrokerMissing as exc:
         print(exc, file=sys.stderr)
         return 1
+    billing = BillingSimulator(RUN_DIR / "billing.db", keys={"demo-key": KeyInfo()}).start()
     http_port = 5000 if _free(5000) else free_port()
     module_log = open(RUN_DIR / "module.log", "ab")  # noqa: SIM115 - closed below
     module = subprocess.Popen(
         [sys.executable, "-m", "edge_module", "run", "Eula=accept",
-         "Billing=http://127.0.0.1:1/", "ApiKey=demo-key", f"Mqtt:Port={broker.port}",
-         f"Http:Port={http_port}", f"Data:Path={RUN_DIR / 'data'}", "Log:Format=console"],
+         f"Billing={billing.url}", "ApiKey=demo-key", f"Mqtt:Port={broker.port}",
+         f"Http:Port={http_port}", f"Data:Path={RUN_DIR / 'data'}", "Log:Format=console",
+         "Metering:MaxDelaySeconds=2"],
         stdout=module_log, stderr=subprocess.STDOUT,
         start_new_session=True,  # Ctrl-C reaches us only; we stop the module in order
     )
@@ -60,6 +63,9 @@ def main() -> int:
         print(f"broker   127.0.0.1:{broker.port} (mosquitto, log in {broker.log})")
         print(f"module   http://127.0.0.1:{http_port}/metrics  /ready  /health "
               f"(log in {RUN_DIR / 'module.log'})")
+        print(f"billing  {billing.url}/admin/usage (simulator; switch faults with POST "
+              f"{billing.url}/admin/fault {{\"mode\": \"busy\"}})")
+        print(f"backlog  .venv/bin/edge-module ledger Data:Path={RUN_DIR / 'data'}")
         print(f"watch    mosquitto_sub -p {broker.port} -t 'edge-module/#' -v")
         print("publisher: digit images at 20/s; Ctrl-C stops everything\n")
         publisher = subprocess.Popen(
@@ -77,7 +83,10 @@ def main() -> int:
         code = module.wait(20)
         module_log.close()
         broker.stop()
-        print(f"\nmodule exited with {code}; broker stopped")
+        totals = billing.totals()
+        billing.stop()
+        print(f"\nmodule exited with {code}; billed {totals['records']} transactions "
+              f"(quantity {totals['quantity']}); broker and billing simulator stopped")
     return 0
 
 

@@ -80,6 +80,12 @@ def test_offline_backlog_drains_exactly_once_when_the_link_returns(
                "60 pending")
     assert billed(billing) == 0
     assert module.metric("edge_module_ledger_oldest_pending_age_seconds") > 0
+    # Offline, the uploader backs off (cap 1 s here) instead of spinning.
+    failures = 'status="CouldNotConnect"'
+    before = module.metric("edge_module_drain_failures_total", failures)
+    time.sleep(3)
+    tries = module.metric("edge_module_drain_failures_total", failures) - before
+    assert 1 <= tries <= 30, f"{tries} upload attempts in 3 s while offline"
     proxy.restore()
     wait_until(lambda: module.metric("edge_module_ledger_pending_records") == 0, 30,
                "backlog drained")
@@ -289,6 +295,25 @@ def test_redelivery_after_a_crash_is_recognised_as_a_replay(tmp_path: Path) -> N
     rows = sqlite3.connect(path).execute("SELECT name FROM _migrations").fetchall()
     assert rows == [("0001_initial",)]
     reopened.close()
+
+
+def test_acknowledged_records_are_pruned_after_retention_quarantined_kept(
+    tmp_path: Path
+) -> None:
+    from edge_module.config import MeteringSettings
+    from edge_module.metering.ledger import ACCEPTED, Ledger
+    from edge_module.metering.records import Identity, MeterSpec, Usage
+
+    ledger = Ledger(tmp_path / "l.db", Identity("edge-module", "0.1.0", "c"),
+                    MeteringSettings(RetentionHours=0))
+    ledger.append(MeterSpec("m", "t"), [Usage(1)] * 4)
+    batch = ledger.pending_batch(10)
+    ledger.settle([(r.seq, ACCEPTED) for r in batch[:3]], quarantined=[(batch[3].seq, "X")])
+    time.sleep(0.01)
+    assert ledger.prune() == 3
+    stats = ledger.stats()
+    assert (stats.accepted, stats.quarantined, stats.pending) == (0, 1, 0)
+    ledger.close()
 
 
 def test_ledger_cli_shows_the_backlog_and_drains_it(

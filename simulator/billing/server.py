@@ -119,8 +119,8 @@ class BillingSimulator:
 
     # -- the API ----------------------------------------------------------
 
-    def authorise(self, key: str | None,
-                  container_type: str | None) -> tuple[int, dict[str, Any]] | None:
+    def authorise(self, key: str | None, container_type: str | None,
+                  check_quota: bool = True) -> tuple[int, dict[str, Any]] | None:
         info = self.state.keys.get(key or "")
         if info is None:
             return 401, {"status": "Invalid", "message": "the ApiKey is not valid"}
@@ -131,7 +131,8 @@ class BillingSimulator:
             return 403, {"status": "Mismatch",
                          "message": f"the key is for {info.container_type}, not "
                                     f"{container_type}"}
-        if info.quota is not None and self.store.quantity_for(key or "") >= info.quota:
+        if check_quota and info.quota is not None and \
+                self.store.quantity_for(key or "") >= info.quota:
             return 429, {"status": "OutOfQuota", "message": "the key's quota is used up"}
         return None
 
@@ -149,7 +150,8 @@ class BillingSimulator:
             return 400, {"status": "Unknown",
                          "message": f"at most {MAX_RECORDS} records per call"}
         types = {r.get("containerType") for r in records if isinstance(r, dict)}
-        refused = self.authorise(key, next(iter(types)) if len(types) == 1 else None)
+        refused = self.authorise(key, next(iter(types)) if len(types) == 1 else None,
+                                 check_quota=False)
         if refused is not None:
             return refused
         if any(isinstance(r, dict) and r.get("id") in self.state.bad_request_ids
@@ -168,8 +170,9 @@ class BillingSimulator:
                 results.append({"id": rid, "status": "Rejected", "reason": problem})
             else:
                 valid.append(record)
-        if info.quota is not None:
-            wanted = sum(int(r["meter"]["quantity"]) for r in valid)
+        if info.quota is not None:  # resends are answered Duplicate and cost no quota
+            known = self.store.known_ids([r["id"] for r in valid])
+            wanted = sum(int(r["meter"]["quantity"]) for r in valid if r["id"] not in known)
             if self.store.quantity_for(key or "") + wanted > info.quota:
                 return 429, {"status": "OutOfQuota", "message": "the key's quota is used up"}
         inserted = self.store.insert(key or "", valid, now_ms)

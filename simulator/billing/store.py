@@ -64,6 +64,16 @@ class UsageStore:
                 self._quantity[key_hash] = self._quantity_locked(key_hash)
             return self._quantity[key_hash]
 
+    def known_ids(self, ids: list[str]) -> set[str]:
+        with self._lock:
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(r[0] for r in self._conn.execute(
+                    f"SELECT id FROM usage WHERE id IN ({marks})", chunk))
+            return found
+
     def totals(self) -> dict[str, Any]:
         with self._lock:
             count, quantity = self._conn.execute(
