@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -18,6 +19,10 @@ from edge_module.billing_api import BillingClient
 from edge_module.config import Settings
 from edge_module.exceptions import ConfigError
 from edge_module.inference.models import load_model
+from edge_module.licensing.clock import TrustedClock
+from edge_module.licensing.lease import LeaseStore
+from edge_module.licensing.service import Licensing
+from edge_module.licensing.signing import load_public_key
 from edge_module.logs import get_logger
 from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger
@@ -45,19 +50,26 @@ class App:
                  path=str(self.model.path))
         self.identity = Identity(CONTAINER_TYPE, __version__, self.container_id)
         self.ledger = Ledger(self.data_path / "ledger.db", self.identity, settings.metering)
-        self.billing = BillingClient(str(settings.billing), settings.api_key.get_secret_value(),
-                                     timeout=settings.metering.timeout_seconds)
-        self.drainer = Drainer(self.ledger, self.billing, settings.metering, self.metrics)
+        self.licensing = build_licensing(settings, self.identity, self.data_path,
+                                         self.ledger.newest_request_ms())
+        self.ledger.clock_ms = self.licensing.clock.now_ms  # requestTime in trusted time
+        self.billing = BillingClient(settings.billing_url or "http://billing.invalid/",
+                                     settings.key, timeout=settings.metering.timeout_seconds,
+                                     ca_file=_ca(settings))
+        self.drainer = Drainer(self.ledger, self.billing, settings.metering, self.metrics,
+                               on_answer=self.licensing.observe)
+        self.licensing.on_online.append(self.drainer.wake)
         descriptor = self.model.descriptor.metering
         self.meter = meter or LedgerMeter(
             self.ledger, MeterSpec(descriptor.meterName, descriptor.apiType), self.metrics,
             self.drainer)
         self.transport = self._transport()
         self.pipeline = Pipeline(self.model, settings.pipeline, self.transport, self.metrics,
-                                 self.meter, top_k=settings.model.top_k)
+                                 self.meter, gate=self.licensing, top_k=settings.model.top_k)
         try:
             self.http = HttpApi(settings.http.host, settings.http.port, self._render_metrics,
                                 self.readiness)
+            self.http.add("/status", self._status)
         except OSError as exc:
             raise ConfigError("Http:Port", f"cannot listen on {settings.http.host}:"
                               f"{settings.http.port} ({exc.strerror}); fix: choose a free port "
@@ -77,7 +89,16 @@ class App:
             return False, "shutting down"
         if not self.transport.connected:
             return False, "not connected to the broker"
-        return True, "serving"
+        decision = self.licensing.decide()
+        if not decision.serve:
+            return False, f"unlicensed: {decision.status}: {decision.message}"
+        return True, "serving" if decision.state.value == "online" else \
+            f"serving within the offline grace ({decision.remaining_seconds:.0f} s left)"
+
+    def _status(self) -> tuple[int, Any]:
+        """GET /status: check the key now (nothing is metered) and report."""
+        self.licensing.check()
+        return 200, self.licensing.status_body(self.refresh_backlog())
 
     def _render_metrics(self) -> bytes:
         ready, _ = self.readiness()
@@ -94,10 +115,22 @@ class App:
         m.ledger_quarantined.set(stats["quarantined"])
         m.ledger_bytes.set(stats["ledgerBytes"])
         m.ledger_fill.set(self.ledger.fill_ratio())
+        decision = self.licensing.decide()
+        for state in ("online", "grace", "gated"):
+            m.licence_state.labels(state=state).set(1 if decision.state.value == state else 0)
+        m.licence_status.clear()
+        m.licence_status.labels(status=decision.status).set(1)
+        m.grace_remaining.set(decision.remaining_seconds or 0)
         return stats
 
     def start(self) -> None:
         self.http.start()
+        answer = self.licensing.check()  # before serving, as Azure AI containers do
+        decision = self.licensing.decide()
+        log.info("licence_checked", status=decision.status, state=decision.state.value,
+                 serving=decision.serve, http=answer.http_status if answer else None,
+                 mode="disconnected" if self.licensing.disconnected else "connected")
+        self.licensing.start()
         self.drainer.start()
         self.pipeline.start()
         self.transport.start(self.pipeline.submit)
@@ -121,6 +154,7 @@ class App:
         self.pipeline.stop()
         self.transport.close(budget * 0.4)
         self.drainer.stop()
+        self.licensing.stop()
         self.billing.close()
         self.ledger.close()
         self.http.stop()
@@ -136,6 +170,30 @@ class App:
         log.info("stop_requested", signal=name)
         self.shutdown()
         return 0
+
+
+def _ca(settings: Settings) -> str | None:
+    return str(settings.billing.ca_file) if settings.billing.ca_file else None
+
+
+def build_licensing(settings: Settings, identity: Identity, data_path: Path,
+                    newest_record_ms: int) -> Licensing:
+    """The licence gate for the settings: connected (leases) or disconnected (file)."""
+    public_key = load_public_key(settings.billing.public_key) \
+        if settings.billing.public_key else None
+    clock = TrustedClock(data_path / "trusted-clock.json", (newest_record_ms,))
+    client = None
+    if settings.billing.url is not None:
+        client = BillingClient(settings.billing_url, settings.key,
+                               timeout=settings.licensing.status_timeout_seconds,
+                               ca_file=_ca(settings))
+    licensing = Licensing(identity, settings.licensing, clock,
+                          LeaseStore(data_path / "lease.json"), public_key, client)
+    if clock.rollback_detected_ms > 60_000:
+        log.warning("clock_behind_trusted_time", behind_s=clock.rollback_detected_ms / 1000,
+                    effect="trusted time continues from the high-water mark; a clock set "
+                    "back does not extend any grace")
+    return licensing
 
 
 def describe(settings: Settings) -> dict[str, Any]:

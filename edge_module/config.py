@@ -19,7 +19,7 @@ import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from paho.mqtt.client import topic_matches_sub
 from pydantic import (
@@ -45,9 +45,14 @@ def builtin_models() -> list[str]:
 
 
 class Section(BaseModel):
-    """Base of every settings block: unknown keys are errors, values are frozen."""
+    """Base of every settings block: unknown keys are errors, values are frozen.
+
+    ``value_key`` names the field that ``Section=value`` sets, so that
+    ``Billing=<url>`` means ``Billing:Url=<url>``, as Azure AI containers spell it.
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    value_key: ClassVar[str | None] = None
 
 
 def _split_list(value: Any) -> Any:
@@ -321,6 +326,68 @@ class MeteringSettings(Section):
     )
 
 
+class BillingSettings(Section):
+    value_key: ClassVar[str | None] = "Url"
+
+    url: AnyHttpUrl | None = Field(
+        None,
+        alias="Url",
+        description="Base URL of the billing endpoint; `Billing=<url>` sets it. Required "
+        "unless the module runs disconnected under a licence file (`Mounts:License`).",
+    )
+    public_key: str | None = Field(
+        None,
+        alias="PublicKey",
+        description="The vendor's Ed25519 public key that signs leases and licence files: "
+        "base64 of the raw 32 bytes, or the path of a PEM file. Without it no lease can be "
+        "verified, so the module has no offline grace.",
+    )
+    ca_file: Path | None = Field(
+        None,
+        alias="CaFile",
+        description="PEM bundle of the CA that signed the billing endpoint's certificate, "
+        "when it is not in the system store.",
+    )
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file {path} does not exist")
+        return path
+
+
+class LicensingSettings(Section):
+    check_interval_seconds: float = Field(
+        300.0, alias="CheckIntervalSeconds", gt=0,
+        description="How often the key is checked with the billing endpoint while all is "
+        "well (every upload answer counts as a check too).",
+    )
+    retry_seconds: float = Field(
+        30.0, alias="RetrySeconds", gt=0,
+        description="How often to check again while the endpoint is unreachable or the "
+        "module is refusing work, so service resumes soon after the link returns.",
+    )
+    status_timeout_seconds: float = Field(
+        5.0, alias="StatusTimeoutSeconds", gt=0,
+        description="Timeout of one status check (at start, periodic, and `GET /status`).",
+    )
+
+
+class MountsSettings(Section):
+    license: Path | None = Field(
+        None,
+        alias="License",
+        description="Folder holding the licence file (`DownloadLicense=True` writes it there). "
+        "Setting it without `Billing` runs the module disconnected.",
+    )
+    output: Path | None = Field(
+        None,
+        alias="Output",
+        description="Folder for the monthly usage logs of disconnected mode.",
+    )
+
+
 class HttpSettings(Section):
     host: str = Field("0.0.0.0", alias="Host", description="Address the HTTP API listens on.")
     port: int = Field(
@@ -362,11 +429,15 @@ class Settings(Section):
     eula: Literal["accept"] = Field(
         alias="Eula", description="Must be `accept`: you accept the licence terms."
     )
-    billing: AnyHttpUrl = Field(
-        alias="Billing", description="Base URL of the billing endpoint (`https://...`)."
+    billing: BillingSettings = Field(default_factory=BillingSettings, alias="Billing")
+    api_key: SecretStr | None = Field(
+        None, alias="ApiKey",
+        description="Key for the billing endpoint. Required unless the module runs "
+        "disconnected. Never logged or returned.",
     )
-    api_key: SecretStr = Field(
-        alias="ApiKey", description="Key for the billing endpoint. Never logged or returned."
+    download_license: bool = Field(
+        False, alias="DownloadLicense",
+        description="Download a signed licence file into `Mounts:License` and exit.",
     )
     transport: Literal["mqtt", "edgehub"] = Field(
         "mqtt", alias="Transport", description="Where input comes from: `mqtt` or `edgehub`."
@@ -375,6 +446,8 @@ class Settings(Section):
     model: ModelSettings = Field(default_factory=ModelSettings, alias="Model")
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings, alias="Pipeline")
     metering: MeteringSettings = Field(default_factory=MeteringSettings, alias="Metering")
+    licensing: LicensingSettings = Field(default_factory=LicensingSettings, alias="Licensing")
+    mounts: MountsSettings = Field(default_factory=MountsSettings, alias="Mounts")
     http: HttpSettings = Field(default_factory=HttpSettings, alias="Http")
     data: DataSettings = Field(default_factory=DataSettings, alias="Data")
     log: LogSettings = Field(default_factory=LogSettings, alias="Log")
@@ -386,14 +459,45 @@ class Settings(Section):
 
     @field_validator("api_key")
     @classmethod
-    def _non_empty(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
+    def _non_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
             raise ValueError("must not be empty")
         return value
 
+    @model_validator(mode="after")
+    def _mode(self) -> Settings:
+        if self.download_license:
+            if self.mounts.license is None:
+                raise ValueError("Mounts:License: is required with DownloadLicense=True; fix: "
+                                 "pass Mounts:License=<folder> to write the licence file to")
+            if self.billing.url is None or self.api_key is None:
+                raise ValueError(f"{'Billing' if self.billing.url is None else 'ApiKey'}: is "
+                                 "required to download a licence; fix: pass Billing=<url> "
+                                 "ApiKey=<key>")
+        elif not self.disconnected:
+            if self.billing.url is None:
+                raise ValueError(f"Billing: is required; fix: {FIXES['Billing']}, or run "
+                                 "disconnected with Mounts:License=<folder>")
+            if self.api_key is None:
+                raise ValueError(f"ApiKey: is required; fix: {FIXES['ApiKey']}")
+        return self
+
+    @property
+    def disconnected(self) -> bool:
+        """Running under a licence file with no billing endpoint."""
+        return self.mounts.license is not None and self.billing.url is None
+
+    @property
+    def billing_url(self) -> str:
+        return str(self.billing.url) if self.billing.url is not None else ""
+
+    @property
+    def key(self) -> str:
+        return self.api_key.get_secret_value() if self.api_key is not None else ""
+
     def secrets(self) -> list[str]:
         """Every secret value, so log redaction can scrub them wherever they appear."""
-        values = [self.api_key.get_secret_value()]
+        values = [self.key]
         if self.mqtt.password is not None:
             values.append(self.mqtt.password.get_secret_value())
         return [v for v in values if v]
@@ -403,11 +507,13 @@ class Settings(Section):
 FIXES: dict[str, str] = {
     "Eula": "pass Eula=accept to accept the licence terms",
     "Billing": "pass Billing=https://<your billing endpoint>",
+    "Billing:Url": "pass Billing=https://<your billing endpoint>",
     "ApiKey": "pass ApiKey=<your key> (or set the ApiKey environment variable)",
     "Model:Path": "point Model:Path at an existing .onnx file with its .json descriptor beside it",
     "Model:Name": "use a built-in model name or set Model:Path",
 }
 SECRET_KEYS = {"ApiKey", "Mqtt:Password"}
+ALIASES = {"Billing:Url": "Billing"}
 
 
 # ---------------------------------------------------------------------------
@@ -456,6 +562,9 @@ def resolve_key(raw: str) -> list[str]:
         path.append(alias)
         model = nested
         if nested is not None and i == len(parts) - 1:
+            value_key = getattr(nested, "value_key", None)
+            if value_key is not None:
+                return [*path, value_key]
             raise ConfigError(raw, f"is a section; set one of its keys, e.g. "
                               f"{':'.join(path)}:{next(iter(_sections(nested).values()))[0]}")
     return path
@@ -513,7 +622,8 @@ def _env_assignments(environ: Mapping[str, str]) -> list[tuple[str, str]]:
             continue
         if entry[1] is None and len(parts) > 1:
             continue
-        if entry[1] is not None and len(parts) == 1:
+        if entry[1] is not None and len(parts) == 1 and \
+                getattr(entry[1], "value_key", None) is None:
             continue  # e.g. a variable called MODEL: not ours
         pairs.append((name, value))
     return pairs
@@ -561,13 +671,16 @@ def _translate(exc: ValidationError) -> ConfigError:
     error = exc.errors()[0]
     loc = [str(p) for p in error["loc"] if not isinstance(p, int)]
     key = ":".join(loc) if loc else "settings"
+    key = ALIASES.get(key, key)
     if error["type"] == "missing":
         return ConfigError(key, f"is required; fix: {FIXES.get(key, f'set {key}')}")
     message = str(error["msg"]).removeprefix("Value error, ")
     head, sep, rest = message.partition(": ")
-    if sep and head.isidentifier() and head[0].isupper():
+    if sep and head.replace(":", "").isidentifier() and head[0].isupper():
         # A section-level check names the field first, e.g. "ResultTopic: ...".
         key, message = f"{key}:{head}" if loc else head, rest
+        if "; fix: " in message:
+            return ConfigError(key, message)
     if error["type"] == "literal_error" and key == "Eula":
         return ConfigError(key, f"the licence terms are not accepted; fix: {FIXES['Eula']}")
     shown = "" if key in SECRET_KEYS or "input" not in error else _shown(error["input"])

@@ -56,8 +56,10 @@ def ledger_command(args: argparse.Namespace) -> int:
 
 
 def _drain(args: argparse.Namespace, settings: Settings, ledger: Ledger) -> int:
-    client = BillingClient(str(settings.billing), settings.api_key.get_secret_value(),
-                           timeout=settings.metering.timeout_seconds)
+    client = BillingClient(settings.billing_url, settings.key,
+                           timeout=settings.metering.timeout_seconds,
+                           ca_file=str(settings.billing.ca_file) if settings.billing.ca_file
+                           else None)
     drainer = Drainer(ledger, client, settings.metering)
     started = time.monotonic()
     bar = ProgressBar(sys.stderr)

@@ -82,5 +82,15 @@ class Metrics:
                                "Redelivered inputs answered again without a new usage record.",
                                registry=r)
 
+        self.licence_state = Gauge("edge_module_licence_state",
+                                   "1 for the current grace state (online, grace, gated).",
+                                   ["state"], registry=r)
+        self.licence_status = Gauge("edge_module_licence_api_status",
+                                    "1 for the last status of the key (Valid, ...).",
+                                    ["status"], registry=r)
+        self.grace_remaining = Gauge("edge_module_licence_grace_remaining_seconds",
+                                     "Offline grace left under the last signed lease.",
+                                     registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -63,12 +63,12 @@ class Meter(Protocol):
 class Gate(Protocol):
     """The licensing decision, taken once before inference."""
 
-    def check(self) -> None:
+    def gate_check(self) -> None:
         """Raise Refusal when the module may not serve now."""
 
 
 class OpenGate:
-    def check(self) -> None:
+    def gate_check(self) -> None:
         return None
 
 
@@ -249,7 +249,7 @@ class Pipeline:
         refused: list[tuple[Job, Refusal]] = []
         if fresh:
             try:
-                self.gate.check()
+                self.gate.gate_check()
             except Refusal as gate_refusal:
                 refused = [(job, gate_refusal) for job in fresh]
             else:

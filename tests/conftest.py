@@ -22,10 +22,14 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def start_module(tmp_path: Path, broker: Broker) -> Iterator[Callable[..., Module]]:
+def start_module(tmp_path: Path, broker: Broker,
+                 billing: BillingSimulator) -> Iterator[Callable[..., Module]]:
+    """Start the module as a process, by default wired to the billing simulator."""
     started: list[Module] = []
 
     def start(*extra: str, wait_ready: bool = True, **kwargs: object) -> Module:
+        kwargs.setdefault("billing", billing.url)
+        kwargs.setdefault("public_key", billing.public_key_b64)
         module = Module(tmp_path, broker.port, *extra, **kwargs)  # type: ignore[arg-type]
         started.append(module)
         return module.start(wait_ready=wait_ready)

@@ -96,7 +96,8 @@ class Module:
 
     def __init__(self, workdir: Path, broker_port: int, *extra: str,
                  env: dict[str, str] | None = None, prefix: str = "em",
-                 billing: str = "http://127.0.0.1:9/", api_key: str = API_KEY) -> None:
+                 billing: str = "http://127.0.0.1:9/", api_key: str = API_KEY,
+                 public_key: str | None = None) -> None:
         self.workdir = workdir
         self.http_port = free_port()
         self.prefix = prefix
@@ -107,7 +108,8 @@ class Module:
             f"Data:Path={workdir / 'data'}",
             f"Mqtt:InputTopic={prefix}/in/#", f"Mqtt:ResultTopic={prefix}/results",
             f"Mqtt:ErrorTopic={prefix}/errors", f"Mqtt:AvailabilityTopic={prefix}/status",
-            "Mqtt:ReconnectMaxDelay=1", *extra,
+            "Mqtt:ReconnectMaxDelay=1",
+            *([f"Billing:PublicKey={public_key}"] if public_key else []), *extra,
         ]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
@@ -124,6 +126,21 @@ class Module:
 
     def wait_ready(self, timeout: float = 30) -> None:
         wait_until(self.ready, timeout, f"module ready; log:\n{self.log_tail()}")
+
+    def wait_serving_or_gated(self, timeout: float = 30) -> None:
+        """Started and connected to the broker, whatever the licence decision."""
+        def connected() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"module exited:\n{self.log_tail()}")
+            status, body = self.http("/ready")
+            return status == 200 or (status == 503 and b"unlicensed" in body)
+        wait_until(connected, timeout, f"module connected; log:\n{self.log_tail()}")
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.http("/status")
+        assert code == 200, body
+        return dict(json.loads(body))
 
     def ready(self) -> bool:
         assert self.process is not None

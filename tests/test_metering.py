@@ -71,8 +71,8 @@ def test_offline_backlog_drains_exactly_once_when_the_link_returns(
     start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator,
     proxy: FaultProxy,
 ) -> None:
+    module = start_module(*FAST_DRAIN, billing=proxy.url)  # online first: a lease for grace
     proxy.cut()
-    module = start_module(*FAST_DRAIN, billing=proxy.url)
     publish_digits(collector, 60, "off")
     results = collector.wait(RESULTS, 60)
     assert len({r["id"] for r in results}) == 60
@@ -114,12 +114,13 @@ def test_lost_answers_are_resent_and_counted_once_as_duplicates(
 def test_retry_after_is_honoured(
     start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator
 ) -> None:
-    billing.set_fault("busy", retry_after=3)
     start_module(*FAST_DRAIN, billing=billing.url)
+    billing.set_fault("busy", retry_after=3)
     publish_digits(collector, 5, "busy")
     collector.wait(RESULTS, 5)
     wait_until(lambda: len(billing.calls()) >= 1, 20, "a first upload")
     first = billing.calls()[0][0]
+    assert billing.calls()[0][1] == "busy"
     time.sleep(1.0)
     billing.set_fault("none")
     wait_until(lambda: billed(billing) == 5, 20, "upload after Retry-After")
@@ -133,9 +134,9 @@ def test_blackholed_endpoint_does_not_stall_inference(
     start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator,
     proxy: FaultProxy,
 ) -> None:
-    proxy.blackhole()
     module = start_module("Metering:MaxDelaySeconds=0.2", "Metering:TimeoutSeconds=30",
                           billing=proxy.url)
+    proxy.blackhole()
     publish_digits(collector, 10, "bh1")
     collector.wait(RESULTS, 10)
     wait_until(lambda: proxy.accepted >= 1, 10, "an upload reaching the blackhole")
@@ -153,8 +154,8 @@ def test_buffer_full_refuses_work_then_recovers_after_the_drain(
     start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator,
     proxy: FaultProxy,
 ) -> None:
-    proxy.cut()
     module = start_module(*FAST_DRAIN, "Metering:MaxPendingRecords=20", billing=proxy.url)
+    proxy.cut()
     publish_digits(collector, 30, "cap")
     collector.wait(RESULTS, 20)
     errors = collector.wait(ERRORS, 10)

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +117,10 @@ def _sidecars(path: Path) -> list[Path]:
 
 
 class Ledger:
-    def __init__(self, path: Path, identity: Identity, settings: MeteringSettings) -> None:
+    def __init__(self, path: Path, identity: Identity, settings: MeteringSettings,
+                 clock_ms: Callable[[], int] | None = None) -> None:
         self.path = path
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.identity = identity
         self.settings = settings
         self.recovered_from: Path | None = None
@@ -264,7 +266,7 @@ class Ledger:
 
     def append(self, meter: MeterSpec, usages: Sequence[Usage]) -> list[str]:
         """Commit one record per usage; return their ids. Durable when this returns."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock_ms()
         ids = [str(uuid.uuid4()) for _ in usages]
         try:
             with self._lock:
@@ -301,6 +303,13 @@ class Ledger:
         return str(row[0]) if row else None
 
     # -- draining ---------------------------------------------------------
+
+    def newest_request_ms(self) -> int:
+        """Time of the newest record: a floor for the trusted clock."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT request_time FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        return int(row[0]) if row else 0
 
     def oldest_pending_ms(self) -> int | None:
         with self._lock:

@@ -29,12 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", action="append", default=[],
                         help="KEY[:CONTAINER_TYPE[:QUOTA]] (repeatable; default demo-key)")
     parser.add_argument("--revoked-key", action="append", default=[])
+    parser.add_argument("--grace-seconds", type=float, default=86400.0,
+                        help="offline grace granted by each lease")
     args = parser.parse_args(argv)
     keys = dict(parse_key(k) for k in (args.key or ["demo-key"]))
     for revoked in args.revoked_key:
         keys[revoked] = KeyInfo(revoked=True)
     sim = BillingSimulator(args.db, args.host, args.port, keys).start()
+    parser_grace = args.grace_seconds
+    sim.state.lease.grace_seconds = parser_grace
     print(f"billing simulator on {sim.url} (admin API under {sim.url}/admin/)", flush=True)
+    print(f"lease public key (Billing:PublicKey): {sim.public_key_b64}", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -24,11 +24,18 @@ Admin API: ``POST /admin/fault {"mode", "retryAfter", "delaySeconds"}``,
 ``GET /admin/usage`` (totals), ``GET /admin/records`` (what was received),
 ``POST /admin/reject {"meter", "reason"}`` (answer ``Rejected`` for a meter),
 ``POST /admin/bad-request {"id"}`` (answer 400 to any batch holding that id),
-``POST /admin/keys {"key", "containerType", "quota", "revoked"}``.
+``POST /admin/keys {"key", "containerType", "quota", "revoked"}``,
+``POST /admin/lease {"graceSeconds", "clockOffsetSeconds", "sign", "tamper"}``.
+
+Leases are signed with an Ed25519 key made at first start
+(``billing-signing-key.pem`` beside the database); its public key is written
+to ``billing-public-key.b64`` for the module's ``Billing:PublicKey``.
 """
 
 from __future__ import annotations
 
+import base64
+import email.utils
 import json
 import socket
 import struct
@@ -39,6 +46,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_module.licensing.signing import raw_public, sign
 from simulator.billing.store import UsageStore
 
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
@@ -64,7 +75,16 @@ class Fault:
 
 
 @dataclass
+class LeasePolicy:
+    grace_seconds: float = 86400.0
+    clock_offset_seconds: float = 0.0  # simulate a server clock that differs (diagnose tests)
+    sign: bool = True  # False: answers carry no lease
+    tamper: bool = False  # True: leases with a broken signature
+
+
+@dataclass
 class State:
+    lease: LeasePolicy = field(default_factory=LeasePolicy)
     keys: dict[str, KeyInfo] = field(default_factory=dict)
     fault: Fault = field(default_factory=Fault)
     reject_meters: dict[str, str] = field(default_factory=dict)
@@ -81,6 +101,8 @@ class BillingSimulator:
                  keys: dict[str, KeyInfo] | None = None) -> None:
         self.store = UsageStore(db_path)
         self.state = State(keys=dict(keys or {"demo-key": KeyInfo()}))
+        self.signing_key = load_or_create_signing_key(db_path.parent)
+        self.public_key_b64 = base64.b64encode(raw_public(self.signing_key.public_key())).decode()
         handler = _handler(self)
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
@@ -136,11 +158,32 @@ class BillingSimulator:
             return 429, {"status": "OutOfQuota", "message": "the key's quota is used up"}
         return None
 
+    def now_ms(self) -> int:
+        return int((time.time() + self.state.lease.clock_offset_seconds) * 1000)
+
+    def lease(self, container_id: Any, container_type: Any) -> dict[str, Any] | None:
+        policy = self.state.lease
+        if not policy.sign or not isinstance(container_id, str):
+            return None
+        issued = self.now_ms()
+        lease = sign({"containerId": container_id, "containerType": str(container_type),
+                      "status": "Valid", "issuedAt": issued,
+                      "expiresAt": issued + int(policy.grace_seconds * 1000)},
+                     self.signing_key)
+        if policy.tamper:
+            lease["expiresAt"] += 365 * 24 * 3600 * 1000
+        return lease
+
     def status(self, key: str | None, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         refused = self.authorise(key, body.get("containerType"))
         if refused is not None:
             return refused
-        return 200, {"status": "Valid", "message": "the key is valid for this container"}
+        answer: dict[str, Any] = {"status": "Valid",
+                                  "message": "the key is valid for this container"}
+        lease = self.lease(body.get("containerId"), body.get("containerType"))
+        if lease is not None:
+            answer["lease"] = lease
+        return 200, answer
 
     def usage(self, key: str | None, body: Any) -> tuple[int, dict[str, Any]]:
         if not isinstance(body, dict) or not isinstance(body.get("records"), list):
@@ -179,7 +222,30 @@ class BillingSimulator:
         for record in valid:
             results.append({"id": record["id"],
                             "status": "Accepted" if record["id"] in inserted else "Duplicate"})
-        return 200, {"results": results}
+        answer: dict[str, Any] = {"results": results}
+        first = records[0] if records and isinstance(records[0], dict) else {}
+        lease = self.lease(first.get("containerId"), first.get("containerType"))
+        if lease is not None:
+            answer["lease"] = lease
+        return 200, answer
+
+
+def load_or_create_signing_key(folder: Path) -> Ed25519PrivateKey:
+    """The simulator's lease-signing key, made at first start; the public key beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pem_path = folder / "billing-signing-key.pem"
+    if pem_path.exists():
+        key = serialization.load_pem_private_key(pem_path.read_bytes(), password=None)
+        assert isinstance(key, Ed25519PrivateKey)
+    else:
+        key = Ed25519PrivateKey.generate()
+        pem_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        pem_path.chmod(0o600)
+    public = base64.b64encode(raw_public(key.public_key())).decode()
+    (folder / "billing-public-key.b64").write_text(public + "\n")
+    return key
 
 
 def _validate(record: Any, now_ms: int) -> str | None:
@@ -223,6 +289,9 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if sim.state.lease.clock_offset_seconds:
+                self.send_header("Date", email.utils.formatdate(sim.now_ms() / 1000,
+                                                                usegmt=True))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
@@ -310,6 +379,14 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/admin/bad-request":
                 sim.state.bad_request_ids.add(str(body["id"]))
                 self._send(200, {"badRequestIds": sorted(sim.state.bad_request_ids)})
+            elif self.path == "/admin/lease":
+                policy = sim.state.lease
+                policy.grace_seconds = float(body.get("graceSeconds", policy.grace_seconds))
+                policy.clock_offset_seconds = float(body.get("clockOffsetSeconds",
+                                                             policy.clock_offset_seconds))
+                policy.sign = bool(body.get("sign", policy.sign))
+                policy.tamper = bool(body.get("tamper", policy.tamper))
+                self._send(200, {"graceSeconds": policy.grace_seconds})
             elif self.path == "/admin/keys":
                 sim.state.keys[str(body["key"])] = KeyInfo(
                     str(body.get("containerType", "edge-module")), body.get("quota"),

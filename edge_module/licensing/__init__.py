@@ -1,0 +1,1 @@
+"""Licensing: statuses, signed leases, a tamper-resistant clock, the grace state machine."""

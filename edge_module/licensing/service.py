@@ -1,0 +1,257 @@
+"""The licence gate and its grace state machine (docs/licensing.md draws it).
+
+States:
+
+* ``online``: the last answer of the billing endpoint was Valid. Serve.
+* ``grace``: the endpoint cannot be reached (CouldNotConnect), is busy, or
+  answered something unexpected (Unknown), and the last signed lease has not
+  expired in trusted time. Serve; the time remaining is in ``/status``.
+* ``gated``: refuse every request with an ``Unlicensed`` error envelope:
+  the key is Invalid, Mismatch or ContainerUseUnauthorized (no grace for
+  those), the quota is used up (OutOfQuota, until a later check succeeds), or
+  the endpoint is unreachable and there is no lease left (expired, or never
+  had one: a module that never reached its endpoint has no grace).
+
+Transitions happen on every answer: the periodic status check, every upload
+of usage, and ``GET /status``. The first successful answer returns the module
+to ``online`` and wakes the uploader so the backlog drains. The grace length
+is set by the endpoint in each signed lease; the module can never extend it,
+and the trusted clock makes rolling the wall clock back useless.
+
+Disconnected mode replaces the endpoint by a signed licence file: Valid while
+it verifies, is unexpired in trusted time and its transaction quota (if any)
+is not used up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_module.billing_api import Answer, ApiStatus, BillingClient
+from edge_module.config import LicensingSettings
+from edge_module.exceptions import Refusal
+from edge_module.licensing.clock import TrustedClock
+from edge_module.licensing.lease import Lease, LeaseStore, parse_lease
+from edge_module.licensing.statuses import explain
+from edge_module.logs import get_logger
+from edge_module.metering.records import Identity
+
+log = get_logger("licensing")
+
+UNLICENSED = "Unlicensed"
+NO_GRACE = {ApiStatus.INVALID, ApiStatus.MISMATCH, ApiStatus.UNAUTHORIZED}
+GRACE_STATUSES = {ApiStatus.COULD_NOT_CONNECT, ApiStatus.BUSY, ApiStatus.UNKNOWN}
+
+
+class GraceState(StrEnum):
+    ONLINE = "online"
+    GRACE = "grace"
+    GATED = "gated"
+
+
+@dataclass(frozen=True)
+class Decision:
+    serve: bool
+    state: GraceState
+    status: str
+    message: str
+    remedy: str
+    retry_after: float | None
+    expires_at_ms: int | None
+    remaining_seconds: float | None
+
+    def grace_dict(self) -> dict[str, Any]:
+        expires = None
+        if self.expires_at_ms is not None:
+            expires = datetime.fromtimestamp(self.expires_at_ms / 1000, UTC).isoformat()
+        return {"state": self.state.value, "expiresAt": expires,
+                "remainingSeconds": self.remaining_seconds}
+
+
+class LicenseSource:
+    """What a licence file tells (disconnected mode); see licensing/license_file.py."""
+
+    def status(self, now_ms: int) -> tuple[str, str | None, int | None]:
+        """(status, message, expires_at_ms)."""
+        raise NotImplementedError
+
+
+class Licensing:
+    def __init__(self, identity: Identity, settings: LicensingSettings, clock: TrustedClock,
+                 lease_store: LeaseStore, public_key: Ed25519PublicKey | None,
+                 client: BillingClient | None, license_source: LicenseSource | None = None
+                 ) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.clock = clock
+        self.lease_store = lease_store
+        self.public_key = public_key
+        self.client = client
+        self.license_source = license_source
+        self.lease: Lease | None = lease_store.load(public_key, identity)
+        if self.lease is not None:
+            clock.raise_floor(self.lease.issued_at)  # time never runs before a lease we hold
+        self.status: ApiStatus = ApiStatus.UNKNOWN
+        self.status_message = "no status check has completed yet"
+        self.retry_after: float | None = None
+        self.checked = False
+        self.on_online: list[Callable[[], None]] = []
+        self._state: GraceState | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if public_key is None and license_source is None:
+            log.warning("no_vendor_public_key", effect="leases cannot be verified, so the "
+                        "module has no offline grace", fix="set Billing:PublicKey")
+
+    @property
+    def disconnected(self) -> bool:
+        return self.license_source is not None
+
+    # -- answers ----------------------------------------------------------
+
+    def observe(self, answer: Answer) -> None:
+        """Take in any answer of the billing endpoint (status check or upload)."""
+        lease, problem = parse_lease(answer.body.get("lease"), self.public_key, self.identity)
+        with self._lock:
+            if lease is not None:
+                self.clock.adopt(lease.issued_at)
+                if self.lease is None or lease.expires_at >= self.lease.expires_at or \
+                        lease.issued_at >= self.lease.issued_at:
+                    self.lease = lease
+                    self.lease_store.save(lease)
+            elif problem is not None and answer.ok:
+                log.warning("lease_ignored", reason=problem, effect="this answer grants no "
+                            "grace")
+            self.status = answer.status
+            self.status_message = answer.error if not answer.ok and answer.error else \
+                explain(answer.status).message
+            self.retry_after = answer.retry_after
+            self.checked = True
+        self._transition()
+
+    def check(self, timeout: float | None = None) -> Answer | None:
+        """One status check with the billing endpoint (nothing is metered)."""
+        if self.client is None:
+            self._transition()
+            return None
+        answer = self.client.status(self.identity.as_dict())
+        self.observe(answer)
+        return answer
+
+    # -- the decision -----------------------------------------------------
+
+    def decide(self) -> Decision:
+        now = self.clock.now_ms()
+        if self.license_source is not None:
+            return self._decide_from_license(now)
+        with self._lock:
+            status, message, lease = self.status, self.status_message, self.lease
+            retry_after = self.retry_after
+        expires = lease.expires_at if lease is not None else None
+        remaining = max(0.0, (expires - now) / 1000) if expires is not None else None
+        remedy = explain(status).remedy
+        if status is ApiStatus.VALID:
+            return Decision(True, GraceState.ONLINE, status, message, remedy, None, expires,
+                            remaining)
+        if status in NO_GRACE:
+            return Decision(False, GraceState.GATED, status, message, remedy, None, expires,
+                            remaining)
+        if status is ApiStatus.OUT_OF_QUOTA:
+            return Decision(False, GraceState.GATED, status, message, remedy, retry_after,
+                            expires, remaining)
+        if expires is not None and now < expires:
+            return Decision(True, GraceState.GRACE, status, message, remedy, None, expires,
+                            remaining)
+        why = "the offline grace has expired" if expires is not None else \
+            "no lease was ever granted, so there is no offline grace"
+        wait = retry_after if retry_after is not None else self.settings.retry_seconds
+        return Decision(False, GraceState.GATED, status, f"{message} ({why})", remedy, wait,
+                        expires, remaining)
+
+    def _decide_from_license(self, now: int) -> Decision:
+        assert self.license_source is not None
+        status, message, expires = self.license_source.status(now)
+        remaining = max(0.0, (expires - now) / 1000) if expires is not None else None
+        explanation = explain(status)
+        if status == ApiStatus.VALID:
+            return Decision(True, GraceState.ONLINE, status, message or explanation.message,
+                            explanation.remedy, None, expires, remaining)
+        return Decision(False, GraceState.GATED, status, message or explanation.message,
+                        explanation.remedy, None, expires, remaining)
+
+    def _transition(self) -> GraceState:
+        decision = self.decide()
+        previous, self._state = self._state, decision.state
+        if previous != decision.state:
+            log.info("licence_state", previous=previous.value if previous else None,
+                     state=decision.state.value, status=decision.status,
+                     remaining_s=decision.remaining_seconds)
+            if decision.state is GraceState.GATED:
+                log.error("licence_gated", status=decision.status, reason=decision.message,
+                          fix=decision.remedy)
+            if decision.state is GraceState.ONLINE and previous is not None:
+                for callback in self.on_online:
+                    callback()
+        return decision.state
+
+    def gate_check(self) -> None:
+        """The pipeline's gate: raise Refusal(Unlicensed) when the module may not serve."""
+        decision = self.decide()
+        if decision.state != self._state:
+            self._transition()
+        if not decision.serve:
+            raise Refusal(UNLICENSED, f"{decision.message}. {decision.remedy}",
+                          status=decision.status, retryAfter=decision.retry_after)
+
+    # -- the periodic check -----------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="licensing", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.clock.persist()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._next_check_in())
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.check()
+
+    def _next_check_in(self) -> float:
+        decision = self.decide()
+        if decision.state is GraceState.ONLINE:
+            return self.settings.check_interval_seconds
+        if decision.retry_after is not None:
+            return max(0.05, decision.retry_after)
+        return self.settings.retry_seconds
+
+    def status_body(self, backlog: dict[str, Any]) -> dict[str, Any]:
+        decision = self.decide()
+        return {
+            "apiStatus": decision.status,
+            "apiStatusMessage": decision.message,
+            "remedy": decision.remedy,
+            "mode": "disconnected" if self.disconnected else "connected",
+            "serving": decision.serve,
+            "grace": decision.grace_dict(),
+            "backlog": backlog,
+            "trustedTime": datetime.fromtimestamp(self.clock.now_ms() / 1000, UTC).isoformat(),
+            "checkedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
