@@ -18,10 +18,11 @@ import json
 import ssl
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from edge_module.exceptions import EdgeModuleError
 
@@ -114,12 +115,16 @@ class BillingClient:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
+            proxy = proxy_for(self.scheme, self.host)
+            host, port = (proxy.hostname or "", proxy.port or 80) if proxy else \
+                (self.host, self.port)
             if self.scheme == "https":
                 self._conn = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout, context=self._context)
+                    host, port, timeout=self.timeout, context=self._context)
             else:
-                self._conn = http.client.HTTPConnection(self.host, self.port,
-                                                        timeout=self.timeout)
+                self._conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            if proxy is not None:  # CONNECT tunnel; TLS is still end to end with the endpoint
+                self._conn.set_tunnel(self.host, self.port)
         return self._conn
 
     def close(self) -> None:
@@ -192,6 +197,18 @@ class BillingClient:
 
     def usage(self, records: list[dict[str, Any]]) -> Answer:
         return self.post("/billing/v1/usage", {"records": records})
+
+
+def proxy_for(scheme: str, host: str) -> SplitResult | None:
+    """The proxy (from HTTPS_PROXY/HTTP_PROXY, honouring NO_PROXY) for a host, if any."""
+    if host in ("localhost", "::1") or host.startswith("127.") or \
+            urllib.request.proxy_bypass(host):
+        return None
+    url = urllib.request.getproxies().get(scheme)
+    if not url:
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    return parts if parts.hostname else None
 
 
 def _describe(exc: BaseException) -> str:

@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--json", action="store_true", help="machine-readable output")
     ledger.add_argument("--quarantined", action="store_true",
                         help="list records the billing endpoint rejected for good")
+    diagnose = sub.add_parser(
+        "diagnose", help="check DNS, TCP, TLS, HTTP, proxy, key, lease, clock skew and "
+        "Retry-After against the billing endpoint: edge-module diagnose Billing=<url> "
+        "ApiKey=<key>")
+    diagnose.add_argument("settings", nargs="*", metavar="Key=Value")
+    diagnose.add_argument("--config", type=Path, help="JSON or TOML settings file")
+    diagnose.add_argument("--json", action="store_true", help="machine-readable output")
+    diagnose.add_argument("--timeout", type=float, default=5.0, help="seconds per check")
     return parser
 
 
@@ -73,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-reference":
         sys.stdout.write(reference_markdown())
         return 0
+    if args.command == "diagnose":
+        return _diagnose(args)
     if args.command == "ledger":
         from edge_module.ledger_cli import ledger_command
 
@@ -102,6 +112,23 @@ def _run(assignments: list[str], config_file: Path | None) -> int:
         fail(f"model error: {exc}; fix: check Model:Name / Model:Path")
         return EXIT_CONFIG
     return app.run()
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    given = {a.partition("=")[0].lower() for a in args.settings}
+    extra = [] if "eula" in given else ["Eula=accept"]  # diagnosing accepts nothing
+    try:
+        settings = load_settings([*extra, *args.settings], config_file=args.config)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}")
+        return EXIT_CONFIG
+    if settings.billing.url is None:
+        fail("configuration error: Billing: is required to diagnose; fix: pass Billing=<url>")
+        return EXIT_CONFIG
+    logs.register_secrets(settings.secrets())
+    from edge_module.diagnose import Diagnosis, report
+
+    return report(Diagnosis(settings, timeout=args.timeout).run(), args.json)
 
 
 def fail(message: str) -> None:

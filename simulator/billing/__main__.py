@@ -29,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", action="append", default=[],
                         help="KEY[:CONTAINER_TYPE[:QUOTA]] (repeatable; default demo-key)")
     parser.add_argument("--revoked-key", action="append", default=[])
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--grace-seconds", type=float, default=86400.0,
                         help="offline grace granted by each lease")
     args = parser.parse_args(argv)
     keys = dict(parse_key(k) for k in (args.key or ["demo-key"]))
     for revoked in args.revoked_key:
         keys[revoked] = KeyInfo(revoked=True)
-    sim = BillingSimulator(args.db, args.host, args.port, keys).start()
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
+    sim = BillingSimulator(args.db, args.host, args.port, keys, tls=tls).start()
     parser_grace = args.grace_seconds
     sim.state.lease.grace_seconds = parser_grace
     print(f"billing simulator on {sim.url} (admin API under {sim.url}/admin/)", flush=True)

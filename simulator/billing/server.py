@@ -38,6 +38,7 @@ import base64
 import email.utils
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -98,7 +99,8 @@ class State:
 
 class BillingSimulator:
     def __init__(self, db_path: Path, host: str = "127.0.0.1", port: int = 0,
-                 keys: dict[str, KeyInfo] | None = None) -> None:
+                 keys: dict[str, KeyInfo] | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.store = UsageStore(db_path)
         self.state = State(keys=dict(keys or {"demo-key": KeyInfo()}))
         self.signing_key = load_or_create_signing_key(db_path.parent)
@@ -107,7 +109,13 @@ class BillingSimulator:
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
-        self.url = f"http://{host}:{self.port}"
+        scheme = "http"
+        if tls is not None:  # (certificate chain PEM, private key PEM)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://{host}:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                         name="billing-simulator")
 
@@ -276,6 +284,10 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
         def log_message(self, fmt: str, *args: Any) -> None:
             return None
 
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            # The Date header follows the simulated server clock (clock-skew tests).
+            return email.utils.formatdate(sim.now_ms() / 1000, usegmt=True)
+
         def _body(self) -> Any:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
@@ -289,9 +301,6 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            if sim.state.lease.clock_offset_seconds:
-                self.send_header("Date", email.utils.formatdate(sim.now_ms() / 1000,
-                                                                usegmt=True))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
