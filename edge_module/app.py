@@ -21,6 +21,7 @@ from edge_module.exceptions import ConfigError
 from edge_module.inference.models import load_model
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import LeaseStore
+from edge_module.licensing.license_file import LicenseFileSource, load_license
 from edge_module.licensing.service import Licensing
 from edge_module.licensing.signing import load_public_key
 from edge_module.logs import get_logger
@@ -28,9 +29,10 @@ from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger
 from edge_module.metering.meter import LedgerMeter
 from edge_module.metering.records import Identity, MeterSpec
+from edge_module.metering.usage_log import UsageLog
 from edge_module.metrics import Metrics
 from edge_module.pipeline import Meter, Pipeline
-from edge_module.state import ensure_data_dir, installation_id
+from edge_module.state import ensure_data_dir, installation_id, module_signing_key
 from edge_module.transport.base import Transport
 from edge_module.transport.mqtt import MqttTransport
 
@@ -45,20 +47,29 @@ class App:
         self.data_path = ensure_data_dir(settings.data.path)
         self.container_id = installation_id(self.data_path)
         self.metrics = Metrics()
+        self.identity = Identity(CONTAINER_TYPE, __version__, self.container_id)
+        self.ledger = Ledger(self.data_path / "ledger.db", self.identity, settings.metering)
+        # The licence is checked before the model is loaded: a bad licence fails fast.
+        self.licensing = build_licensing(settings, self.identity, self.data_path,
+                                         self.ledger)
+        self.ledger.clock_ms = self.licensing.clock.now_ms  # requestTime in trusted time
         self.model = load_model(settings.model)
         log.info("model_loaded", **self.model.provenance.as_dict(),
                  path=str(self.model.path))
-        self.identity = Identity(CONTAINER_TYPE, __version__, self.container_id)
-        self.ledger = Ledger(self.data_path / "ledger.db", self.identity, settings.metering)
-        self.licensing = build_licensing(settings, self.identity, self.data_path,
-                                         self.ledger.newest_request_ms())
-        self.ledger.clock_ms = self.licensing.clock.now_ms  # requestTime in trusted time
-        self.billing = BillingClient(settings.billing_url or "http://billing.invalid/",
-                                     settings.key, timeout=settings.metering.timeout_seconds,
-                                     ca_file=_ca(settings))
-        self.drainer = Drainer(self.ledger, self.billing, settings.metering, self.metrics,
-                               on_answer=self.licensing.observe)
-        self.licensing.on_online.append(self.drainer.wake)
+        self.drainer: Drainer | None = None
+        self.billing: BillingClient | None = None
+        if settings.billing.url is not None:
+            self.billing = BillingClient(settings.billing_url, settings.key,
+                                         timeout=settings.metering.timeout_seconds,
+                                         ca_file=_ca(settings))
+            self.drainer = Drainer(self.ledger, self.billing, settings.metering, self.metrics,
+                                   on_answer=self.licensing.observe)
+            self.licensing.on_online.append(self.drainer.wake)
+        self.usage_log: UsageLog | None = None
+        if settings.mounts.output is not None:
+            self.usage_log = UsageLog(settings.mounts.output, self.ledger, self.identity,
+                                      module_signing_key(self.data_path),
+                                      self.licensing.clock.now_ms)
         descriptor = self.model.descriptor.metering
         self.meter = meter or LedgerMeter(
             self.ledger, MeterSpec(descriptor.meterName, descriptor.apiType), self.metrics,
@@ -70,6 +81,7 @@ class App:
             self.http = HttpApi(settings.http.host, settings.http.port, self._render_metrics,
                                 self.readiness)
             self.http.add("/status", self._status)
+            self.http.add_prefix("/records/usage-logs", self._usage_logs)
         except OSError as exc:
             raise ConfigError("Http:Port", f"cannot listen on {settings.http.host}:"
                               f"{settings.http.port} ({exc.strerror}); fix: choose a free port "
@@ -94,6 +106,22 @@ class App:
             return False, f"unlicensed: {decision.status}: {decision.message}"
         return True, "serving" if decision.state.value == "online" else \
             f"serving within the offline grace ({decision.remaining_seconds:.0f} s left)"
+
+    def _usage_logs(self, rest: str) -> tuple[int, Any]:
+        """GET /records/usage-logs/ and /records/usage-logs/{month}/{year}."""
+        if self.usage_log is None:
+            return 404, {"error": "no usage logs: set Mounts:Output to write them"}
+        self.usage_log.export()  # include everything recorded so far
+        if not rest:
+            return 200, {"usageLogs": self.usage_log.months()}
+        parts = rest.split("/")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            return 400, {"error": "use /records/usage-logs/{month}/{year}"}
+        month, year = int(parts[0]), int(parts[1])
+        body = self.usage_log.month(month, year, CONTAINER_TYPE)
+        if body is None:
+            return 404, {"error": f"no usage recorded in {month}/{year}"}
+        return 200, body
 
     def _status(self) -> tuple[int, Any]:
         """GET /status: check the key now (nothing is metered) and report."""
@@ -131,12 +159,24 @@ class App:
                  serving=decision.serve, http=answer.http_status if answer else None,
                  mode="disconnected" if self.licensing.disconnected else "connected")
         self.licensing.start()
-        self.drainer.start()
+        if self.drainer is not None:
+            self.drainer.start()
+        if self.usage_log is not None:
+            threading.Thread(target=self._export_loop, name="usage-log", daemon=True).start()
         self.pipeline.start()
         self.transport.start(self.pipeline.submit)
         log.info("module_started", version=__version__, container_type=CONTAINER_TYPE,
                  container_id=self.container_id, transport=self.settings.transport,
                  http_port=self.http.port)
+
+    def _export_loop(self) -> None:
+        assert self.usage_log is not None
+        while not self.stopping.wait(self.settings.metering.usage_log_seconds):
+            try:
+                self.usage_log.export()
+            except OSError as exc:
+                log.error("usage_log_export_failed", error=str(exc),
+                          fix="check that Mounts:Output is writable and has space")
 
     def request_stop(self, signum: int | None = None, _: FrameType | None = None) -> None:
         # Runs inside a signal handler: only set flags. Logging here could deadlock on the
@@ -153,9 +193,13 @@ class App:
                         "and are redelivered by the broker")
         self.pipeline.stop()
         self.transport.close(budget * 0.4)
-        self.drainer.stop()
+        if self.drainer is not None:
+            self.drainer.stop()
+        if self.usage_log is not None:
+            self.usage_log.export()
         self.licensing.stop()
-        self.billing.close()
+        if self.billing is not None:
+            self.billing.close()
         self.ledger.close()
         self.http.stop()
         log.info("module_stopped")
@@ -177,18 +221,28 @@ def _ca(settings: Settings) -> str | None:
 
 
 def build_licensing(settings: Settings, identity: Identity, data_path: Path,
-                    newest_record_ms: int) -> Licensing:
+                    ledger: Ledger) -> Licensing:
     """The licence gate for the settings: connected (leases) or disconnected (file)."""
     public_key = load_public_key(settings.billing.public_key) \
         if settings.billing.public_key else None
-    clock = TrustedClock(data_path / "trusted-clock.json", (newest_record_ms,))
+    clock = TrustedClock(data_path / "trusted-clock.json", (ledger.newest_request_ms(),))
+    source = None
+    if settings.disconnected:
+        if public_key is None:
+            raise ConfigError("Billing:PublicKey", "is required to verify the licence file; "
+                              "fix: pass the vendor's key as Billing:PublicKey=<base64>")
+        assert settings.mounts.license is not None
+        lic = load_license(settings.mounts.license, public_key, identity, clock.now_ms())
+        clock.raise_floor(lic.issued_at)
+        base = ledger.quantity_since(lic.issued_at)
+        source = LicenseFileSource(lic, lambda: base + ledger.quantity_added)
     client = None
     if settings.billing.url is not None:
         client = BillingClient(settings.billing_url, settings.key,
                                timeout=settings.licensing.status_timeout_seconds,
                                ca_file=_ca(settings))
     licensing = Licensing(identity, settings.licensing, clock,
-                          LeaseStore(data_path / "lease.json"), public_key, client)
+                          LeaseStore(data_path / "lease.json"), public_key, client, source)
     if clock.rollback_detected_ms > 60_000:
         log.warning("clock_behind_trusted_time", behind_s=clock.rollback_detected_ms / 1000,
                     effect="trusted time continues from the high-water mark; a clock set "

@@ -141,15 +141,22 @@ class BillingClient:
         data = ('{"records":[' + ",".join(records) + "]}").encode()
         return self._post_bytes("/billing/v1/usage", data)
 
+    def get(self, path: str) -> Answer:
+        return self._request("GET", path, None)
+
     def _post_bytes(self, path: str, data: bytes) -> Answer:
-        headers = {"Content-Type": "application/json", KEY_HEADER: self._key,
-                   "Accept": "application/json"}
+        return self._request("POST", path, data)
+
+    def _request(self, method: str, path: str, data: bytes | None) -> Answer:
+        headers = {KEY_HEADER: self._key, "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         started = time.monotonic()
         with self._lock:
             for attempt in (1, 2):  # one silent retry when a kept-alive socket went stale
                 conn = self._connection()
                 try:
-                    conn.request("POST", self.prefix + path, body=data, headers=headers)
+                    conn.request(method, self.prefix + path, body=data, headers=headers)
                     reply = conn.getresponse()
                     raw = reply.read()
                     break

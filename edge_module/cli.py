@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from edge_module import __version__, logs
-from edge_module.config import load_settings, reference_markdown
+from edge_module.config import Settings, load_settings, reference_markdown
 from edge_module.exceptions import ConfigError, ModelError
 
 EXIT_CONFIG = 2
@@ -56,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--json", action="store_true", help="machine-readable output")
     ledger.add_argument("--quarantined", action="store_true",
                         help="list records the billing endpoint rejected for good")
+    usage = sub.add_parser(
+        "usage-log", help="verify a disconnected module's signed usage log: edge-module "
+        "usage-log verify <Mounts:Output folder> [--license FILE | --public-key B64]")
+    usage.add_argument("action", choices=["verify"])
+    usage.add_argument("folder", type=Path)
+    usage.add_argument("--license", type=Path,
+                       help="the licence file: its certified module key verifies the log")
+    usage.add_argument("--public-key", help="the module's public key (base64 raw)")
+    usage.add_argument("--json", action="store_true")
+    reconcile = sub.add_parser(
+        "reconcile", help="upload a disconnected module's signed usage log once a link "
+        "exists: edge-module reconcile Mounts:Output=<dir> Billing=<url> ApiKey=<key>")
+    reconcile.add_argument("settings", nargs="*", metavar="Key=Value")
+    reconcile.add_argument("--config", type=Path, help="JSON or TOML settings file")
     diagnose = sub.add_parser(
         "diagnose", help="check DNS, TCP, TLS, HTTP, proxy, key, lease, clock skew and "
         "Retry-After against the billing endpoint: edge-module diagnose Billing=<url> "
@@ -83,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "diagnose":
         return _diagnose(args)
+    if args.command in ("usage-log", "reconcile"):
+        from edge_module.usage_cli import reconcile_command, verify_command
+
+        return verify_command(args) if args.command == "usage-log" else reconcile_command(args)
     if args.command == "ledger":
         from edge_module.ledger_cli import ledger_command
 
@@ -102,16 +120,53 @@ def _run(assignments: list[str], config_file: Path | None) -> int:
     logs.register_secrets(settings.secrets())
     logs.configure(settings.log.level, settings.log.format)
     from edge_module.app import App  # heavy imports (onnxruntime, cv2) after validation
+    from edge_module.licensing.license_file import LicenseError
 
+    if settings.download_license:
+        return _download_license(settings)
     try:
         app = App(settings)
     except ConfigError as exc:
         fail(f"configuration error: {exc}")
         return EXIT_CONFIG
+    except LicenseError as exc:
+        fail(f"licence error: {exc}")
+        return EXIT_CONFIG
     except ModelError as exc:
         fail(f"model error: {exc}; fix: check Model:Name / Model:Path")
         return EXIT_CONFIG
     return app.run()
+
+
+def _download_license(settings: Settings) -> int:
+    """DownloadLicense=True: fetch the signed licence into Mounts:License and exit."""
+    import base64
+
+    from edge_module import CONTAINER_TYPE
+    from edge_module.billing_api import BillingClient
+    from edge_module.licensing.license_file import LicenseError, download_license
+    from edge_module.licensing.signing import raw_public
+    from edge_module.metering.records import Identity
+    from edge_module.state import ensure_data_dir, installation_id, module_signing_key
+
+    try:
+        data = ensure_data_dir(settings.data.path)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}")
+        return EXIT_CONFIG
+    identity = Identity(CONTAINER_TYPE, __version__, installation_id(data))
+    module_key = base64.b64encode(raw_public(module_signing_key(data).public_key())).decode()
+    ca = str(settings.billing.ca_file) if settings.billing.ca_file else None
+    client = BillingClient(settings.billing_url, settings.key, timeout=30, ca_file=ca)
+    assert settings.mounts.license is not None
+    try:
+        path = download_license(client, identity, module_key, settings.mounts.license)
+    except LicenseError as exc:
+        fail(f"licence error: {exc}")
+        return 1
+    print(f"licence written to {path}; run disconnected with Mounts:License="
+          f"{settings.mounts.license} Mounts:Output=<folder> and the same Data:Path")
+    return 0
 
 
 def _diagnose(args: argparse.Namespace) -> int:

@@ -319,6 +319,11 @@ class MeteringSettings(Section):
         description="How long acknowledged records are kept (for audits) before pruning. "
         "Quarantined records are kept until removed by hand.",
     )
+    usage_log_seconds: float = Field(
+        60.0, alias="UsageLogSeconds", gt=0,
+        description="How often the signed usage log under `Mounts:Output` gets a new entry "
+        "(also at shutdown and whenever `/records/usage-logs` is read).",
+    )
     synchronous: Literal["full", "normal"] = Field(
         "full", alias="Synchronous",
         description="SQLite `synchronous`: `full` survives power loss, `normal` survives "

@@ -1,10 +1,14 @@
-"""Local state under ``Data:Path``: the installation id (Azure's ``containerId``)."""
+"""Local state under ``Data:Path``: the installation id (Azure's ``containerId``) and the
+module's own signing key."""
 
 from __future__ import annotations
 
 import os
 import uuid
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_module.exceptions import ConfigError
 
@@ -19,6 +23,23 @@ def ensure_data_dir(path: Path) -> Path:
         raise ConfigError("Data:Path", f"folder {path} is not writable ({exc.strerror}); fix: "
                           "point Data:Path at a writable folder or mount a volume there") from exc
     return path
+
+
+def module_signing_key(data_path: Path) -> Ed25519PrivateKey:
+    """The module's own Ed25519 key (signs exported usage logs), made at first start."""
+    path = data_path / "module-signing-key.pem"
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if isinstance(key, Ed25519PrivateKey):
+            return key
+    key = Ed25519PrivateKey.generate()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+    return key
 
 
 def installation_id(data_path: Path) -> str:

@@ -96,14 +96,14 @@ class Module:
 
     def __init__(self, workdir: Path, broker_port: int, *extra: str,
                  env: dict[str, str] | None = None, prefix: str = "em",
-                 billing: str = "http://127.0.0.1:9/", api_key: str = API_KEY,
+                 billing: str | None = "http://127.0.0.1:9/", api_key: str = API_KEY,
                  public_key: str | None = None) -> None:
         self.workdir = workdir
         self.http_port = free_port()
         self.prefix = prefix
         self.log_path = workdir / f"module-{self.http_port}.log"
         self.args = [
-            "Eula=accept", f"Billing={billing}", f"ApiKey={api_key}",
+            "Eula=accept", *([f"Billing={billing}", f"ApiKey={api_key}"] if billing else []),
             f"Mqtt:Port={broker_port}", f"Http:Port={self.http_port}",
             f"Data:Path={workdir / 'data'}",
             f"Mqtt:InputTopic={prefix}/in/#", f"Mqtt:ResultTopic={prefix}/results",

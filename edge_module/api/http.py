@@ -26,6 +26,7 @@ class HttpApi:
     def __init__(self, host: str, port: int, metrics: Callable[[], bytes],
                  ready: Callable[[], tuple[bool, str]]) -> None:
         self.routes: dict[str, Handler] = {}
+        self.prefixes: dict[str, Callable[[str], tuple[int, Any]]] = {}
         self._metrics = metrics
         self._ready = ready
         self.add("/health", lambda: (200, {"status": "alive"}))
@@ -52,6 +53,10 @@ class HttpApi:
     def add(self, path: str, handler: Handler) -> None:
         self.routes[path.rstrip("/") or "/"] = handler
 
+    def add_prefix(self, prefix: str, handler: Callable[[str], tuple[int, Any]]) -> None:
+        """Route every path under ``prefix``; the handler gets the rest of the path."""
+        self.prefixes[prefix.rstrip("/")] = handler
+
     def _readiness(self) -> tuple[int, Any]:
         ready, reason = self._ready()
         return (200 if ready else 503), {"ready": ready, "reason": reason}
@@ -64,6 +69,11 @@ class HttpApi:
                 return
             handler = self.routes.get(path)
             if handler is None:
+                for prefix, prefixed in self.prefixes.items():
+                    if path == prefix or path.startswith(prefix + "/"):
+                        status, body = prefixed(path[len(prefix):].strip("/"))
+                        self._json(request, status, body)
+                        return
                 self._json(request, 404, {"error": f"no route {path}",
                                           "routes": sorted([*self.routes, "/metrics"])})
                 return

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -76,12 +76,11 @@ class Decision:
                 "remainingSeconds": self.remaining_seconds}
 
 
-class LicenseSource:
+class LicenseSource(Protocol):
     """What a licence file tells (disconnected mode); see licensing/license_file.py."""
 
     def status(self, now_ms: int) -> tuple[str, str | None, int | None]:
         """(status, message, expires_at_ms)."""
-        raise NotImplementedError
 
 
 class Licensing:

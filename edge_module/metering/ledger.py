@@ -131,6 +131,7 @@ class Ledger:
         self._bytes = self._file_bytes()
         self._bytes_checked = time.monotonic()
         self._warned = False
+        self.quantity_added = 0  # quantity committed by this process
 
     # -- opening, integrity, migrations -----------------------------------
 
@@ -202,7 +203,7 @@ class Ledger:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            log.info("ledger_migrated", migration=name)
+            log.debug("ledger_migrated", migration=name)
 
     # -- helpers ----------------------------------------------------------
 
@@ -245,16 +246,20 @@ class Ledger:
     def admit(self, wanted: int) -> int:
         """How many of ``wanted`` new transactions fit under the caps (warns at 80%)."""
         ratio = self.fill_ratio()
-        if ratio >= WARN_RATIO and not self._warned:
+        if self._bytes >= self.settings.max_ledger_mb * 1024 * 1024:
+            allowed = 0
+        else:
+            allowed = max(0, min(wanted, self.settings.max_pending_records - self._pending))
+        projected = max(ratio, (self._pending + allowed) / self.settings.max_pending_records)
+        if projected >= WARN_RATIO and not self._warned:
             self._warned = True
-            log.warning("metering_buffer_high", fill=round(ratio, 3), pending=self._pending,
+            log.warning("metering_buffer_high", fill=round(projected, 3),
+                        pending=self._pending + allowed,
                         fix="restore the link to the billing endpoint; at 100% new work is "
                         "refused")
-        elif ratio < WARN_RATIO * 0.9:
+        elif projected < WARN_RATIO * 0.9:
             self._warned = False
-        if self._bytes >= self.settings.max_ledger_mb * 1024 * 1024:
-            return 0
-        return max(0, min(wanted, self.settings.max_pending_records - self._pending))
+        return allowed
 
     def buffer_full(self) -> Refusal:
         return Refusal(BUFFER_FULL,
@@ -290,6 +295,7 @@ class Ledger:
                     conn.execute("ROLLBACK")
                     raise
                 self._pending += len(ids)
+                self.quantity_added += sum(u.quantity for u in usages)
         except sqlite3.Error as exc:
             raise MeteringError(f"cannot commit usage records to {self.path}: {exc}") from exc
         return ids
@@ -310,6 +316,26 @@ class Ledger:
             row = self._conn.execute(
                 "SELECT request_time FROM records ORDER BY seq DESC LIMIT 1").fetchone()
         return int(row[0]) if row else 0
+
+    def quantity_since(self, since_ms: int) -> int:
+        """Quantity recorded at or after ``since_ms`` (a scan: call it once, at start)."""
+        return self._scalar("SELECT coalesce(sum(quantity), 0) FROM records WHERE "
+                            "request_time >= ?", (since_ms,))
+
+    def summarise_after(self, after_seq: int) -> tuple[int, list[dict[str, Any]]]:
+        """Records after ``after_seq`` grouped by meter: (last seq, meters with quantity,
+        record count, first and last request time)."""
+        with self._lock:
+            last = self._conn.execute("SELECT coalesce(max(seq), ?) FROM records",
+                                      (after_seq,)).fetchone()[0]
+            rows = self._conn.execute(
+                "SELECT m.name, m.api_type, sum(r.quantity), count(*), min(r.request_time), "
+                "max(r.request_time) FROM records r JOIN meters m USING (meter_id) "
+                "WHERE r.seq > ? AND r.seq <= ? GROUP BY m.name, m.api_type ORDER BY m.name",
+                (after_seq, last)).fetchall()
+        return int(last), [{"name": r[0], "apiType": r[1], "quantity": int(r[2]),
+                            "records": int(r[3]), "first": int(r[4]), "last": int(r[5])}
+                           for r in rows]
 
     def oldest_pending_ms(self) -> int | None:
         with self._lock:

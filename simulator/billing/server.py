@@ -42,6 +42,8 @@ import ssl
 import struct
 import threading
 import time
+import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,7 +52,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_module.licensing.signing import raw_public, sign
+from edge_module.licensing.signing import load_public_key, raw_public, sign
+from edge_module.metering.usage_log import verify_entries
 from simulator.billing.store import UsageStore
 
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
@@ -81,6 +84,7 @@ class LeasePolicy:
     clock_offset_seconds: float = 0.0  # simulate a server clock that differs (diagnose tests)
     sign: bool = True  # False: answers carry no lease
     tamper: bool = False  # True: leases with a broken signature
+    license_days: float = 30.0
 
 
 @dataclass
@@ -91,6 +95,9 @@ class State:
     reject_meters: dict[str, str] = field(default_factory=dict)
     bad_request_ids: set[str] = field(default_factory=set)
     requests: int = 0
+    model_keys: dict[str, str] = field(default_factory=dict)  # model -> base64 AES key
+    licenses: dict[str, str] = field(default_factory=dict)  # containerId -> module key
+    reconciled: dict[str, dict[str, int]] = field(default_factory=dict)  # entry hash -> qty
     # (time.monotonic(), path, HTTP status or fault mode) of every billing call.
     calls: list[tuple[float, str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -192,6 +199,49 @@ class BillingSimulator:
         if lease is not None:
             answer["lease"] = lease
         return 200, answer
+
+    def license(self, key: str | None, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        container_type = query.get("containerType", "")
+        refused = self.authorise(key, container_type)
+        if refused is not None:
+            return refused
+        container_id, module_key = query.get("containerId"), query.get("modulePublicKey")
+        if not container_id or not module_key:
+            return 400, {"status": "Unknown",
+                         "message": "containerId and modulePublicKey are required"}
+        issued = self.now_ms()
+        info = self.state.keys[key or ""]
+        lic = sign({"licenseId": str(uuid.uuid4()), "containerType": container_type,
+                    "containerId": container_id, "issuedAt": issued,
+                    "expiresAt": issued + int(self.state.lease.license_days * 86400_000),
+                    "quota": info.quota, "modulePublicKey": module_key,
+                    "modelKeys": dict(self.state.model_keys)}, self.signing_key)
+        self.state.licenses[container_id] = module_key
+        return 200, {"status": "Valid", "license": lic}
+
+    def reconcile(self, key: str | None, body: Any) -> tuple[int, dict[str, Any]]:
+        refused = self.authorise(key, None, check_quota=False)
+        if refused is not None:
+            return refused
+        entries = body.get("entries") if isinstance(body, dict) else None
+        if not isinstance(entries, list) or not entries:
+            return 400, {"status": "Unknown", "message": "body must be {\"entries\": [...]}"}
+        container_id = str(entries[0].get("containerId"))
+        module_key = self.state.licenses.get(container_id)
+        if module_key is None:
+            return 400, {"status": "Unknown",
+                         "message": "no licence was issued to this container"}
+        result = verify_entries(entries, load_public_key(module_key))
+        if not result.ok:
+            return 422, {"status": "Unknown", "verified": False, "problems": result.problems}
+        new = 0
+        for entry in entries:
+            if entry["hash"] not in self.state.reconciled:
+                new += 1
+                self.state.reconciled[entry["hash"]] = {
+                    m["name"]: int(m["quantity"]) for m in entry["meters"]}
+        return 200, {"status": "Valid", "verified": True, "entries": len(entries),
+                     "newEntries": new, "quantity": result.quantity}
 
     def usage(self, key: str | None, body: Any) -> tuple[int, dict[str, Any]]:
         if not isinstance(body, dict) or not isinstance(body.get("records"), list):
@@ -317,6 +367,11 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
                 self._send(200, {**sim.store.totals(), "requests": sim.state.requests})
             elif self.path.startswith("/admin/records"):
                 self._send(200, {"records": sim.store.records()})
+            elif self.path.startswith("/billing/v1/license"):
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                status, answer = sim.license(self.headers.get(KEY_HEADER), query)
+                sim.log_call("/billing/v1/license", str(status))
+                self._send(status, answer)
             elif self.path.startswith("/admin/fault"):
                 fault = sim.state.fault
                 self._send(200, {"mode": fault.mode, "retryAfter": fault.retry_after,
@@ -361,6 +416,8 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
                 status, answer = sim.status(key, body if isinstance(body, dict) else {})
             elif self.path == "/billing/v1/usage":
                 status, answer = sim.usage(key, body)
+            elif self.path == "/billing/v1/reconcile":
+                status, answer = sim.reconcile(key, body)
             else:
                 status, answer = 404, {"message": f"no route {self.path}"}
             if fault.mode == "drop" and self.path == "/billing/v1/usage":
@@ -395,6 +452,7 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
                                                              policy.clock_offset_seconds))
                 policy.sign = bool(body.get("sign", policy.sign))
                 policy.tamper = bool(body.get("tamper", policy.tamper))
+                policy.license_days = float(body.get("licenseDays", policy.license_days))
                 self._send(200, {"graceSeconds": policy.grace_seconds})
             elif self.path == "/admin/keys":
                 sim.state.keys[str(body["key"])] = KeyInfo(
