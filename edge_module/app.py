@@ -16,9 +16,10 @@ from typing import Any
 from edge_module import CONTAINER_TYPE, __version__
 from edge_module.api.http import HttpApi
 from edge_module.billing_api import BillingClient
-from edge_module.config import Settings
+from edge_module.config import Settings, descriptor_path
 from edge_module.exceptions import ConfigError
-from edge_module.inference.models import load_model
+from edge_module.inference.encryption import MAGIC
+from edge_module.inference.models import Model, load_descriptor, load_model, model_path
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import LeaseStore
 from edge_module.licensing.license_file import LicenseFileSource, load_license
@@ -53,9 +54,9 @@ class App:
         self.licensing = build_licensing(settings, self.identity, self.data_path,
                                          self.ledger)
         self.ledger.clock_ms = self.licensing.clock.now_ms  # requestTime in trusted time
-        self.model = load_model(settings.model)
+        self.model = self._load_model()
         log.info("model_loaded", **self.model.provenance.as_dict(),
-                 path=str(self.model.path))
+                 path=str(self.model.path), encrypted=self.model.encrypted)
         self.drainer: Drainer | None = None
         self.billing: BillingClient | None = None
         if settings.billing.url is not None:
@@ -86,6 +87,14 @@ class App:
             raise ConfigError("Http:Port", f"cannot listen on {settings.http.host}:"
                               f"{settings.http.port} ({exc.strerror}); fix: choose a free port "
                               "with Http:Port=<n>") from exc
+
+    def _load_model(self) -> Model:
+        path = model_path(self.settings.model)
+        if path.read_bytes()[:len(MAGIC)] == MAGIC and self.licensing.client is not None \
+                and self.licensing.model_key(load_descriptor(descriptor_path(path)).name) \
+                is None:
+            self.licensing.check()  # an encrypted model: its key comes with a fresh lease
+        return load_model(self.settings.model, self.licensing.model_key)
 
     def _transport(self) -> Transport:
         if self.settings.transport == "edgehub":

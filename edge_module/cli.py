@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         "exists: edge-module reconcile Mounts:Output=<dir> Billing=<url> ApiKey=<key>")
     reconcile.add_argument("settings", nargs="*", metavar="Key=Value")
     reconcile.add_argument("--config", type=Path, help="JSON or TOML settings file")
+    model = sub.add_parser(
+        "model", help="vendor tool: edge-module model encrypt <model.onnx> writes "
+        "<model.onnx.enc> and prints the key to put in licences")
+    model.add_argument("action", choices=["encrypt"])
+    model.add_argument("path", type=Path, help="the .onnx file (its .json descriptor beside)")
+    model.add_argument("--key", help="base64 AES-256 key to use (default: a new random key)")
     diagnose = sub.add_parser(
         "diagnose", help="check DNS, TCP, TLS, HTTP, proxy, key, lease, clock skew and "
         "Retry-After against the billing endpoint: edge-module diagnose Billing=<url> "
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "diagnose":
         return _diagnose(args)
+    if args.command == "model":
+        return _encrypt_model(args)
     if args.command in ("usage-log", "reconcile"):
         from edge_module.usage_cli import reconcile_command, verify_command
 
@@ -133,7 +141,9 @@ def _run(assignments: list[str], config_file: Path | None) -> int:
         fail(f"licence error: {exc}")
         return EXIT_CONFIG
     except ModelError as exc:
-        fail(f"model error: {exc}; fix: check Model:Name / Model:Path")
+        text = str(exc)
+        fail(f"model error: {text}" if "fix:" in text else
+             f"model error: {text}; fix: check Model:Name / Model:Path")
         return EXIT_CONFIG
     return app.run()
 
@@ -166,6 +176,32 @@ def _download_license(settings: Settings) -> int:
         return 1
     print(f"licence written to {path}; run disconnected with Mounts:License="
           f"{settings.mounts.license} Mounts:Output=<folder> and the same Data:Path")
+    return 0
+
+
+def _encrypt_model(args: argparse.Namespace) -> int:
+    import base64
+    import json
+
+    from edge_module.config import descriptor_path
+    from edge_module.inference.encryption import encrypt_model, new_key
+
+    source: Path = args.path
+    descriptor = descriptor_path(source)
+    try:
+        name = str(json.loads(descriptor.read_text())["name"])
+        data = source.read_bytes()
+    except (OSError, ValueError, KeyError) as exc:
+        fail(f"cannot read {source} and its descriptor {descriptor}: {exc}")
+        return EXIT_CONFIG
+    key = base64.b64decode(args.key) if args.key else new_key()
+    target = source.with_name(source.name + ".enc")
+    target.write_bytes(encrypt_model(data, key, name))
+    print(json.dumps({"model": name, "encrypted": str(target),
+                      "key": base64.b64encode(key).decode(),
+                      "next": "put the key in modelKeys of the licences and leases your "
+                              "billing service issues; ship the .enc file, not the .onnx"},
+                     indent=2))
     return 0
 
 

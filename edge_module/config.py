@@ -39,6 +39,12 @@ DOCS_URL = "docs/configuration.md"
 BUILTIN_MODELS = Path(__file__).resolve().parent / "models"
 
 
+def descriptor_path(model: Path) -> Path:
+    """``m.onnx`` and ``m.onnx.enc`` both have their descriptor in ``m.json``."""
+    name = model.name.removesuffix(".enc")
+    return model.with_name(name).with_suffix(".json")
+
+
 def builtin_models() -> list[str]:
     """Names of the models shipped inside the package."""
     return sorted(p.stem for p in BUILTIN_MODELS.glob("*.onnx"))
@@ -208,7 +214,8 @@ class ModelSettings(Section):
     path: Path | None = Field(
         None,
         alias="Path",
-        description="An `.onnx` file with its descriptor `<same name>.json` beside it.",
+        description="An `.onnx` file (or an encrypted `.onnx.enc`) with its descriptor "
+        "`<same name>.json` beside it.",
     )
     top_k: int = Field(3, alias="TopK", ge=1, le=100, description="Classes listed per result.")
     intra_op_threads: int = Field(
@@ -229,8 +236,8 @@ class ModelSettings(Section):
             return None
         if not path.is_file():
             raise ValueError(f"model file {path} does not exist")
-        if not path.with_suffix(".json").is_file():
-            raise ValueError(f"descriptor {path.with_suffix('.json')} is missing beside the model")
+        if not descriptor_path(path).is_file():
+            raise ValueError(f"descriptor {descriptor_path(path)} is missing beside the model")
         return path
 
     @field_validator("name")

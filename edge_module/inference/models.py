@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,8 +20,9 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_module.config import BUILTIN_MODELS, ModelSettings
+from edge_module.config import BUILTIN_MODELS, ModelSettings, descriptor_path
 from edge_module.exceptions import ModelError
+from edge_module.inference.encryption import decrypt_model, is_encrypted
 
 
 class _Strict(BaseModel):
@@ -91,13 +93,18 @@ def model_path(settings: ModelSettings) -> Path:
 class Model:
     """A loaded, warmed-up model. ``run`` takes a batch and returns probabilities."""
 
-    def __init__(self, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> None:
+    def __init__(self, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1,
+                 model_key: Callable[[str], str | None] | None = None) -> None:
         self.path = path
-        self.descriptor = load_descriptor(path.with_suffix(".json"))
+        self.descriptor = load_descriptor(descriptor_path(path))
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ModelError(f"cannot read model {path}: {exc.strerror}") from exc
+        self.encrypted = is_encrypted(data)
+        if self.encrypted:  # decrypted in memory only
+            name = self.descriptor.name
+            data = decrypt_model(data, model_key(name) if model_key else None, name)
         self.provenance = Provenance(
             self.descriptor.name, self.descriptor.version, hashlib.sha256(data).hexdigest()
         )
@@ -174,7 +181,9 @@ def load_descriptor(path: Path) -> Descriptor:
         raise ModelError(f"model descriptor {path}: {where}: {first['msg']}") from exc
 
 
-def load_model(settings: ModelSettings) -> Model:
-    model = Model(model_path(settings), settings.intra_op_threads, settings.inter_op_threads)
+def load_model(settings: ModelSettings,
+               model_key: Callable[[str], str | None] | None = None) -> Model:
+    model = Model(model_path(settings), settings.intra_op_threads, settings.inter_op_threads,
+                  model_key)
     model.warm_up()
     return model

@@ -214,6 +214,18 @@ class Licensing:
 
     # -- the periodic check -----------------------------------------------
 
+    def model_key(self, name: str) -> str | None:
+        """The AES key for an encrypted model, from the licence file or the signed lease."""
+        keys: dict[str, Any] = {}
+        source = self.license_source
+        license_keys = getattr(getattr(source, "license", None), "model_keys", None)
+        if isinstance(license_keys, dict):
+            keys = license_keys
+        elif self.lease is not None:
+            keys = dict(self.lease.raw.get("modelKeys") or {})
+        value = keys.get(name)
+        return str(value) if value is not None else None
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="licensing", daemon=True)
         self._thread.start()

@@ -25,7 +25,9 @@ Admin API: ``POST /admin/fault {"mode", "retryAfter", "delaySeconds"}``,
 ``POST /admin/reject {"meter", "reason"}`` (answer ``Rejected`` for a meter),
 ``POST /admin/bad-request {"id"}`` (answer 400 to any batch holding that id),
 ``POST /admin/keys {"key", "containerType", "quota", "revoked"}``,
-``POST /admin/lease {"graceSeconds", "clockOffsetSeconds", "sign", "tamper"}``.
+``POST /admin/lease {"graceSeconds", "clockOffsetSeconds", "sign", "tamper",
+"licenseDays"}``, ``POST /admin/model-keys {"<model>": "<base64 key>"}`` (granted
+in leases and licences, for encrypted models).
 
 Leases are signed with an Ed25519 key made at first start
 (``billing-signing-key.pem`` beside the database); its public key is written
@@ -181,10 +183,13 @@ class BillingSimulator:
         if not policy.sign or not isinstance(container_id, str):
             return None
         issued = self.now_ms()
-        lease = sign({"containerId": container_id, "containerType": str(container_type),
-                      "status": "Valid", "issuedAt": issued,
-                      "expiresAt": issued + int(policy.grace_seconds * 1000)},
-                     self.signing_key)
+        body: dict[str, Any] = {"containerId": container_id,
+                                "containerType": str(container_type), "status": "Valid",
+                                "issuedAt": issued,
+                                "expiresAt": issued + int(policy.grace_seconds * 1000)}
+        if self.state.model_keys:
+            body["modelKeys"] = dict(self.state.model_keys)
+        lease = sign(body, self.signing_key)
         if policy.tamper:
             lease["expiresAt"] += 365 * 24 * 3600 * 1000
         return lease
@@ -454,6 +459,9 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
                 policy.tamper = bool(body.get("tamper", policy.tamper))
                 policy.license_days = float(body.get("licenseDays", policy.license_days))
                 self._send(200, {"graceSeconds": policy.grace_seconds})
+            elif self.path == "/admin/model-keys":
+                sim.state.model_keys.update({str(k): str(v) for k, v in body.items()})
+                self._send(200, {"models": sorted(sim.state.model_keys)})
             elif self.path == "/admin/keys":
                 sim.state.keys[str(body["key"])] = KeyInfo(
                     str(body.get("containerType", "edge-module")), body.get("quota"),
