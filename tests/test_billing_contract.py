@@ -17,7 +17,8 @@ IDENTITY = {"containerType": "edge-module", "containerVersion": "0.1.0", "contai
 
 
 def test_spec_paths_and_record_fields_match_the_code() -> None:
-    assert set(SPEC["paths"]) == {"/billing/v1/status", "/billing/v1/usage"}
+    assert set(SPEC["paths"]) == {"/billing/v1/status", "/billing/v1/usage",
+                                  "/billing/v1/license", "/billing/v1/reconcile"}
     record = SPEC["components"]["schemas"]["UsageRecord"]
     assert set(record["required"]) == set(RECORD_FIELDS)
     problems = set(SPEC["components"]["schemas"]["Problem"]["properties"]["status"]["enum"])
@@ -66,3 +67,17 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert parse_retry_after("0.5") == 0.5
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert parse_retry_after("soon") is None
+
+
+def test_lease_and_license_fields_in_the_spec_match_what_is_signed(
+    billing: BillingSimulator
+) -> None:
+    schemas = SPEC["components"]["schemas"]
+    lease = billing.lease("c-1", "edge-module")
+    assert lease is not None
+    assert set(schemas["Lease"]["required"]) <= set(lease)
+    assert set(lease) <= set(schemas["Lease"]["properties"])
+    status, answer = billing.license(API_KEY, {"containerType": "edge-module",
+                                               "containerId": "c-1", "modulePublicKey": "k"})
+    assert status == 200
+    assert set(schemas["License"]["required"]) <= set(answer["license"])
