@@ -245,3 +245,21 @@ def test_every_status_has_a_message_and_a_remedy() -> None:
         assert EXPLANATIONS[status].message and EXPLANATIONS[status].remedy
     assert EXPLANATIONS["LicenseNotFound"].message.startswith(
         "The provided license path was not found. Please ensure a volume is mounted")
+
+
+@pytest.mark.parametrize(("fault", "status"), [("busy", "BillingEndpointBusy"),
+                                               ("error500", "Unknown"),
+                                               ("refuse", "CouldNotConnect")])
+def test_transient_statuses_serve_within_the_grace(
+    start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator,
+    fault: str, status: str,
+) -> None:
+    module = start_module()
+    billing.set_fault(fault, retry_after=1)
+    body = module.status()
+    assert body["apiStatus"] == status and body["grace"]["state"] == "grace"
+    assert body["serving"] is True and module.http("/ready")[0] == 200
+    collector.publish("em/in/x", TENSOR)
+    assert collector.wait(RESULTS, 1)[0]["id"] == "t1"
+    billing.set_fault("none")
+    assert module.status()["grace"]["state"] == "online"
