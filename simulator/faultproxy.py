@@ -37,6 +37,11 @@ class FaultProxy:
         self.mode = "pass"
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        # While cut, a bound socket that does not listen holds the port: connecting is
+        # refused, yet no client can be handed the port as its own source port (a
+        # loopback self-connect would otherwise occupy it and make restore fail).
+        self._placeholder: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
         self._stop = threading.Event()
         self.accepted = 0
@@ -49,14 +54,23 @@ class FaultProxy:
         self._listen()
         return self
 
-    def _listen(self) -> None:
+    def _bound(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.listen_host, self.port))
+        return sock
+
+    def _listen(self) -> None:
+        sock = self._bound()
         sock.listen(64)
         self._listener = sock
-        threading.Thread(target=self._accept_loop, args=(sock,), daemon=True,
-                         name="faultproxy-accept").start()
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
+        self._acceptor = threading.Thread(target=self._accept_loop, args=(sock,), daemon=True,
+                                          name="faultproxy-accept")
+        self._acceptor.start()
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._stop.is_set():
@@ -113,8 +127,12 @@ class FaultProxy:
         """Refuse new connections and drop open ones."""
         self.mode = "cut"
         if self._listener is not None:
+            self._placeholder = self._bound()
             self._listener.close()
             self._listener = None
+            if self._acceptor is not None:
+                # select() keeps the closed socket listening until it returns.
+                self._acceptor.join(timeout=2)
         self._close_all()
 
     def blackhole(self) -> None:
@@ -133,8 +151,9 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._listener is not None:
-            self._listener.close()
+        for sock in (self._listener, self._placeholder):
+            if sock is not None:
+                sock.close()
         self._close_all()
 
 

@@ -350,3 +350,25 @@ def test_ledger_cli_shows_the_backlog_and_drains_it(
 
 
 _ = (subprocess, sys)
+
+
+def test_fault_proxy_refuses_while_cut_and_keeps_its_port() -> None:
+    import socket
+
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen()
+    proxy = FaultProxy(upstream.getsockname()[1]).start()
+    try:
+        for _ in range(10):
+            proxy.cut()
+            try:
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+                raise AssertionError("connected while cut")
+            except ConnectionRefusedError:
+                pass
+            proxy.restore()
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+    finally:
+        proxy.stop()
+        upstream.close()
