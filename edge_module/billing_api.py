@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import socket
 import ssl
 import threading
 import time
@@ -125,6 +126,10 @@ class BillingClient:
                 self._conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
             if proxy is not None:  # CONNECT tunnel; TLS is still end to end with the endpoint
                 self._conn.set_tunnel(self.host, self.port)
+            self._conn.connect()
+            # http.client sends a large body apart from its headers; with Nagle on, each
+            # upload waits for the peer's delayed ACK (~40 ms).
+            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self._conn
 
     def close(self) -> None:
@@ -154,8 +159,8 @@ class BillingClient:
         started = time.monotonic()
         with self._lock:
             for attempt in (1, 2):  # one silent retry when a kept-alive socket went stale
-                conn = self._connection()
                 try:
+                    conn = self._connection()
                     conn.request(method, self.prefix + path, body=data, headers=headers)
                     reply = conn.getresponse()
                     raw = reply.read()

@@ -123,8 +123,12 @@ class Pipeline:
         self.top_k = top_k
         self.codec = Codec(model, Limits(settings.max_payload_bytes, settings.max_batch_items))
         self.quantity_per_item = model.descriptor.metering.quantityPerItem
+        self.max_batch = min(settings.max_batch_size,
+                             model.descriptor.maxBatch or settings.max_batch_size)
         self.intake: queue.Queue[Inbound] = queue.Queue(maxsize=settings.intake_queue)
-        self.batches: queue.Queue[Job] = queue.Queue(maxsize=settings.intake_queue)
+        # Decoded requests hold full float tensors: two batches waiting keep inference fed;
+        # more would only hold memory (256 decoded 224x224 images are ~150 MB).
+        self.batches: queue.Queue[Job] = queue.Queue(maxsize=max(4, 2 * self.max_batch))
         self._threads: list[threading.Thread] = []
         self._accepting = True
 
@@ -202,7 +206,7 @@ class Pipeline:
     def _infer_loop(self) -> None:
         stops = 0
         carry: Job | None = None
-        max_items = self.settings.max_batch_size
+        max_items = self.max_batch
         delay = self.settings.max_queue_delay_ms / 1000
         while True:
             first = carry if carry is not None else self.batches.get()
@@ -313,7 +317,7 @@ class Pipeline:
             self.metrics.end_to_end_seconds.observe(total_ms / 1000)
 
     def _infer(self, items: list[np.ndarray]) -> np.ndarray:
-        max_items = self.settings.max_batch_size
+        max_items = self.max_batch
         outputs = []
         for start in range(0, len(items), max_items):
             chunk = np.stack(items[start:start + max_items])

@@ -37,6 +37,7 @@ class HttpApi:
 
         class RequestHandler(BaseHTTPRequestHandler):
             server_version = "edge-module"
+            disable_nagle_algorithm = True  # headers and body go in two writes
 
             def do_GET(self) -> None:
                 api.handle(self)

