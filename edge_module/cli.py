@@ -132,6 +132,10 @@ def _run(assignments: list[str], config_file: Path | None) -> int:
 
     if settings.download_license:
         return _download_license(settings)
+    if settings.replicas > 1:
+        from edge_module.replicas import supervise
+
+        return supervise(settings, assignments, config_file)
     try:
         app = App(settings)
     except ConfigError as exc:

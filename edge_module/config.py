@@ -218,6 +218,15 @@ class ModelSettings(Section):
         "`<same name>.json` beside it.",
     )
     top_k: int = Field(3, alias="TopK", ge=1, le=100, description="Classes listed per result.")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", alias="GraphOptimization",
+        description="onnxruntime graph optimisation level.",
+    )
+    execution_mode: Literal["sequential", "parallel"] = Field(
+        "sequential", alias="ExecutionMode",
+        description="onnxruntime execution mode; `parallel` helps only graphs with "
+        "independent branches, together with InterOpThreads > 1.",
+    )
     intra_op_threads: int = Field(
         1,
         alias="IntraOpThreads",
@@ -446,6 +455,12 @@ class Settings(Section):
         None, alias="ApiKey",
         description="Key for the billing endpoint. Required unless the module runs "
         "disconnected. Never logged or returned.",
+    )
+    replicas: int = Field(
+        1, alias="Replicas", ge=1, le=64,
+        description="Run N copies of the module splitting the input through MQTT shared "
+        "subscriptions, each with its own `Data:Path/replica-<i>` and `Http:Port + i` "
+        "(docs/architecture.md).",
     )
     download_license: bool = Field(
         False, alias="DownloadLicense",

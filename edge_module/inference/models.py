@@ -97,7 +97,8 @@ class Model:
     """A loaded, warmed-up model. ``run`` takes a batch and returns probabilities."""
 
     def __init__(self, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1,
-                 model_key: Callable[[str], str | None] | None = None) -> None:
+                 model_key: Callable[[str], str | None] | None = None,
+                 optimization: str = "all", execution_mode: str = "sequential") -> None:
         self.path = path
         self.descriptor = load_descriptor(descriptor_path(path))
         try:
@@ -114,7 +115,14 @@ class Model:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL \
+            if execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(
@@ -187,6 +195,6 @@ def load_descriptor(path: Path) -> Descriptor:
 def load_model(settings: ModelSettings,
                model_key: Callable[[str], str | None] | None = None) -> Model:
     model = Model(model_path(settings), settings.intra_op_threads, settings.inter_op_threads,
-                  model_key)
+                  model_key, settings.graph_optimization, settings.execution_mode)
     model.warm_up()
     return model
