@@ -30,7 +30,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -125,69 +124,100 @@ def _client(port: int, name: str) -> mqtt.Client:
     return client
 
 
+def _collect(port: int, topics: list[str], received: Any, ready: Any, stop: Any,
+             out: Any) -> None:
+    """Collector process: counts answers and records each one's latency."""
+    latencies: list[float] = []
+
+    def on_message(_: mqtt.Client, __: Any, msg: mqtt.MQTTMessage) -> None:
+        raw = getattr(msg.properties, "CorrelationData", None)
+        if not raw:
+            return
+        sent_ns = int(raw.split(b":")[1])
+        latencies.append((time.monotonic_ns() - sent_ns) / 1e6)
+        with received.get_lock():
+            received.value += 1
+
+    client = _client(port, "bench-sub")
+    client.on_message = on_message
+    client.subscribe([(t, 1) for t in topics])
+    time.sleep(0.3)
+    ready.set()
+    while not stop.wait(0.2):
+        if out.poll():
+            out.recv()
+            out.send(latencies[:])
+            latencies.clear()
+    client.disconnect()
+    client.loop_stop()
+
+
 class Load:
-    """Publishes payloads with correlation ids and times every answer."""
+    """Publishes payloads and times every answer; the collector runs in its own process.
+
+    The send time travels in the MQTT v5 correlation data (CLOCK_MONOTONIC is
+    system-wide on Linux), so publisher and collector share nothing but a
+    counter, and neither waits on the other's interpreter.
+    """
 
     def __init__(self, port: int, topic: str, answers: list[str]) -> None:
-        self.topic = topic
-        self.sent: dict[int, float] = {}
-        self.latency: list[float] = []
-        self.done = threading.Condition()
-        self.received = 0
-        self.last_answer = 0.0
-        self.subscribed = threading.Event()
-        self.sub = _client(port, "bench-sub")
-        self.sub.on_message = self._on_message
-        self.sub.subscribe([(t, 1) for t in answers])
-        time.sleep(0.3)
-        self.pub = _client(port, "bench-pub")
+        import multiprocessing as mp
 
-    def _on_message(self, _: mqtt.Client, __: Any, msg: mqtt.MQTTMessage) -> None:
-        now = time.perf_counter()
-        raw = getattr(msg.properties, "CorrelationData", None)
-        key = int(raw) if raw else -1
-        with self.done:
-            sent = self.sent.pop(key, None)
-            if sent is not None:
-                self.latency.append(now - sent)
-                self.received += 1
-                self.last_answer = now
-            self.done.notify_all()
+        ctx = mp.get_context("fork")
+        self.topic = topic
+        self.received = ctx.Value("q", 0)
+        self._stop = ctx.Event()
+        ready = ctx.Event()
+        self._pipe, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_collect, args=(port, answers, self.received, ready,
+                                                        self._stop, child), daemon=True)
+        self._proc.start()
+        if not ready.wait(15):
+            raise RuntimeError("collector did not start")
+        self.pub = _client(port, "bench-pub")
+        self.sent = 0
+        self._props = Properties(PacketTypes.PUBLISH)
+
+    def _got(self) -> int:
+        return int(self.received.value)
 
     def send(self, index: int, payload: bytes) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        props.CorrelationData = str(index).encode()
-        with self.done:
-            self.sent[index] = time.perf_counter()
-        self.pub.publish(self.topic, payload, qos=1, properties=props)
+        self._props.CorrelationData = f"{index}:{time.monotonic_ns()}".encode()
+        self.pub.publish(self.topic, payload, qos=1, properties=self._props)
+        self.sent += 1
+
+    def latencies(self) -> list[float]:
+        self._pipe.send("get")
+        return list(self._pipe.recv())
+
+    def _wait_all(self, deadline: float) -> None:
+        while self._got() < self.sent and time.perf_counter() < deadline:
+            time.sleep(0.002)
 
     def saturate(self, payloads: list[bytes], count: int, window: int,
                  timeout: float) -> dict[str, Any]:
         """As fast as answers come back, with at most ``window`` unanswered."""
-        start_received = self.received
+        self.latencies()
+        base = self._got()
         started = time.perf_counter()
         deadline = started + timeout
         for i in range(count):
-            with self.done:
-                while len(self.sent) >= window and time.perf_counter() < deadline:
-                    self.done.wait(0.5)
-            if time.perf_counter() > deadline:
-                break
+            while self.sent - self._got() >= window:
+                if time.perf_counter() > deadline:
+                    break
+                time.sleep(0.0005)
             self.send(i, payloads[i % len(payloads)])
-        with self.done:
-            while self.sent and time.perf_counter() < deadline:
-                self.done.wait(0.5)
-        answered = self.received - start_received
-        elapsed = self.last_answer - started
+        self._wait_all(deadline)
+        elapsed = time.perf_counter() - started
+        answered = self._got() - base
         return {"count": answered, "seconds": round(elapsed, 3),
                 "perS": round(answered / elapsed, 1) if elapsed > 0 else 0.0,
-                "unanswered": len(self.sent)}
+                "unanswered": self.sent - self._got()}
 
     def steady(self, payloads: list[bytes], rate: float, seconds: float,
                first: int) -> dict[str, Any]:
         """At a fixed rate; latency percentiles of the answers."""
-        with self.done:
-            self.latency.clear()
+        self.latencies()
         count = max(20, int(rate * seconds))
         started = time.perf_counter()
         for i in range(count):
@@ -195,28 +225,23 @@ class Load:
             if delay > 0:
                 time.sleep(delay)
             self.send(first + i, payloads[i % len(payloads)])
-        deadline = time.perf_counter() + 30
-        with self.done:
-            while self.sent and time.perf_counter() < deadline:
-                self.done.wait(0.5)
-            lat = [v * 1000 for v in self.latency]
-        return {"ratePerS": round(rate, 1), "count": count, **percentiles(lat)}
+        self._wait_all(time.perf_counter() + 30)
+        return {"ratePerS": round(rate, 1), "count": count, **percentiles(self.latencies())}
 
     def one_at_a_time(self, payloads: list[bytes], count: int, first: int) -> float:
-        """Mean latency with nothing else in flight: the single-item service time."""
-        with self.done:
-            self.latency.clear()
+        """Median latency with nothing else in flight: the single-item service time."""
+        self.latencies()
         for i in range(count):
             self.send(first + i, payloads[i % len(payloads)])
-            with self.done:
-                self.done.wait_for(lambda: not self.sent, timeout=10)
-        with self.done:
-            return float(np.median(self.latency) * 1000) if self.latency else float("nan")
+            self._wait_all(time.perf_counter() + 10)
+        values = self.latencies()
+        return float(np.median(values)) if values else float("nan")
 
     def close(self) -> None:
-        for client in (self.pub, self.sub):
-            client.disconnect()
-            client.loop_stop()
+        self.pub.disconnect()
+        self.pub.loop_stop()
+        self._stop.set()
+        self._proc.join(5)
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:

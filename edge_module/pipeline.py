@@ -9,8 +9,10 @@ Threads and queues (docs/architecture.md draws them):
 * one inference thread gathers decoded requests into a batch (up to
   ``MaxBatchSize`` items, waiting at most ``MaxQueueDelayMs`` after the first,
   like Triton's dynamic batcher), asks the gate and the meter whether it may
-  serve, runs the model once, commits the usage records, and only then
-  publishes the results.
+  serve, and runs the model once;
+* one commit thread takes every inferred batch waiting, commits their usage
+  records in one transaction (group commit), and only then publishes the
+  results, so the commit's fsync overlaps the next batch's inference.
 
 Invariant (durable before visible): no result leaves the module before the
 metering record of its transaction is committed. ``Meter.commit`` returns only
@@ -50,6 +52,9 @@ class Meter(Protocol):
     def admit(self, wanted: int) -> int:
         """How many of ``wanted`` new transactions can be recorded now (0 when full)."""
 
+    def release(self, count: int) -> None:
+        """Give back admitted room for transactions that failed before being recorded."""
+
     def buffer_full(self) -> Refusal:
         """The refusal sent for transactions that were not admitted."""
 
@@ -78,6 +83,9 @@ class NoMeter:
     def admit(self, wanted: int) -> int:
         return wanted
 
+    def release(self, count: int) -> None:
+        return None
+
     def buffer_full(self) -> Refusal:
         return Refusal("MeteringBufferFull", "unreachable: this meter never fills")
 
@@ -86,6 +94,16 @@ class NoMeter:
 
     def replayed(self, key: str, digest: bytes) -> str | None:
         return None
+
+
+@dataclass
+class Inferred:
+    """A batch that went through the model, waiting for its group commit."""
+
+    jobs: list[Job]
+    fresh: list[Job]  # the jobs that need a usage record (not replays)
+    scores: np.ndarray
+    infer_ms: float
 
 
 @dataclass
@@ -129,6 +147,9 @@ class Pipeline:
         # Decoded requests hold full float tensors: two batches waiting keep inference fed;
         # more would only hold memory (256 decoded 224x224 images are ~150 MB).
         self.batches: queue.Queue[Job] = queue.Queue(maxsize=max(4, 2 * self.max_batch))
+        # Inferred batches waiting for their commit: bounded, so a slow disk slows
+        # inference down instead of piling results up in memory.
+        self.commits: queue.Queue[Inferred] = queue.Queue(maxsize=8)
         self._threads: list[threading.Thread] = []
         self._accepting = True
 
@@ -138,6 +159,7 @@ class Pipeline:
         for i in range(self.settings.decode_workers):
             self._spawn(self._decode_loop, f"decode-{i}")
         self._spawn(self._infer_loop, "infer")
+        self._spawn(self._commit_loop, "commit")
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -151,7 +173,8 @@ class Pipeline:
         self.metrics.intake_depth.set(self.intake.qsize())
 
     def idle(self) -> bool:
-        return self.intake.unfinished_tasks == 0 and self.batches.unfinished_tasks == 0
+        return (self.intake.unfinished_tasks == 0 and self.batches.unfinished_tasks == 0
+                and self.commits.unfinished_tasks == 0)
 
     def drain(self, timeout: float) -> bool:
         """Wait until every accepted input has been answered; False on timeout."""
@@ -215,6 +238,7 @@ class Pipeline:
                 self.batches.task_done()
                 stops += 1
                 if stops == self.settings.decode_workers:
+                    self.commits.put(cast(Inferred, _STOP))
                     return
                 continue
             jobs = [first]
@@ -277,13 +301,54 @@ class Pipeline:
             scores = self._infer([item for job in jobs for item in job.items])
         except Exception as exc:  # onnxruntime raises untyped errors
             log.error("inference_failed", error=str(exc), batch=len(jobs))
+            self.meter.release(len(fresh))
             for job in jobs:
                 self._send_error(job.inbound, job.request_id, ErrorCode.INFERENCE_FAILED,
                                  f"the model failed on this input: {exc}")
             return
         infer_ms = (time.perf_counter() - started) * 1000
-        # Durable before visible: the records of this batch are committed before any of
-        # its results is published. Replays were billed when first answered.
+        self.commits.put(Inferred(jobs, fresh, scores, infer_ms))
+
+    # -- meter, then publish (the commit thread) ---------------------------
+
+    def _commit_loop(self) -> None:
+        """Group commit: every batch waiting here goes into one ledger transaction.
+
+        Running apart from inference, the commit (an fsync with synchronous=FULL)
+        overlaps the next batch's inference instead of stalling it.
+        """
+        while True:
+            first = self.commits.get()
+            if first is _STOP:
+                self.commits.task_done()
+                return
+            group = [first]
+            while True:
+                try:
+                    more = self.commits.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    self.commits.put(more)  # handled after this group
+                    self.commits.task_done()
+                    break
+                group.append(more)
+            try:
+                self._commit_and_publish(group)
+            except Exception as exc:  # never lose answers to a bug
+                log.exception("commit_crashed", error=str(exc))
+                for inferred in group:
+                    for job in inferred.jobs:
+                        self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
+                                         "internal error while publishing; see logs")
+            finally:
+                for _ in group:
+                    self.commits.task_done()
+
+    def _commit_and_publish(self, group: list[Inferred]) -> None:
+        # Durable before visible: the records of these batches are committed before any
+        # of their results is published. Replays were billed when first answered.
+        fresh = [job for inferred in group for job in inferred.fresh]
         try:
             if fresh:
                 self.meter.commit([
@@ -292,29 +357,32 @@ class Pipeline:
                     for job in fresh])
         except EdgeModuleError as exc:
             log.error("metering_commit_failed", error=str(exc), batch=len(fresh))
-            for job in jobs:
-                self._send_error(job.inbound, job.request_id, "MeteringUnavailable",
-                                 "the usage record could not be stored, so no result is "
-                                 "released; send the input again once the disk under "
-                                 "Data:Path has room")
+            for inferred in group:
+                for job in inferred.jobs:
+                    self._send_error(job.inbound, job.request_id, "MeteringUnavailable",
+                                     "the usage record could not be stored, so no result is "
+                                     "released; send the input again once the disk under "
+                                     "Data:Path has room")
             return
-        replays = len(jobs) - len(fresh)
+        replays = sum(len(inferred.jobs) for inferred in group) - len(fresh)
         if replays:
             self.metrics.replays.inc(replays)
-        offset = 0
         labels = self.model.labels
         provenance = self.model.provenance
-        for job in jobs:
-            n = len(job.items)
-            total_ms = (time.perf_counter() - job.inbound.received) * 1000
-            body = result_envelope(
-                job.request_id, provenance, scores[offset:offset + n], labels, self.top_k,
-                {"decode": job.decode_ms, "infer": infer_ms, "total": total_ms},
-            )
-            offset += n
-            self.transport.send_result(job.inbound, body)
-            self.metrics.results_out.inc()
-            self.metrics.end_to_end_seconds.observe(total_ms / 1000)
+        for inferred in group:
+            offset = 0
+            for job in inferred.jobs:
+                n = len(job.items)
+                total_ms = (time.perf_counter() - job.inbound.received) * 1000
+                body = result_envelope(
+                    job.request_id, provenance, inferred.scores[offset:offset + n], labels,
+                    self.top_k, {"decode": job.decode_ms, "infer": inferred.infer_ms,
+                                 "total": total_ms},
+                )
+                offset += n
+                self.transport.send_result(job.inbound, body)
+                self.metrics.results_out.inc()
+                self.metrics.end_to_end_seconds.observe(total_ms / 1000)
 
     def _infer(self, items: list[np.ndarray]) -> np.ndarray:
         max_items = self.max_batch

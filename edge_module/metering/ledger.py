@@ -132,6 +132,7 @@ class Ledger:
         self._bytes_checked = time.monotonic()
         self._warned = False
         self.quantity_added = 0  # quantity committed by this process
+        self._reserved = 0  # admitted by admit(), not yet appended
 
     # -- opening, integrity, migrations -----------------------------------
 
@@ -246,20 +247,30 @@ class Ledger:
     def admit(self, wanted: int) -> int:
         """How many of ``wanted`` new transactions fit under the caps (warns at 80%)."""
         ratio = self.fill_ratio()
-        if self._bytes >= self.settings.max_ledger_mb * 1024 * 1024:
-            allowed = 0
-        else:
-            allowed = max(0, min(wanted, self.settings.max_pending_records - self._pending))
-        projected = max(ratio, (self._pending + allowed) / self.settings.max_pending_records)
+        with self._lock:
+            # Room is reserved at admission: commits run on another thread, so records
+            # admitted but not yet committed must count against the cap already.
+            used = self._pending + self._reserved
+            if self._bytes >= self.settings.max_ledger_mb * 1024 * 1024:
+                allowed = 0
+            else:
+                allowed = max(0, min(wanted, self.settings.max_pending_records - used))
+            self._reserved += allowed
+        projected = max(ratio, (used + allowed) / self.settings.max_pending_records)
         if projected >= WARN_RATIO and not self._warned:
             self._warned = True
             log.warning("metering_buffer_high", fill=round(projected, 3),
-                        pending=self._pending + allowed,
+                        pending=used + allowed,
                         fix="restore the link to the billing endpoint; at 100% new work is "
                         "refused")
         elif projected < WARN_RATIO * 0.9:
             self._warned = False
         return allowed
+
+    def release(self, count: int) -> None:
+        """Give back room admitted for transactions that will not be recorded."""
+        with self._lock:
+            self._reserved = max(0, self._reserved - count)
 
     def buffer_full(self) -> Refusal:
         return Refusal(BUFFER_FULL,
@@ -293,8 +304,10 @@ class Ledger:
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
+                    self._reserved = max(0, self._reserved - len(ids))
                     raise
                 self._pending += len(ids)
+                self._reserved = max(0, self._reserved - len(ids))
                 self.quantity_added += sum(u.quantity for u in usages)
         except sqlite3.Error as exc:
             raise MeteringError(f"cannot commit usage records to {self.path}: {exc}") from exc

@@ -27,6 +27,9 @@ class LedgerMeter:
     def admit(self, wanted: int) -> int:
         return self.ledger.admit(wanted)
 
+    def release(self, count: int) -> None:
+        self.ledger.release(count)
+
     def buffer_full(self) -> Refusal:
         return self.ledger.buffer_full()
 
