@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: install mosquitto run test lint models lock bench bench-quick clean docs
+.PHONY: install mosquitto run test lint models lock bench bench-quick profile clean docs
 
 install: $(STAMP) mosquitto
 
@@ -61,6 +61,11 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m bench.run --quick
+
+# Where the module's time goes under full load (py-spy): bench/results/profile-*.txt
+profile: install
+	$(BIN)/python -m bench.profile
+	$(BIN)/python -m bench.profile --image
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

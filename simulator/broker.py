@@ -7,6 +7,7 @@ feeding this module should be configured.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -41,16 +42,33 @@ def mosquitto_binary() -> str:
 
 
 class Broker:
-    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1",
+                 tls: tuple[Path, Path] | None = None,
+                 users: dict[str, str] | None = None) -> None:
+        """``tls``: (certificate chain, key) for a TLS listener; ``users``: name -> password
+        (anonymous access is then refused)."""
         self.workdir = workdir
         self.host = host
         self.port = port or free_port(host)
         self.log = workdir / "mosquitto.log"
         self.conf = workdir / "mosquitto.conf"
         (workdir / "persist").mkdir(parents=True, exist_ok=True)
+        security = "allow_anonymous true\n"
+        if users:
+            passwd = workdir / "passwd"
+            passwd.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+            subprocess.run([str(Path(mosquitto_binary()).with_name("mosquitto_passwd"))
+                            if Path(mosquitto_binary()).with_name("mosquitto_passwd").exists()
+                            else "mosquitto_passwd", "-U", str(passwd)], check=True)
+            security = f"allow_anonymous false\npassword_file {passwd}\n"
+        if tls is not None:
+            security += f"certfile {tls[0]}\nkeyfile {tls[1]}\n"
+        # Started as root, mosquitto drops to the `mosquitto` user and then cannot write its
+        # log and persistence, nor read a private key, in folders we own: stay who we are.
         self.conf.write_text(
+            f"user {getpass.getuser()}\n"
             f"listener {self.port} {host}\n"
-            "allow_anonymous true\n"
+            + security +
             "persistence true\n"
             f"persistence_location {workdir / 'persist'}/\n"
             "max_queued_messages 100000\n"

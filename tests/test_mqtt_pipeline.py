@@ -247,3 +247,53 @@ def test_module_without_broker_is_alive_but_not_ready(tmp_path: object) -> None:
 
 
 _ = mqtt  # the paho API is what the apps use; imported for type context
+
+
+def test_tls_broker_with_username_and_password(
+    tmp_path: object, billing: object
+) -> None:
+    import ssl
+    from pathlib import Path
+
+    from simulator.billing import BillingSimulator
+    from simulator.broker import Broker
+    from simulator.certs import make_server_cert
+
+    assert isinstance(billing, BillingSimulator)
+    work = Path(str(tmp_path))
+    certs = make_server_cert(work / "tls", ["127.0.0.1"])
+    tls_broker = Broker(work / "tls-broker", tls=(certs.cert, certs.key),
+                        users={"edge": "broker-pw-1", "app": "app-pw-2"}).start()
+    app = mqtt.Client(client_id="tls-app", protocol=mqtt.MQTTv5)
+    app.tls_set(ca_certs=str(certs.ca), cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    app.username_pw_set("app", "app-pw-2")
+    got: list[mqtt.MQTTMessage] = []
+    app.on_message = lambda c, u, m: got.append(m)
+    app.connect("127.0.0.1", tls_broker.port)
+    app.subscribe(RESULTS, qos=1)
+    app.loop_start()
+    settings = (f"Mqtt:Tls:CaFile={certs.ca}", "Mqtt:Username=edge",
+                "Mqtt:Password=broker-pw-1")
+    module = Module(work, tls_broker.port, *settings, billing=billing.url,
+                    public_key=billing.public_key_b64).start()
+    wrong = Module(work, tls_broker.port, f"Mqtt:Tls:CaFile={certs.ca}", "Mqtt:Username=edge",
+                   "Mqtt:Password=not-it", billing=billing.url,
+                   public_key=billing.public_key_b64, prefix="w")
+    try:
+        x, y = held_out(3)
+        for pixels in x:
+            app.publish("em/in/tls", digit_png(pixels), qos=1).wait_for_publish(5)
+        wait_until(lambda: len(got) == 3, 15, "answers over TLS")
+        labels = sorted(json.loads(m.payload)["results"][0]["label"] for m in got)
+        assert labels == sorted(str(v) for v in y)
+        wrong.start(wait_ready=False)
+        wait_until(lambda: '"mqtt_connect_refused"' in wrong.log_text(), 20,
+                   "a refused connection logged")
+        assert wrong.http("/ready")[0] == 503
+        assert "not-it" not in wrong.log_text() and "broker-pw-1" not in module.log_text()
+    finally:
+        wrong.stop()
+        module.stop()
+        app.loop_stop()
+        tls_broker.stop()

@@ -100,6 +100,7 @@ class MqttTransport:
                 certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
                 keyfile=str(s.tls.key_file) if s.tls.key_file else None,
                 cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
             client.tls_insecure_set(s.tls.insecure)
         client.reconnect_delay_set(min_delay=s.reconnect_min_delay,
