@@ -70,19 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarise(raw: Path, top: int = 30) -> str:
     inclusive: Counter[str] = Counter()
-    threads: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         n = int(count)
         frames = stack.split(";")
         total += n
-        threads[frames[0].split(" (")[0]] += n
         for frame in set(frames[1:]):
             inclusive[frame] += n
-    lines = [f"{total} samples (active threads only)", "", "by thread:"]
-    lines += [f"  {n / total:6.1%}  {t}" for t, n in threads.most_common(12)]
-    lines += ["", "by function (inclusive):"]
+    lines = [f"{total} samples (active threads only)", "", "by function (inclusive):"]
     lines += [f"  {n / total:6.1%}  {f[:130]}" for f, n in inclusive.most_common(top)]
     return "\n".join(lines) + "\n"
 

@@ -585,8 +585,13 @@ def plot(r: dict[str, Any], path: Path) -> None:
     off = [m[f"{n}-unmetered"]["max"]["perS"] for n in names]
     for ax, i, ref_name in ((ax1, 0, "paho echo"), (ax2, 1, "bare loop")):
         bars = [refs[i], on[i], off[i]]
-        ax.bar([ref_name, "module\nmetered", "module\nunmetered"], bars,
-               color=["#999999", "#1f77b4", "#aec7e8"])
+        names_i = [ref_name, "module\nmetered", "module\nunmetered"]
+        colors = ["#999999", "#1f77b4", "#aec7e8"]
+        if i == 0 and "digits-replicas2" in m:
+            bars.append(m["digits-replicas2"]["max"]["perS"])
+            names_i.append("Replicas=2\nmetered")
+            colors.append("#2ca02c")
+        ax.bar(names_i, bars, color=colors)
         ax.set_title(f"{names[i]}: throughput (/s)")
         for x, v in enumerate(bars):
             ax.text(x, v, f"{v:.0f}", ha="center", va="bottom")
