@@ -257,8 +257,3 @@ def build_licensing(settings: Settings, identity: Identity, data_path: Path,
                     effect="trusted time continues from the high-water mark; a clock set "
                     "back does not extend any grace")
     return licensing
-
-
-def describe(settings: Settings) -> dict[str, Any]:
-    """Settings as shown at start-up: secrets masked by pydantic's SecretStr."""
-    return settings.model_dump(mode="json", by_alias=True)

@@ -25,8 +25,6 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from edge_module.exceptions import EdgeModuleError
-
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
 
 
@@ -56,14 +54,6 @@ class Answer:
     @property
     def ok(self) -> bool:
         return self.status is ApiStatus.VALID
-
-
-class BillingError(EdgeModuleError):
-    """A billing call failed; ``answer`` says how."""
-
-    def __init__(self, answer: Answer) -> None:
-        super().__init__(f"{answer.status}: {answer.error or answer.http_status}")
-        self.answer = answer
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -35,6 +35,20 @@ def redact_assignments(text: str) -> str:
     return SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}=***", text)
 
 
+def _settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("settings", nargs="*", metavar="Key=Value")
+    parser.add_argument("--config", type=Path, help="JSON or TOML settings file")
+
+
+def tool_settings(args: argparse.Namespace, defaults: tuple[str, ...] = ("Eula=accept",)
+                  ) -> Settings:
+    """Settings for a tool command: ``defaults`` fill in keys the user did not give
+    (a tool that serves nothing needs no licence acceptance, for instance)."""
+    given = {a.partition("=")[0].lower() for a in args.settings}
+    extra = [d for d in defaults if d.partition("=")[0].lower() not in given]
+    return load_settings([*extra, *args.settings], config_file=args.config)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="edge-module",
@@ -44,16 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     run = sub.add_parser("run", help="run the module: edge-module run Eula=accept "
                          "Billing=<url> ApiKey=<key> [Key=Value ...]")
-    run.add_argument("settings", nargs="*", metavar="Key=Value")
-    run.add_argument("--config", type=Path, help="JSON or TOML settings file")
+    _settings_arguments(run)
     sub.add_parser("config-reference", help="print the configuration reference (markdown)")
     ledger = sub.add_parser(
         "ledger", help="show the metering backlog, or upload it now: edge-module ledger "
         "Data:Path=<dir> [--drain Billing=<url> ApiKey=<key>]")
-    ledger.add_argument("settings", nargs="*", metavar="Key=Value")
-    ledger.add_argument("--config", type=Path, help="JSON or TOML settings file")
+    _settings_arguments(ledger)
     ledger.add_argument("--drain", action="store_true", help="upload pending records now")
     ledger.add_argument("--json", action="store_true", help="machine-readable output")
+    ledger.add_argument("--salvage", type=Path, metavar="FILE",
+                        help="copy the pending records of a moved-aside (corrupt) ledger "
+                        "into the current one; resends are answered Duplicate")
     ledger.add_argument("--quarantined", action="store_true",
                         help="list records the billing endpoint rejected for good")
     usage = sub.add_parser(
@@ -68,8 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     reconcile = sub.add_parser(
         "reconcile", help="upload a disconnected module's signed usage log once a link "
         "exists: edge-module reconcile Mounts:Output=<dir> Billing=<url> ApiKey=<key>")
-    reconcile.add_argument("settings", nargs="*", metavar="Key=Value")
-    reconcile.add_argument("--config", type=Path, help="JSON or TOML settings file")
+    _settings_arguments(reconcile)
     model = sub.add_parser(
         "model", help="vendor tool: edge-module model encrypt <model.onnx> writes "
         "<model.onnx.enc> and prints the key to put in licences")
@@ -80,8 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         "diagnose", help="check DNS, TCP, TLS, HTTP, proxy, key, lease, clock skew and "
         "Retry-After against the billing endpoint: edge-module diagnose Billing=<url> "
         "ApiKey=<key>")
-    diagnose.add_argument("settings", nargs="*", metavar="Key=Value")
-    diagnose.add_argument("--config", type=Path, help="JSON or TOML settings file")
+    _settings_arguments(diagnose)
     diagnose.add_argument("--json", action="store_true", help="machine-readable output")
     diagnose.add_argument("--timeout", type=float, default=5.0, help="seconds per check")
     return parser
@@ -210,10 +223,8 @@ def _encrypt_model(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    given = {a.partition("=")[0].lower() for a in args.settings}
-    extra = [] if "eula" in given else ["Eula=accept"]  # diagnosing accepts nothing
     try:
-        settings = load_settings([*extra, *args.settings], config_file=args.config)
+        settings = tool_settings(args)
     except ConfigError as exc:
         fail(f"configuration error: {exc}")
         return EXIT_CONFIG

@@ -36,10 +36,6 @@ class PayloadError(EdgeModuleError):
         self.message = message
 
 
-class TransportError(EdgeModuleError):
-    """The broker or edgeHub cannot be reached or refused us."""
-
-
 class Refusal(EdgeModuleError):
     """The module may not serve a request now (unlicensed, metering buffer full, ...).
 

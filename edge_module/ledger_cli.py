@@ -10,23 +10,21 @@ from typing import Any
 
 from edge_module import CONTAINER_TYPE, __version__, logs
 from edge_module.billing_api import BillingClient
-from edge_module.cli import EXIT_CONFIG, fail
-from edge_module.config import Settings, load_settings
+from edge_module.cli import EXIT_CONFIG, fail, tool_settings
+from edge_module.config import Settings
 from edge_module.exceptions import ConfigError
 from edge_module.metering.drain import Drainer
-from edge_module.metering.ledger import Ledger
+from edge_module.metering.ledger import Ledger, MeteringError
 from edge_module.metering.records import Identity
 from edge_module.state import installation_id
 
-PLACEHOLDERS = ["Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused"]
+PLACEHOLDERS = ("Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    given = {a.partition("=")[0].lower() for a in args.settings}
     if not args.drain:  # reading the ledger needs no endpoint and no licence acceptance
-        extra = [p for p in PLACEHOLDERS if p.partition("=")[0].lower() not in given]
-        return load_settings([*extra, *args.settings], config_file=args.config)
-    return load_settings(args.settings, config_file=args.config)
+        return tool_settings(args, PLACEHOLDERS)
+    return tool_settings(args, ())
 
 
 def ledger_command(args: argparse.Namespace) -> int:
@@ -44,6 +42,14 @@ def ledger_command(args: argparse.Namespace) -> int:
     identity = Identity(CONTAINER_TYPE, __version__, installation_id(settings.data.path))
     ledger = Ledger(path, identity, settings.metering)
     try:
+        if args.salvage is not None:
+            try:
+                copied, _ = ledger.salvage(args.salvage)
+            except MeteringError as exc:
+                fail(f"salvage failed: {exc}")
+                return 1
+            _print(args, {"salvaged": copied, "pending": ledger.pending})
+            return 0
         if args.quarantined:
             _print(args, {"quarantined": ledger.quarantined()})
             return 0

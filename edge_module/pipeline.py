@@ -35,7 +35,7 @@ import numpy as np
 
 from edge_module.config import PipelineSettings
 from edge_module.envelope import error_envelope, result_envelope
-from edge_module.exceptions import EdgeModuleError, PayloadError, Refusal
+from edge_module.exceptions import EdgeModuleError, Refusal
 from edge_module.inference.codecs import Codec, ErrorCode, Limits, RequestError
 from edge_module.inference.models import Model
 from edge_module.logs import get_logger
@@ -402,5 +402,3 @@ class Pipeline:
         log.info("request_refused", code=code, id=request_id, reason=message)
         self.transport.send_error(inbound, error_envelope(request_id, code, message, **extra))
 
-
-__all__ = ["Gate", "Job", "Meter", "NoMeter", "OpenGate", "PayloadError", "Pipeline"]

@@ -9,8 +9,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_module.billing_api import BillingClient
-from edge_module.cli import EXIT_CONFIG, fail
-from edge_module.config import load_settings
+from edge_module.cli import EXIT_CONFIG, fail, tool_settings
 from edge_module.exceptions import ConfigError
 from edge_module.licensing.signing import load_public_key
 from edge_module.metering.usage_log import read_entries, verify_entries
@@ -50,10 +49,8 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def reconcile_command(args: argparse.Namespace) -> int:
-    given = {a.partition("=")[0].lower() for a in args.settings}
-    extra = [] if "eula" in given else ["Eula=accept"]
     try:
-        settings = load_settings([*extra, *args.settings], config_file=args.config)
+        settings = tool_settings(args)
     except ConfigError as exc:
         fail(f"configuration error: {exc}")
         return EXIT_CONFIG

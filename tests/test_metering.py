@@ -372,3 +372,24 @@ def test_fault_proxy_refuses_while_cut_and_keeps_its_port() -> None:
     finally:
         proxy.stop()
         upstream.close()
+
+
+def test_salvage_copies_pending_records_of_a_moved_aside_ledger(
+    billing: BillingSimulator, tmp_path: Path
+) -> None:
+    from edge_module.config import MeteringSettings
+    from edge_module.metering.ledger import ACCEPTED, Ledger
+    from edge_module.metering.records import Identity, MeterSpec, Usage
+
+    identity = Identity("edge-module", "0.1.0", "c-1")
+    old = Ledger(tmp_path / "old.db", identity, MeteringSettings())
+    ids = old.append(MeterSpec("m", "t"), [Usage(1)] * 10)
+    first = old.pending_batch(3)
+    old.settle([(r.seq, ACCEPTED) for r in first])  # 3 already delivered
+    old.close()
+    fresh = Ledger(tmp_path / "ledger.db", identity, MeteringSettings())
+    copied, _ = fresh.salvage(tmp_path / "old.db")
+    assert copied == 7 and fresh.pending == 7
+    assert {r.id for r in fresh.pending_batch(100)} == set(ids[3:])
+    assert fresh.salvage(tmp_path / "old.db")[0] == 0  # twice changes nothing
+    fresh.close()

@@ -183,8 +183,9 @@ class Ledger:
         log.error("ledger_corrupt_moved_aside", problem=problem, moved_to=str(target),
                   effect="a fresh ledger was started; records still pending in the moved "
                   "file are not uploaded until recovered",
-                  fix=f"keep {target.name}; recover it with `edge-module ledger "
-                  f"--salvage {target}` or send it to the vendor")
+                  fix=f"keep {target.name}; copy its pending records back with `edge-module "
+                  f"ledger Data:Path={self.path.parent} --salvage {target}` (resends are "
+                  "answered Duplicate, never billed twice), or send it to the vendor")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         db = sqlite_utils.Database(conn)
@@ -431,6 +432,46 @@ class Ledger:
             last_drain_ms=int(last[0]) if last else None,
             file_bytes=self._file_bytes(),
         )
+
+    def salvage(self, source: Path) -> tuple[int, int]:
+        """Copy the still-pending records of a moved-aside ledger into this one.
+
+        Records keep their ids, so one the endpoint already has is answered
+        Duplicate: salvaging never bills twice. Returns (copied, unreadable rows).
+        """
+        try:
+            old = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+            rows = old.execute("SELECT r.id, m.name, m.api_type, m.container_version, "
+                               "r.quantity, r.request_time FROM records r JOIN meters m "
+                               "USING (meter_id) WHERE r.state = 0 ORDER BY r.seq").fetchall()
+            old.close()
+        except sqlite3.DatabaseError as exc:
+            raise MeteringError(f"{source} cannot be read ({exc}); keep it for the vendor") \
+                from exc
+        copied = 0
+        with self._lock:
+            conn = self._conn
+            known = {r[0] for r in conn.execute("SELECT id FROM records")}
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for rid, name, api_type, version, quantity, request_time in rows:
+                    if rid in known:
+                        continue
+                    conn.execute("INSERT OR IGNORE INTO meters (name, api_type, "
+                                 "container_version) VALUES (?, ?, ?)",
+                                 (name, api_type, version))
+                    meter_id = conn.execute(
+                        "SELECT meter_id FROM meters WHERE name = ? AND api_type = ? AND "
+                        "container_version = ?", (name, api_type, version)).fetchone()[0]
+                    conn.execute("INSERT INTO records (id, meter_id, quantity, request_time) "
+                                 "VALUES (?, ?, ?, ?)", (rid, meter_id, quantity, request_time))
+                    copied += 1
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._pending += copied
+        return copied, 0
 
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:
