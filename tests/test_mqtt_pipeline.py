@@ -297,3 +297,17 @@ def test_tls_broker_with_username_and_password(
         module.stop()
         app.loop_stop()
         tls_broker.stop()
+
+
+def test_several_input_filters_with_wildcards(
+    start_module: Callable[..., Module], collector: Collector
+) -> None:
+    start_module("Mqtt:InputTopic=em/in/#,plant/+/camera")
+    x, y = held_out(3)
+    collector.publish("em/in/a/b", digit_png(x[0]))
+    collector.publish("plant/line7/camera", digit_png(x[1]))
+    collector.publish("plant/line7/other", digit_png(x[2]))  # matches neither filter
+    results = collector.wait(RESULTS, 2)
+    time.sleep(0.5)
+    assert len(collector.on(RESULTS)) == 2
+    assert sorted(r["results"][0]["label"] for r in results) == sorted([str(y[0]), str(y[1])])
