@@ -103,6 +103,8 @@ class Licensing:
         self.retry_after: float | None = None
         self.checked = False
         self.on_online: list[Callable[[], None]] = []
+        self._last_answer: Answer | None = None
+        self._last_checked = 0.0
         self._state: GraceState | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -138,12 +140,21 @@ class Licensing:
             self.checked = True
         self._transition()
 
-    def check(self, timeout: float | None = None) -> Answer | None:
-        """One status check with the billing endpoint (nothing is metered)."""
+    def check(self, max_age: float = 0.0) -> Answer | None:
+        """One status check with the billing endpoint (nothing is metered).
+
+        ``max_age``: reuse an answer at most this old instead of calling again, so
+        that frequent probes of GET /status cannot flood the endpoint.
+        """
         if self.client is None:
             self._transition()
             return None
+        now = time.monotonic()
+        if max_age and self._last_answer is not None and \
+                now - self._last_checked < max_age:
+            return self._last_answer
         answer = self.client.status(self.identity.as_dict())
+        self._last_answer, self._last_checked = answer, time.monotonic()
         self.observe(answer)
         return answer
 
