@@ -124,6 +124,8 @@ def test_retry_after_is_honoured(
     time.sleep(1.0)
     billing.set_fault("none")
     wait_until(lambda: billed(billing) == 5, 20, "upload after Retry-After")
+    # The simulator stores records before it logs the call: wait for the log too.
+    wait_until(lambda: len(billing.calls()) >= 2, 5, "the second call logged")
     calls = billing.calls()
     assert calls[0][1] == "busy"
     second = calls[1][0]
