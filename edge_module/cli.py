@@ -111,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:
         args.settings.extend(rest)  # Key=Value given after an option
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:  # one translation, at the boundary: one line, exit 2
+        fail(f"configuration error: {exc}")
+        return EXIT_CONFIG
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config-reference":
         sys.stdout.write(reference_markdown())
         return 0
@@ -133,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(assignments: list[str], config_file: Path | None) -> int:
-    try:
-        settings = load_settings(assignments, config_file=config_file)
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}")
-        return EXIT_CONFIG
+    settings = load_settings(assignments, config_file=config_file)
     logs.register_secrets(settings.secrets())
     logs.configure(settings.log.level, settings.log.format)
     from edge_module.app import App  # heavy imports (onnxruntime, cv2) after validation
@@ -151,9 +155,6 @@ def _run(assignments: list[str], config_file: Path | None) -> int:
         return supervise(settings, assignments, config_file)
     try:
         app = App(settings)
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}")
-        return EXIT_CONFIG
     except LicenseError as exc:
         fail(f"licence error: {exc}")
         return EXIT_CONFIG
@@ -176,11 +177,7 @@ def _download_license(settings: Settings) -> int:
     from edge_module.metering.records import Identity
     from edge_module.state import ensure_data_dir, installation_id, module_signing_key
 
-    try:
-        data = ensure_data_dir(settings.data.path)
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}")
-        return EXIT_CONFIG
+    data = ensure_data_dir(settings.data.path)
     identity = Identity(CONTAINER_TYPE, __version__, installation_id(data))
     module_key = base64.b64encode(raw_public(module_signing_key(data).public_key())).decode()
     ca = str(settings.billing.ca_file) if settings.billing.ca_file else None
@@ -223,14 +220,9 @@ def _encrypt_model(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    try:
-        settings = tool_settings(args)
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}")
-        return EXIT_CONFIG
+    settings = tool_settings(args)
     if settings.billing.url is None:
-        fail("configuration error: Billing: is required to diagnose; fix: pass Billing=<url>")
-        return EXIT_CONFIG
+        raise ConfigError("Billing", "is required to diagnose; fix: pass Billing=<url>")
     logs.register_secrets(settings.secrets())
     from edge_module.diagnose import Diagnosis, report
 

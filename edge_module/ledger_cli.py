@@ -12,7 +12,6 @@ from edge_module import CONTAINER_TYPE, __version__, logs
 from edge_module.billing_api import BillingClient
 from edge_module.cli import EXIT_CONFIG, fail, tool_settings
 from edge_module.config import Settings
-from edge_module.exceptions import ConfigError
 from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger, MeteringError
 from edge_module.metering.records import Identity
@@ -28,11 +27,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def ledger_command(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}")
-        return EXIT_CONFIG
+    settings = _settings(args)
     path = settings.data.path / "ledger.db"
     if not path.exists():
         fail(f"no ledger at {path}; fix: point Data:Path at the module's data folder")

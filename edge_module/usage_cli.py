@@ -49,15 +49,11 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def reconcile_command(args: argparse.Namespace) -> int:
-    try:
-        settings = tool_settings(args)
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}")
-        return EXIT_CONFIG
+    settings = tool_settings(args)
     if settings.mounts.output is None or settings.billing.url is None:
-        fail("configuration error: Mounts:Output and Billing are required; fix: pass "
-             "Mounts:Output=<folder> Billing=<url> ApiKey=<key>")
-        return EXIT_CONFIG
+        raise ConfigError("Mounts:Output" if settings.mounts.output is None else "Billing",
+                          "is required to reconcile; fix: pass Mounts:Output=<folder> "
+                          "Billing=<url> ApiKey=<key>")
     entries = read_entries(sorted((settings.mounts.output / "usage-logs").glob("*.jsonl")))
     if not entries:
         fail(f"no usage log entries under {settings.mounts.output}")
