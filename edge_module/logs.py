@@ -73,7 +73,8 @@ def _syslog_prefix(renderer: Any) -> Any:
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Set up structlog for the whole process."""
+    """Set up structlog for the whole process (again, to change the level live)."""
+    global _generation
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
@@ -94,8 +95,34 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _generation += 1
+
+
+class _Logger:
+    """A logger that follows ``configure``: rebound when the configuration changes.
+
+    Module-level loggers are created at import, before ``configure`` runs and
+    before any live ``Log:Level`` change; structlog binds a logger to the
+    configuration of the moment, so this rebinds on the first call after a change.
+    """
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._bound: Any = None
+        self._generation = -1
+
+    def __getattr__(self, method: str) -> Any:
+        if self._generation != _generation:
+            self._bound = structlog.get_logger().bind(logger=self._name)
+            self._generation = _generation
+        return getattr(self._bound, method)
+
+
+_generation = 0
 
 
 def get_logger(name: str) -> Any:
-    """A bound logger carrying ``logger=<name>``."""
-    return structlog.get_logger().bind(logger=name)
+    """A logger carrying ``logger=<name>``."""
+    return _Logger(name)
