@@ -36,7 +36,9 @@ from edge_module.config import MqttSettings, subscription_filter
 from edge_module.logs import get_logger
 from edge_module.metrics import Metrics
 from edge_module.transport.base import Deliver, Inbound
+from edge_module.transport.paho_fix import apply as apply_paho_fix
 
+apply_paho_fix()
 log = get_logger("mqtt")
 
 
