@@ -218,6 +218,11 @@ class ModelSettings(Section):
         "`<same name>.json` beside it.",
     )
     top_k: int = Field(3, alias="TopK", ge=1, le=100, description="Classes listed per result.")
+    score_threshold: float = Field(
+        0.0, alias="ScoreThreshold", ge=0.0, le=1.0,
+        description="Classes scoring below this are left out of `topK`; when the best one "
+        "is below it, the result's `label` is null.",
+    )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", alias="GraphOptimization",
         description="onnxruntime graph optimisation level.",
@@ -446,6 +451,60 @@ class LogSettings(Section):
         return value.lower() if isinstance(value, str) else value
 
 
+class EdgeHubSettings(Section):
+    """The edgeHub transport (``Transport=edgehub``), see docs/iot-edge.md."""
+
+    inputs: list[str] = Field(
+        default_factory=lambda: ["input"],
+        alias="Inputs",
+        min_length=1,
+        description="edgeHub inputs to serve, comma-separated; `*` serves every input. "
+        "Messages on other inputs are answered on `ErrorOutput` with `UnknownInput`.",
+    )
+    result_output: str = Field(
+        "results", alias="ResultOutput", min_length=1,
+        description="Output that results are sent to (route it with "
+        "`FROM /messages/modules/<module>/outputs/results`).",
+    )
+    error_output: str = Field(
+        "errors", alias="ErrorOutput", min_length=1,
+        description="Output that error envelopes are sent to.",
+    )
+    intake_queue: int = Field(
+        256, alias="IntakeQueue", ge=1, le=100_000,
+        description="Messages received from edgeHub and waiting for the pipeline. When it is "
+        "full, a message is answered at once on `ErrorOutput` with code `Overloaded` "
+        "(retryable, not billed): never dropped silently.",
+    )
+    keep_alive: int = Field(
+        10, alias="KeepAlive", ge=5, le=1740,
+        description="MQTT keep-alive to edgeHub in seconds: a frozen edgeHub is noticed "
+        "after about 1.5 times this.",
+    )
+    retry_interval_seconds: int = Field(
+        2, alias="RetryIntervalSeconds", ge=1, le=600,
+        description="Seconds between reconnection attempts after the link to edgeHub drops.",
+    )
+    send_timeout_seconds: float = Field(
+        10.0, alias="SendTimeoutSeconds", gt=0,
+        description="An answer not acknowledged by edgeHub within this is sent again.",
+    )
+    send_retry_seconds: float = Field(
+        300.0, alias="SendRetrySeconds", gt=0,
+        description="How long an answer is retried while edgeHub is unreachable (it keeps "
+        "its order in line); after that it is given up, logged with its id and counted in "
+        "`edge_module_results_undelivered_total`.",
+    )
+    reported_interval_seconds: float = Field(
+        30.0, alias="ReportedIntervalSeconds", ge=0,
+        description="Reported twin properties are patched when they change, at most this "
+        "often (frequent patches make the SDK's memory grow). Answers to desired-property "
+        "changes are sent at once.",
+    )
+
+    _split = field_validator("inputs", mode="before")(_split_list)
+
+
 class Settings(Section):
     eula: Literal["accept"] = Field(
         alias="Eula", description="Must be `accept`: you accept the licence terms."
@@ -470,6 +529,7 @@ class Settings(Section):
         "mqtt", alias="Transport", description="Where input comes from: `mqtt` or `edgehub`."
     )
     mqtt: MqttSettings = Field(default_factory=MqttSettings, alias="Mqtt")
+    edge_hub: EdgeHubSettings = Field(default_factory=EdgeHubSettings, alias="EdgeHub")
     model: ModelSettings = Field(default_factory=ModelSettings, alias="Model")
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings, alias="Pipeline")
     metering: MeteringSettings = Field(default_factory=MeteringSettings, alias="Metering")

@@ -17,14 +17,22 @@ def result_envelope(
     labels: list[str],
     top_k: int,
     timing_ms: dict[str, float],
+    score_threshold: float = 0.0,
 ) -> bytes:
-    """``{"id", "model", "results": [{"label", "score", "topK"}], "timingMs"}``."""
+    """``{"id", "model", "results": [{"label", "score", "topK"}], "timingMs"}``.
+
+    Classes scoring below ``score_threshold`` are left out of ``topK``; when even
+    the best one is below it, ``label`` is null (the model is not confident) while
+    ``score`` still gives the best score.
+    """
     k = min(top_k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     results: list[dict[str, Any]] = []
     for row, top in zip(scores, order, strict=True):
-        ranked = [{"label": labels[i], "score": round(float(row[i]), 6)} for i in top]
-        results.append({"label": ranked[0]["label"], "score": ranked[0]["score"],
+        best = round(float(row[top[0]]), 6)
+        ranked = [{"label": labels[i], "score": round(float(row[i]), 6)} for i in top
+                  if row[i] >= score_threshold]
+        results.append({"label": ranked[0]["label"] if ranked else None, "score": best,
                         "topK": ranked})
     body = {
         "id": request_id,

@@ -24,6 +24,24 @@ class Metrics:
             "edge_module_publish_failures",
             "Sends the transport could not hand to the broker (QoS 0 while disconnected).",
             registry=r)
+        self.send_retries = Counter(
+            "edge_module_send_retries",
+            "Answers sent again because edgeHub did not acknowledge them in time or the link "
+            "was down.", registry=r)
+        self.results_undelivered = Counter(
+            "edge_module_results_undelivered",
+            "Answers given up after EdgeHub:SendRetrySeconds (each is logged with its id).",
+            registry=r)
+        self.answers_in_flight = Gauge(
+            "edge_module_answers_in_flight",
+            "Answers handed to edgeHub and not yet acknowledged (sent or waiting to be sent "
+            "again).", registry=r)
+        self.twin_updates = Counter(
+            "edge_module_twin_updates", "Desired-property changes, by outcome.", ["outcome"],
+            registry=r)
+        self.method_calls = Counter(
+            "edge_module_method_calls", "Direct method calls, by method and status.",
+            ["method", "status"], registry=r)
         self.decode_seconds = Histogram("edge_module_decode_seconds",
                                         "Time to decode one message.",
                                         buckets=LATENCY_BUCKETS, registry=r)

@@ -39,7 +39,7 @@ from edge_module.exceptions import EdgeModuleError, Refusal
 from edge_module.inference.codecs import Codec, ErrorCode, Limits, RequestError
 from edge_module.inference.models import Model
 from edge_module.logs import get_logger
-from edge_module.metering.records import Usage
+from edge_module.metering.records import MeterSpec, Usage
 from edge_module.metrics import Metrics
 from edge_module.transport.base import Inbound, Transport
 
@@ -58,8 +58,8 @@ class Meter(Protocol):
     def buffer_full(self) -> Refusal:
         """The refusal sent for transactions that were not admitted."""
 
-    def commit(self, usages: Sequence[Usage]) -> list[str]:
-        """Durably record one transaction per usage; return the record ids."""
+    def commit(self, spec: MeterSpec, usages: Sequence[Usage]) -> list[str]:
+        """Durably record one transaction per usage under ``spec``; return the record ids."""
 
     def replayed(self, key: str, digest: bytes) -> str | None:
         """The record of an earlier answer to this same delivery, if any."""
@@ -89,17 +89,36 @@ class NoMeter:
     def buffer_full(self) -> Refusal:
         return Refusal("MeteringBufferFull", "unreachable: this meter never fills")
 
-    def commit(self, usages: Sequence[Usage]) -> list[str]:
+    def commit(self, spec: MeterSpec, usages: Sequence[Usage]) -> list[str]:
         return ["" for _ in usages]
 
     def replayed(self, key: str, digest: bytes) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What answers a request: the model and how its answers are shaped and billed.
+
+    Swapped as one object (``Pipeline.reconfigure``), so that every request is
+    decoded, inferred, billed and answered by the same model and settings, even
+    while the module is being reconfigured live.
+    """
+
+    model: Model
+    codec: Codec
+    top_k: int
+    score_threshold: float
+    max_batch: int
+    quantity_per_item: int
+    meter: MeterSpec
+
+
 @dataclass
 class Inferred:
     """A batch that went through the model, waiting for its group commit."""
 
+    serving: Serving
     jobs: list[Job]
     fresh: list[Job]  # the jobs that need a usage record (not replays)
     scores: np.ndarray
@@ -112,6 +131,7 @@ class Job:
     request_id: str
     items: list[np.ndarray]
     decode_ms: float
+    serving: Serving
     replay_of: str | None = None  # record id when this answers a redelivered input again
 
     def digest(self) -> bytes:
@@ -131,18 +151,15 @@ class Pipeline:
         meter: Meter,
         gate: Gate | None = None,
         top_k: int = 3,
+        score_threshold: float = 0.0,
     ) -> None:
-        self.model = model
         self.settings = settings
         self.transport = transport
         self.metrics = metrics
         self.meter = meter
         self.gate = gate or OpenGate()
-        self.top_k = top_k
-        self.codec = Codec(model, Limits(settings.max_payload_bytes, settings.max_batch_items))
-        self.quantity_per_item = model.descriptor.metering.quantityPerItem
-        self.max_batch = min(settings.max_batch_size,
-                             model.descriptor.maxBatch or settings.max_batch_size)
+        self.serving = self._serving(model, top_k, score_threshold)
+        self.max_batch = self.serving.max_batch
         self.intake: queue.Queue[Inbound] = queue.Queue(maxsize=settings.intake_queue)
         # Decoded requests hold full float tensors: two batches waiting keep inference fed;
         # more would only hold memory (256 decoded 224x224 images are ~150 MB).
@@ -152,6 +169,34 @@ class Pipeline:
         self.commits: queue.Queue[Inferred] = queue.Queue(maxsize=8)
         self._threads: list[threading.Thread] = []
         self._accepting = True
+
+    def _serving(self, model: Model, top_k: int, score_threshold: float) -> Serving:
+        settings = self.settings
+        metering = model.descriptor.metering
+        return Serving(
+            model=model,
+            codec=Codec(model, Limits(settings.max_payload_bytes, settings.max_batch_items)),
+            top_k=top_k,
+            score_threshold=score_threshold,
+            max_batch=min(settings.max_batch_size, model.descriptor.maxBatch or
+                          settings.max_batch_size),
+            quantity_per_item=metering.quantityPerItem,
+            meter=MeterSpec(metering.meterName, metering.apiType),
+        )
+
+    @property
+    def model(self) -> Model:
+        return self.serving.model
+
+    def reconfigure(self, model: Model | None = None, top_k: int | None = None,
+                    score_threshold: float | None = None) -> None:
+        """Serve new requests with another model or answer shape; requests already
+        decoded finish with what they started with."""
+        current = self.serving
+        self.serving = self._serving(
+            model or current.model,
+            current.top_k if top_k is None else top_k,
+            current.score_threshold if score_threshold is None else score_threshold)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -212,8 +257,9 @@ class Pipeline:
 
     def _decode(self, inbound: Inbound) -> None:
         start = time.perf_counter()
+        serving = self.serving
         try:
-            decoded = self.codec.decode(inbound.payload)
+            decoded = serving.codec.decode(inbound.payload)
         except RequestError as exc:
             request_id = exc.request_id or inbound.correlation_id or uuid.uuid4().hex
             self._send_error(inbound, request_id, exc.code, exc.message)
@@ -221,7 +267,7 @@ class Pipeline:
         elapsed = time.perf_counter() - start
         self.metrics.decode_seconds.observe(elapsed)
         request_id = decoded.request_id or inbound.correlation_id or uuid.uuid4().hex
-        self.batches.put(Job(inbound, request_id, decoded.items, elapsed * 1000))
+        self.batches.put(Job(inbound, request_id, decoded.items, elapsed * 1000, serving))
         self.metrics.batch_depth.set(self.batches.qsize())
 
     # -- batch, infer, meter, publish -------------------------------------
@@ -229,7 +275,6 @@ class Pipeline:
     def _infer_loop(self) -> None:
         stops = 0
         carry: Job | None = None
-        max_items = self.max_batch
         delay = self.settings.max_queue_delay_ms / 1000
         while True:
             first = carry if carry is not None else self.batches.get()
@@ -243,6 +288,7 @@ class Pipeline:
                 continue
             jobs = [first]
             count = len(first.items)
+            max_items = first.serving.max_batch
             deadline = time.perf_counter() + delay
             while count < max_items:
                 remaining = deadline - time.perf_counter()
@@ -251,7 +297,8 @@ class Pipeline:
                         self.batches.get_nowait()
                 except queue.Empty:
                     break
-                if job is _STOP or count + len(job.items) > max_items:
+                if job is _STOP or count + len(job.items) > max_items or \
+                        job.serving is not first.serving:
                     carry = job
                     break
                 jobs.append(job)
@@ -298,7 +345,8 @@ class Pipeline:
         for job in jobs:
             self.metrics.queue_seconds.observe(started - job.inbound.received)
         try:
-            scores = self._infer([item for job in jobs for item in job.items])
+            serving = jobs[0].serving
+            scores = self._infer(serving, [item for job in jobs for item in job.items])
         except Exception as exc:  # onnxruntime raises untyped errors
             log.error("inference_failed", error=str(exc), batch=len(jobs))
             self.meter.release(len(fresh))
@@ -307,7 +355,7 @@ class Pipeline:
                                  f"the model failed on this input: {exc}")
             return
         infer_ms = (time.perf_counter() - started) * 1000
-        self.commits.put(Inferred(jobs, fresh, scores, infer_ms))
+        self.commits.put(Inferred(serving, jobs, fresh, scores, infer_ms))
 
     # -- meter, then publish (the commit thread) ---------------------------
 
@@ -349,12 +397,17 @@ class Pipeline:
         # Durable before visible: the records of these batches are committed before any
         # of their results is published. Replays were billed when first answered.
         fresh = [job for inferred in group for job in inferred.fresh]
+        by_meter: dict[MeterSpec, list[Usage]] = {}
+        for inferred in group:
+            by_meter.setdefault(inferred.serving.meter, []).extend(
+                Usage(len(job.items) * inferred.serving.quantity_per_item,
+                      job.inbound.delivery_key,
+                      job.digest() if job.inbound.delivery_key is not None else None)
+                for job in inferred.fresh)
         try:
-            if fresh:
-                self.meter.commit([
-                    Usage(len(job.items) * self.quantity_per_item, job.inbound.delivery_key,
-                          job.digest() if job.inbound.delivery_key is not None else None)
-                    for job in fresh])
+            for spec, usages in by_meter.items():
+                if usages:
+                    self.meter.commit(spec, usages)
         except EdgeModuleError as exc:
             log.error("metering_commit_failed", error=str(exc), batch=len(fresh))
             for inferred in group:
@@ -367,30 +420,34 @@ class Pipeline:
         replays = sum(len(inferred.jobs) for inferred in group) - len(fresh)
         if replays:
             self.metrics.replays.inc(replays)
-        labels = self.model.labels
-        provenance = self.model.provenance
         for inferred in group:
+            serving = inferred.serving
+            labels = serving.model.labels
+            provenance = serving.model.provenance
             offset = 0
             for job in inferred.jobs:
                 n = len(job.items)
                 total_ms = (time.perf_counter() - job.inbound.received) * 1000
                 body = result_envelope(
                     job.request_id, provenance, inferred.scores[offset:offset + n], labels,
-                    self.top_k, {"decode": job.decode_ms, "infer": inferred.infer_ms,
-                                 "total": total_ms},
+                    serving.top_k, {"decode": job.decode_ms, "infer": inferred.infer_ms,
+                                    "total": total_ms},
+                    serving.score_threshold,
                 )
                 offset += n
+                log.debug("result", id=job.request_id, source=job.inbound.source,
+                          items=n, total_ms=round(total_ms, 3))
                 self.transport.send_result(job.inbound, body)
                 self.metrics.results_out.inc()
                 self.metrics.end_to_end_seconds.observe(total_ms / 1000)
 
-    def _infer(self, items: list[np.ndarray]) -> np.ndarray:
-        max_items = self.max_batch
+    def _infer(self, serving: Serving, items: list[np.ndarray]) -> np.ndarray:
+        max_items = serving.max_batch
         outputs = []
         for start in range(0, len(items), max_items):
             chunk = np.stack(items[start:start + max_items])
             t0 = time.perf_counter()
-            outputs.append(self.model.run(chunk))
+            outputs.append(serving.model.run(chunk))
             self.metrics.inference_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(chunk))
             self.metrics.items_inferred.inc(len(chunk))

@@ -44,9 +44,9 @@ def mosquitto_binary() -> str:
 class Broker:
     def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1",
                  tls: tuple[Path, Path] | None = None,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, extra: str = "") -> None:
         """``tls``: (certificate chain, key) for a TLS listener; ``users``: name -> password
-        (anonymous access is then refused)."""
+        (anonymous access is then refused); ``extra``: more mosquitto.conf lines."""
         self.workdir = workdir
         self.host = host
         self.port = port or free_port(host)
@@ -75,6 +75,7 @@ class Broker:
             "max_inflight_messages 0\n"
             "set_tcp_nodelay true\n"
             f"log_dest file {self.log}\n"
+            + extra
         )
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -55,6 +55,9 @@ class ErrorCode(StrEnum):
     BATCH_TOO_LARGE = "BatchTooLarge"
     INFERENCE_FAILED = "InferenceFailed"
     OUTPUT_TOPIC_LOOP = "OutputTopicLoop"
+    OVERLOADED = "Overloaded"
+    UNKNOWN_INPUT = "UnknownInput"
+    SHUTTING_DOWN = "ShuttingDown"
     INTERNAL = "InternalError"
 
 

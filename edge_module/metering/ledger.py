@@ -410,6 +410,11 @@ class Ledger:
         """Delete acknowledged records older than the retention; return how many."""
         cutoff = int((time.time() - self.settings.retention_hours * 3600) * 1000)
         with self._lock:
+            # Deliveries of pruned records go too: keys such as edgeHub message ids are
+            # never reused, so the table would otherwise grow without bound.
+            self._conn.execute(
+                "DELETE FROM deliveries WHERE record_id IN (SELECT id FROM records WHERE "
+                "state IN (1, 2) AND settled_at < ?)", (cutoff,))
             cursor = self._conn.execute(
                 "DELETE FROM records WHERE state IN (1, 2) AND settled_at < ?", (cutoff,))
             removed = cursor.rowcount

@@ -17,10 +17,9 @@ from edge_module.metrics import Metrics
 
 
 class LedgerMeter:
-    def __init__(self, ledger: Ledger, meter: MeterSpec, metrics: Metrics,
+    def __init__(self, ledger: Ledger, metrics: Metrics,
                  drainer: Drainer | None = None) -> None:
         self.ledger = ledger
-        self.meter = meter
         self.metrics = metrics
         self.drainer = drainer
 
@@ -33,9 +32,9 @@ class LedgerMeter:
     def buffer_full(self) -> Refusal:
         return self.ledger.buffer_full()
 
-    def commit(self, usages: Sequence[Usage]) -> list[str]:
+    def commit(self, spec: MeterSpec, usages: Sequence[Usage]) -> list[str]:
         started = time.perf_counter()
-        ids = self.ledger.append(self.meter, usages)
+        ids = self.ledger.append(spec, usages)
         self.metrics.ledger_commit_seconds.observe(time.perf_counter() - started)
         if self.drainer is not None:
             self.drainer.notify_committed()
