@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: install mosquitto run test lint models lock bench bench-quick profile clean docs
+.PHONY: install mosquitto run test lint models lock bench bench-quick profile clean docs manifest image
 
 install: $(STAMP) mosquitto
 
@@ -39,6 +39,12 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/edge-module config-reference > docs/configuration.md
+
+# The ready-to-apply IoT Edge deployment manifest.json (and the fleet layers in
+# deployment/generated/) from deployment/: values from the environment,
+# deployment/.env or deployment/manifest.env (see docs/iot-edge.md).
+manifest: $(STAMP)
+	$(BIN)/python -m tools.manifest
 
 # Re-train the default models; the .onnx files come out byte-identical.
 models: $(STAMP)
