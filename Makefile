@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: install mosquitto run test lint models lock bench bench-quick profile clean docs manifest image
+.PHONY: install mosquitto container-tools run test lint models lock bench bench-quick profile clean docs manifest image
 
-install: $(STAMP) mosquitto
+install: $(STAMP) mosquitto container-tools
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edge-module needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
@@ -26,6 +26,21 @@ mosquitto:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else echo "mosquitto is missing: install it with your package manager (e.g. 'apt-get install mosquitto', 'dnf install mosquitto', 'brew install mosquitto')"; exit 1; fi
+
+# The image test (tests/test_image.py) builds and runs the image without a docker daemon:
+# buildah builds and runs it, debootstrap makes the base image when registries are out of
+# reach. Installed with apt-get when missing.
+container-tools:
+	@if command -v buildah >/dev/null 2>&1 && { command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ]; }; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing buildah and debootstrap with apt-get"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null; \
+	else echo "buildah and debootstrap are missing: install them with your package manager (the image test needs them)"; exit 1; fi
+
+# The container image (docker when a daemon runs, buildah otherwise); see docs/iot-edge.md.
+image:
+	deployment/build-image.sh
 
 run: install
 	$(BIN)/python -m simulator.demo
