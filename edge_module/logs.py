@@ -95,7 +95,24 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    root.handlers = [_StdlibBridge()]
+    root.setLevel(logging.WARNING)  # libraries' own debug output stays off
     _generation += 1
+
+
+class _StdlibBridge(logging.Handler):
+    """Sends warnings of libraries that log with the standard library (the IoT SDK,
+    paho) through the same JSON lines, redaction included."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            method = level if level in ("debug", "info", "warning", "error") else "error"
+            getattr(get_logger(record.name), method)(record.getMessage(),
+                                                     source="library")
+        except Exception:  # logging must never raise into the library
+            self.handleError(record)
 
 
 class _Logger:

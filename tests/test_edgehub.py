@@ -329,12 +329,17 @@ def test_a_full_intake_answers_overloaded_and_drops_nothing(
 def test_connection_string_fallback_for_local_runs(
     start_edge_module: Callable[..., Module], edgehub: FakeEdgeHub
 ) -> None:
-    start_edge_module(env=edgehub.connection_string_env())
+    module = start_edge_module("Log:Level=debug", env=edgehub.connection_string_env())
     x, y = digits(1)
     edgehub.send_input("input", image_body(x[0], "local"))
     (result,) = edgehub.wait_outputs("results", 1)
     assert result.json()["results"][0]["label"] == str(y[0])
     assert edgehub.workload.calls == []  # no workload API involved
+    edgehub.kill_broker()  # the SDK logs its reconnection attempts
+    wait_until(lambda: not module.ready(), 20, "module notices that edgeHub is gone")
+    key = base64.b64encode(edgehub.key).decode()
+    assert key not in module.log_text()
+    assert all(line.startswith("{") for line in module.log_text().splitlines() if line)
 
 
 def test_without_the_edge_environment_the_module_says_what_is_missing(

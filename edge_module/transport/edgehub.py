@@ -47,8 +47,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from azure.iot.device import IoTHubModuleClient, Message, MethodResponse
-from azure.iot.device.exceptions import ClientError
+from azure.iot.device.exceptions import (
+    ClientError,
+    OperationCancelled,
+    OperationTimeout,
+    ServiceError,
+)
 
+from edge_module import logs
 from edge_module.config import EdgeHubSettings
 from edge_module.envelope import error_envelope
 from edge_module.exceptions import ConfigError
@@ -68,6 +74,9 @@ LOCAL_ENV = ("EdgeHubConnectionString", "EdgeModuleCACertificateFile")
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 5.0
 
+# Everything the SDK's synchronous calls raise on purpose (not all derive from ClientError).
+SDK_ERRORS = (ClientError, OperationCancelled, OperationTimeout, ServiceError)
+
 DesiredHandler = Callable[[dict[str, Any], bool], None]
 MethodHandler = Callable[[str, Any], tuple[int, Any]]
 
@@ -83,6 +92,10 @@ def create_client(settings: EdgeHubSettings) -> IoTHubModuleClient:
                           "local run set EdgeHubConnectionString and "
                           "EdgeModuleCACertificateFile (python -m simulator.edgehub prints "
                           "them)")
+    if not on_device:  # the local-debugging connection string carries the module's key
+        cs = os.environ["EdgeHubConnectionString"]  # noqa: SIM112 (the SDK's name)
+        key = dict(part.partition("=")[::2] for part in cs.split(";")).get("SharedAccessKey")
+        logs.register_secrets([cs, key or ""])
     try:
         client = IoTHubModuleClient.create_from_edge_environment(
             keep_alive=settings.keep_alive,
@@ -172,7 +185,7 @@ class EdgeHubTransport:
             try:
                 self._client.connect()
                 break
-            except ClientError as exc:
+            except SDK_ERRORS as exc:
                 log.warning("edgehub_connect_failed", error=f"{type(exc).__name__}: {exc}",
                             retry_in_s=delay, fix="check that edgeHub runs and that "
                             "IOTEDGE_GATEWAYHOSTNAME resolves to it")
@@ -187,7 +200,7 @@ class EdgeHubTransport:
             return
         try:
             twin = self._client.get_twin()
-        except ClientError as exc:
+        except SDK_ERRORS as exc:
             log.warning("edgehub_twin_unavailable", error=f"{type(exc).__name__}: {exc}",
                         effect="desired properties apply when the next patch arrives")
             return
@@ -439,7 +452,7 @@ class EdgeHubTransport:
         try:
             self._client.patch_twin_reported_properties(patch)
             return True
-        except ClientError as exc:
+        except SDK_ERRORS as exc:
             log.warning("twin_report_failed", error=f"{type(exc).__name__}: {exc}",
                         effect="sent again with the next change")
             return False
@@ -461,6 +474,6 @@ class EdgeHubTransport:
         try:
             self._client.send_method_response(
                 MethodResponse.create_from_method_request(request, status, body))
-        except ClientError as exc:
+        except SDK_ERRORS as exc:
             log.warning("method_response_failed", method=request.name,
                         error=f"{type(exc).__name__}: {exc}")
