@@ -553,6 +553,10 @@ class Settings(Section):
 
     @model_validator(mode="after")
     def _mode(self) -> Settings:
+        if self.replicas > 1 and self.transport == "edgehub":
+            raise ValueError("Replicas: splits MQTT input with shared subscriptions and does "
+                             "not work with Transport=edgehub; fix: use Replicas=1 (edgeHub "
+                             "feeds one module instance; route to a second module for more)")
         if self.download_license:
             if self.mounts.license is None:
                 raise ValueError("Mounts:License: is required with DownloadLicense=True; fix: "

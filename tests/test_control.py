@@ -143,3 +143,10 @@ def test_loggers_created_before_configure_follow_a_live_level_change() -> None:
         logs.configure("info", "json")
     lines = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
     assert lines == ["shown"]
+
+
+def test_replicas_are_refused_with_edgehub() -> None:
+    from edge_module.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="Replicas: .*Transport=edgehub"):
+        load_settings([*BASE, "Transport=edgehub", "Replicas=2"], environ={})
