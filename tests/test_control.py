@@ -148,5 +148,5 @@ def test_loggers_created_before_configure_follow_a_live_level_change() -> None:
 def test_replicas_are_refused_with_edgehub() -> None:
     from edge_module.exceptions import ConfigError
 
-    with pytest.raises(ConfigError, match="Replicas: .*Transport=edgehub"):
+    with pytest.raises(ConfigError, match=r"Replicas: .*Transport=edgehub"):
         load_settings([*BASE, "Transport=edgehub", "Replicas=2"], environ={})

@@ -12,6 +12,7 @@ is applied here to the 1.6 client (both our MQTT transport and the SDK's).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -25,30 +26,24 @@ def _broken(exc: OSError) -> ConnectionError:
     return error
 
 
+def _as_connection_error(original: Callable[[mqtt.Client, Any], Any]
+                         ) -> Callable[[mqtt.Client, Any], Any]:
+    def call(self: mqtt.Client, arg: Any) -> Any:
+        try:
+            return original(self, arg)
+        except (BlockingIOError, ConnectionError):
+            raise
+        except OSError as exc:
+            raise _broken(exc) from exc
+
+    return call
+
+
 def apply() -> None:
     """Patch ``paho.mqtt.client.Client`` once per process."""
     global _APPLIED
     if _APPLIED:
         return
-    original_send = mqtt.Client._sock_send
-    original_recv = mqtt.Client._sock_recv
-
-    def _sock_send(self: mqtt.Client, buf: Any) -> Any:
-        try:
-            return original_send(self, buf)
-        except (BlockingIOError, ConnectionError):
-            raise
-        except OSError as exc:
-            raise _broken(exc) from exc
-
-    def _sock_recv(self: mqtt.Client, bufsize: int) -> Any:
-        try:
-            return original_recv(self, bufsize)
-        except (BlockingIOError, ConnectionError):
-            raise
-        except OSError as exc:
-            raise _broken(exc) from exc
-
-    mqtt.Client._sock_send = _sock_send
-    mqtt.Client._sock_recv = _sock_recv
+    mqtt.Client._sock_send = _as_connection_error(mqtt.Client._sock_send)
+    mqtt.Client._sock_recv = _as_connection_error(mqtt.Client._sock_recv)
     _APPLIED = True
