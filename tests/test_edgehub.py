@@ -390,3 +390,33 @@ def test_edgehub_recreated_without_its_store_gets_subscribed_again(
     wait_until(answered, 30, "an input answered after edgeHub lost its sessions")
     status, _ = edgehub.call_method("GetStatus")  # methods subscribed again too
     assert status == 200
+
+
+def test_a_module_restart_under_load_answers_every_input_once_billed(
+    start_edge_module: Callable[..., Module], edgehub: FakeEdgeHub, billing: BillingSimulator
+) -> None:
+    first = start_edge_module("Metering:MaxDelaySeconds=0.2")
+    x, _ = digits(1)
+    body = image_body(x[0])
+    sent = 300
+    for i in range(sent):
+        edgehub.send_input("input", body, message_id=f"r{i}")
+        if i == 100:
+            first.stop()  # SIGTERM with inputs queued in edgeHub and in flight in the module
+            assert first.process is not None and first.process.returncode == 0
+    second = start_edge_module("Metering:MaxDelaySeconds=0.2")
+
+    def answered() -> set[str]:
+        return {m.json()["id"] for m in edgehub.outputs}
+
+    wait_until(lambda: len(answered()) >= sent, 60, "every input answered")
+    assert answered() == {f"r{i}" for i in range(sent)}
+    results = {m.json()["id"] for m in edgehub.outputs if m.output == "results"}
+    refused = {m.json()["id"]: m.json()["error"]["code"] for m in edgehub.outputs
+               if m.output == "errors"}
+    assert set(refused.values()) <= {"ShuttingDown"}
+    assert not results & set(refused)  # each input answered one way
+    wait_until(lambda: second.metric("edge_module_ledger_pending_records") == 0, 30,
+               "usage uploaded")
+    # Inputs refused while shutting down were answered, not billed; the rest billed once.
+    assert len(billing.store.records()) == len(results)

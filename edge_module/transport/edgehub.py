@@ -151,6 +151,7 @@ class EdgeHubTransport:
         self._client = client_factory(settings)
         self._deliver: Deliver | None = None
         self._accepting = True
+        self._handing_over = True  # queued inputs still go to the pipeline
         self._closing = threading.Event()
         self._intake: queue.Queue[Inbound | None] = queue.Queue(maxsize=settings.intake_queue)
         self._lock = threading.Condition()
@@ -217,7 +218,8 @@ class EdgeHubTransport:
         deadline = time.monotonic() + 5
         while self._intake.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
-        log.info("edgehub_intake_stopped")
+        self._handing_over = False  # from now on the feeder answers ShuttingDown
+        log.info("edgehub_intake_stopped", left=self._intake.qsize())
 
     def close(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -234,7 +236,8 @@ class EdgeHubTransport:
                       effect="these answers were not acknowledged by edgeHub before the "
                       "shutdown budget (Pipeline:ShutdownSeconds) ran out")
         self._closing.set()
-        self._intake.put(None)
+        with contextlib.suppress(queue.Full):
+            self._intake.put_nowait(None)  # the feeder is a daemon thread either way
         with contextlib.suppress(Exception):  # the SDK may raise anything while tearing down
             self._client.shutdown()
         log.info("edgehub_closed")
@@ -283,7 +286,7 @@ class EdgeHubTransport:
             try:
                 if inbound is None:
                     return
-                if self._accepting or not self._closing.is_set():
+                if self._handing_over:
                     self._deliver(inbound)
                 else:
                     self._refuse(inbound, ErrorCode.SHUTTING_DOWN, "the module is shutting "
