@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_module import CONTAINER_TYPE, __version__, logs
 from edge_module.api.http import HttpApi
@@ -40,6 +40,9 @@ from edge_module.pipeline import Meter, Pipeline
 from edge_module.state import ensure_data_dir, installation_id, module_signing_key
 from edge_module.transport.base import Transport
 from edge_module.transport.mqtt import MqttTransport
+
+if TYPE_CHECKING:  # the SDK is imported only when Transport=edgehub
+    from edge_module.transport.edgehub import EdgeHubTransport
 
 log = get_logger("app")
 
@@ -83,6 +86,7 @@ class App:
         self.methods.add("DrainNow", self._method_drain)
         self.methods.add("ReloadModel", self._method_reload)
         self.reporter: Reporter | None = None
+        self.edgehub: EdgeHubTransport | None = None
         self.transport = self._transport()
         self.pipeline = Pipeline(self.model, settings.pipeline, self.transport, self.metrics,
                                  self.meter, gate=self.licensing, top_k=settings.model.top_k)
@@ -107,7 +111,8 @@ class App:
     def _transport(self) -> Transport:
         if self.settings.transport == "edgehub":
             from edge_module.transport.edgehub import EdgeHubTransport
-            edgehub = EdgeHubTransport(self.settings.edge_hub, self.metrics)
+
+            edgehub = self.edgehub = EdgeHubTransport(self.settings.edge_hub, self.metrics)
             self.reporter = Reporter(edgehub.report, self._reported_state,
                                      self.settings.edge_hub.reported_interval_seconds)
             edgehub.on_desired = self.apply_desired
@@ -155,9 +160,8 @@ class App:
                 logs.configure(new.log.level, new.log.format)
             if self.drainer is not None:
                 self.drainer.settings = new.metering
-            transport: Any = self.transport
-            if hasattr(transport, "inputs"):
-                transport.inputs = frozenset(new.edge_hub.inputs)
+            if self.edgehub is not None:
+                self.edgehub.inputs = frozenset(new.edge_hub.inputs)
             changed = [k for k in verdict.changed
                        if value_at(new, k) != value_at(self.settings, k)]
             self.settings = new

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from edge_module.config import Settings, _translate, resolve_key
+from edge_module.config import Settings, _set, _translate, resolve_key
 from edge_module.exceptions import ConfigError
 
 # What a twin may change without a restart, and how the module applies it.
@@ -84,14 +84,6 @@ def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
             target[key] = json.loads(json.dumps(value))
 
 
-def _set(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(":")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
 class LiveSettings:
     def __init__(self, base: Settings) -> None:
         self.base = base
@@ -123,7 +115,7 @@ class LiveSettings:
         for key in sorted(wanted):
             trial: dict[str, Any] = {}
             for k, v in {**accepted, key: wanted[key]}.items():
-                _set(trial, k, v)
+                _set(trial, k.split(":"), v)
             try:
                 Settings.model_validate(_overlay(tree, trial))
             except ValidationError as exc:
@@ -132,7 +124,7 @@ class LiveSettings:
             accepted[key] = wanted[key]
         overlay: dict[str, Any] = {}
         for key, value in accepted.items():
-            _set(overlay, key, value)
+            _set(overlay, key.split(":"), value)
         settings = Settings.model_validate(_overlay(tree, overlay))
         changed = [k for k in LIVE_KEYS if value_at(settings, k) != value_at(self.current, k)]
         return Verdict(settings, changed, rejected,
@@ -142,7 +134,7 @@ class LiveSettings:
         """The live settings in force, nested as desired properties are."""
         out: dict[str, Any] = {}
         for key in LIVE_KEYS:
-            _set(out, key, shown(value_at(self.current, key)))
+            _set(out, key.split(":"), shown(value_at(self.current, key)))
         return out
 
 
