@@ -159,11 +159,10 @@ class Pipeline:
         self.meter = meter
         self.gate = gate or OpenGate()
         self.serving = self._serving(model, top_k, score_threshold)
-        self.max_batch = self.serving.max_batch
         self.intake: queue.Queue[Inbound] = queue.Queue(maxsize=settings.intake_queue)
         # Decoded requests hold full float tensors: two batches waiting keep inference fed;
         # more would only hold memory (256 decoded 224x224 images are ~150 MB).
-        self.batches: queue.Queue[Job] = queue.Queue(maxsize=max(4, 2 * self.max_batch))
+        self.batches: queue.Queue[Job] = queue.Queue(maxsize=max(4, 2 * self.serving.max_batch))
         # Inferred batches waiting for their commit: bounded, so a slow disk slows
         # inference down instead of piling results up in memory.
         self.commits: queue.Queue[Inferred] = queue.Queue(maxsize=8)
@@ -193,10 +192,11 @@ class Pipeline:
         """Serve new requests with another model or answer shape; requests already
         decoded finish with what they started with."""
         current = self.serving
-        self.serving = self._serving(
-            model or current.model,
-            current.top_k if top_k is None else top_k,
-            current.score_threshold if score_threshold is None else score_threshold)
+        wanted = (model or current.model, current.top_k if top_k is None else top_k,
+                  current.score_threshold if score_threshold is None else score_threshold)
+        if wanted == (current.model, current.top_k, current.score_threshold):
+            return  # nothing changes: keep batching across the update
+        self.serving = self._serving(*wanted)
 
     # -- lifecycle --------------------------------------------------------
 
