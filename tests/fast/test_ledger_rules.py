@@ -1,0 +1,86 @@
+"""The ledger's rules on a real SQLite file: admission, settling, replays, pruning."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from edge_module.metering.ledger import ACCEPTED, DUPLICATE, Ledger
+from edge_module.metering.records import RECORD_FIELDS, MeterSpec, Usage, record_json
+from tests.fast.conftest import IDENTITY, make_ledger
+
+METER = MeterSpec("digits.image.classify", "image-classification")
+
+
+def test_admission_reserves_room_and_release_gives_it_back(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path / "l.db", MaxPendingRecords=10)
+    assert ledger.admit(7) == 7
+    assert ledger.admit(7) == 3  # 7 reserved, not yet committed, count already
+    assert ledger.admit(1) == 0
+    ledger.release(3)
+    assert ledger.admit(5) == 3
+    ledger.release(10)
+    assert ledger.admit(10) == 10
+    ledger.close()
+
+
+def test_a_commit_turns_reservations_into_pending_records(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path / "l.db", MaxPendingRecords=4)
+    assert ledger.admit(4) == 4
+    ids = ledger.append(METER, [Usage(1) for _ in range(4)])
+    assert len(set(ids)) == 4 and ledger.pending == 4
+    assert ledger.admit(1) == 0
+    assert ledger.buffer_full().code == "MeteringBufferFull"
+    ledger.close()
+
+
+def test_pending_records_are_the_wire_format_of_records_py(ledger: Ledger) -> None:
+    ledger.admit(2)
+    ids = ledger.append(METER, [Usage(3), Usage(1)])
+    batch = ledger.pending_batch(10)
+    assert [p.id for p in batch] == ids
+    for pending in batch:
+        body = json.loads(pending.body)
+        assert tuple(body) == RECORD_FIELDS
+        assert pending.body == record_json(
+            body["id"], IDENTITY, IDENTITY.container_version, METER.name,
+            body["meter"]["quantity"], body["requestTime"], METER.api_type)
+    assert [json.loads(p.body)["meter"]["quantity"] for p in batch] == [3, 1]
+
+
+def test_settling_twice_counts_once_and_quarantine_survives_pruning(
+        tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path / "l.db", RetentionHours=0.0001)
+    ledger.admit(3)
+    ledger.append(METER, [Usage(1), Usage(1), Usage(1)])
+    seqs = [p.seq for p in ledger.pending_batch(10)]
+    ledger.settle([(seqs[0], ACCEPTED), (seqs[1], DUPLICATE)], [(seqs[2], "rejected")])
+    ledger.settle([(seqs[0], ACCEPTED)])  # an answer seen twice
+    assert ledger.pending == 0
+    stats = ledger.stats()
+    assert (stats.accepted, stats.duplicates, stats.quarantined) == (1, 1, 1)
+    time.sleep(0.5)  # past the (tiny) retention
+    assert ledger.prune() == 2
+    assert ledger.stats().quarantined == 1
+    assert ledger.quarantined()[0]["reason"] == "rejected"
+    ledger.close()
+
+
+def test_a_delivery_is_a_replay_only_with_the_same_bytes(ledger: Ledger) -> None:
+    ledger.admit(1)
+    [rid] = ledger.append(METER, [Usage(1, "s:1", b"digest-a")])
+    assert ledger.replayed("s:1", b"digest-a") == rid
+    assert ledger.replayed("s:1", b"digest-b") is None
+    assert ledger.replayed("s:2", b"digest-a") is None
+
+
+def test_pending_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    ledger = make_ledger(path)
+    ledger.admit(2)
+    ledger.append(METER, [Usage(1), Usage(1)])
+    ledger.close()
+    again = make_ledger(path)
+    assert again.pending == 2
+    again.close()

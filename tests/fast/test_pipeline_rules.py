@@ -1,0 +1,204 @@
+"""The pipeline's rules, in process: batching, the gate, admission, replays, live swaps.
+
+The real digits model answers; a real SQLite ledger meters; only the transport is
+replaced by one that keeps the answers (tests/fast/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_module.config import PipelineSettings
+from edge_module.exceptions import Refusal
+from edge_module.inference.models import Model
+from edge_module.metering.ledger import Ledger
+from edge_module.metering.meter import LedgerMeter
+from edge_module.metrics import Metrics
+from edge_module.pipeline import Pipeline
+from edge_module.transport.base import Inbound
+from simulator.datasets import digit_image, digits_split
+from tests.fast.conftest import RecordingTransport, make_ledger
+
+
+@pytest.fixture(scope="module")
+def held_out() -> tuple[np.ndarray, np.ndarray]:
+    _, x, _, y = digits_split()
+    return x[:40], y[:40]
+
+
+def _metric(metrics: Metrics, name: str) -> float:
+    for line in metrics.render().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+class Gate:
+    """A licence decision the test switches: open, or refusing with Unlicensed."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def gate_check(self) -> None:
+        if not self.open:
+            raise Refusal("Unlicensed", "no licence in this test", status="Invalid")
+
+
+def _pipeline(model: Model, transport: RecordingTransport, ledger: Ledger,
+              gate: Gate | None = None, **settings: object) -> tuple[Pipeline, Metrics]:
+    metrics = Metrics()
+    pipe = Pipeline(model, PipelineSettings.model_validate(settings), transport, metrics,
+                    LedgerMeter(ledger, metrics), gate)
+    pipe.start()
+    return pipe, metrics
+
+
+@pytest.fixture
+def stop_after() -> Iterator[list[Pipeline]]:
+    started: list[Pipeline] = []
+    yield started
+    for pipe in started:
+        pipe.drain(5)
+        pipe.stop()
+
+
+def _inbound(payload: bytes, key: str | None = None, redelivered: bool = False) -> Inbound:
+    return Inbound(payload, "em/in/test", delivery_key=key, redelivered=redelivered)
+
+
+def test_requests_waiting_together_are_inferred_in_one_batch(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, y = held_out
+    pipe, metrics = _pipeline(digits, transport, ledger, MaxBatchSize=8,
+                              MaxQueueDelayMs=500)
+    stop_after.append(pipe)
+    for pixels in x[:8]:
+        pipe.submit(_inbound(digit_image(pixels)))
+    transport.wait_answers(8)
+    assert transport.errors == []
+    labels = [json.loads(body)["results"][0]["label"] for _, body in transport.results]
+    assert sorted(labels) == sorted(str(v) for v in y[:8])
+    # 8 requests queued within the delay: far fewer session.run calls than requests
+    assert _metric(metrics, "edge_module_items_inferred_total") == 8
+    assert _metric(metrics, "edge_module_inference_seconds_count") <= 2
+    assert ledger.pending == 8  # one record per answered request
+
+
+def test_a_batch_never_exceeds_the_batch_size(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, _ = held_out
+    pipe, metrics = _pipeline(digits, transport, ledger, MaxBatchSize=4,
+                              MaxQueueDelayMs=200)
+    stop_after.append(pipe)
+    for pixels in x[:12]:
+        pipe.submit(_inbound(digit_image(pixels)))
+    transport.wait_answers(12)
+    assert _metric(metrics, "edge_module_inference_seconds_count") >= 3
+    assert _metric(metrics, "edge_module_batch_size_sum") == 12
+    bucket_4 = _metric(metrics, 'edge_module_batch_size_bucket{le="4.0"}')
+    assert bucket_4 == _metric(metrics, "edge_module_batch_size_count")
+
+
+def test_a_closed_gate_refuses_unbilled_and_reopening_serves_again(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, _ = held_out
+    gate = Gate()
+    gate.open = False
+    pipe, _ = _pipeline(digits, transport, ledger, gate)
+    stop_after.append(pipe)
+    pipe.submit(_inbound(digit_image(x[0])))
+    transport.wait_answers(1)
+    error = json.loads(transport.errors[0][1])["error"]
+    assert error["code"] == "Unlicensed" and error["status"] == "Invalid"
+    assert ledger.pending == 0
+    gate.open = True
+    pipe.submit(_inbound(digit_image(x[1])))
+    transport.wait_answers(2)
+    assert len(transport.results) == 1 and ledger.pending == 1
+
+
+def test_admission_stops_at_the_cap_and_nothing_past_it_is_billed(
+        digits: Model, transport: RecordingTransport, tmp_path: Path,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, _ = held_out
+    ledger = make_ledger(tmp_path / "capped.db", MaxPendingRecords=5)
+    pipe, _ = _pipeline(digits, transport, ledger)
+    stop_after.append(pipe)
+    for pixels in x[:9]:
+        pipe.submit(_inbound(digit_image(pixels)))
+    transport.wait_answers(9)
+    codes = [json.loads(body)["error"]["code"] for _, body in transport.errors]
+    assert len(transport.results) == 5 and codes == ["MeteringBufferFull"] * 4
+    assert ledger.pending == 5
+    ledger.close()
+
+
+def test_a_redelivered_input_is_answered_again_without_a_second_record(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, _ = held_out
+    pipe, metrics = _pipeline(digits, transport, ledger)
+    stop_after.append(pipe)
+    payload = digit_image(x[0])
+    pipe.submit(_inbound(payload, key="session-1:17"))
+    transport.wait_answers(1)
+    pipe.submit(_inbound(payload, key="session-1:17", redelivered=True))
+    transport.wait_answers(2)
+    # same packet id, other bytes: a new input that reuses the id, so a new record
+    pipe.submit(_inbound(digit_image(x[1]), key="session-1:17", redelivered=True))
+    transport.wait_answers(3)
+    assert len(transport.results) == 3
+    assert ledger.pending == 2
+    assert _metric(metrics, "edge_module_replayed_messages_total") == 1
+
+
+def test_a_swap_while_requests_flow_answers_each_with_the_model_it_started_with(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, _ = held_out
+    pipe, _ = _pipeline(digits, transport, ledger, MaxBatchSize=4, MaxQueueDelayMs=5)
+    stop_after.append(pipe)
+    done = threading.Event()
+
+    def swap_back_and_forth() -> None:
+        top_k = 1
+        while not done.is_set():
+            pipe.reconfigure(top_k=top_k)
+            top_k = 3 if top_k == 1 else 1
+            done.wait(0.002)
+
+    swapper = threading.Thread(target=swap_back_and_forth)
+    swapper.start()
+    try:
+        for pixels in x[:40]:
+            pipe.submit(_inbound(digit_image(pixels)))
+        transport.wait_answers(40)
+    finally:
+        done.set()
+        swapper.join()
+    assert transport.errors == []
+    sizes = {len(json.loads(body)["results"][0]["topK"]) for _, body in transport.results}
+    assert sizes <= {1, 3}  # every answer is whole under one Serving, never a mix
+    assert ledger.pending == 40
+
+
+def test_a_bad_payload_is_answered_at_once_and_never_billed(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, _ = held_out
+    pipe, _ = _pipeline(digits, transport, ledger)
+    stop_after.append(pipe)
+    pipe.submit(_inbound(b"{not json"))
+    pipe.submit(_inbound(digit_image(x[0])))
+    transport.wait_answers(2)
+    assert [json.loads(b)["error"]["code"] for _, b in transport.errors] == ["InvalidJson"]
+    assert len(transport.results) == 1 and ledger.pending == 1
