@@ -1,4 +1,7 @@
-"""``edge-module ledger``: the metering backlog for operators, and an upload on demand."""
+"""``edge-module ledger``: the metering backlog for operators, and an upload on demand.
+
+Runs on the main thread; the upload uses the same ``Drainer`` as the module.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 
 from edge_module import CONTAINER_TYPE, __version__, logs
 from edge_module.billing_api import BillingClient
-from edge_module.cli import EXIT_CONFIG, fail, tool_settings
+from edge_module.cli.common import EXIT_CONFIG, fail, tool_settings
 from edge_module.config import Settings
 from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger, MeteringError

@@ -9,7 +9,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_module.billing_api import BillingClient
-from edge_module.cli import EXIT_CONFIG, fail, tool_settings
+from edge_module.cli.common import EXIT_CONFIG, fail, tool_settings
 from edge_module.exceptions import ConfigError
 from edge_module.licensing.signing import load_public_key
 from edge_module.metering.usage_log import read_entries, verify_entries
