@@ -53,7 +53,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 docs: $(STAMP)
-	$(BIN)/edge-module config-reference > docs/configuration.md
+	$(BIN)/python -m tools.docs
 
 # The ready-to-apply IoT Edge deployment manifest.json (and the fleet layers in
 # deployment/generated/) from deployment/: values from the environment,

@@ -6,6 +6,8 @@ translate them into an exit code, an error envelope or a log line.
 
 from __future__ import annotations
 
+from edge_module.errors import ErrorCode
+
 
 class EdgeModuleError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -27,10 +29,10 @@ class ModelError(EdgeModuleError):
 class PayloadError(EdgeModuleError):
     """An input message cannot be turned into model input.
 
-    ``code`` is stable and documented in docs/mqtt-topics.md; clients branch on it.
+    ``code`` is stable and documented (edge_module/errors.py); clients branch on it.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -43,7 +45,7 @@ class Refusal(EdgeModuleError):
     ``status`` or ``retryAfter``.
     """
 
-    def __init__(self, code: str, message: str, **details: object) -> None:
+    def __init__(self, code: ErrorCode, message: str, **details: object) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -35,8 +35,9 @@ import numpy as np
 
 from edge_module.config import PipelineSettings
 from edge_module.envelope import error_envelope, result_envelope
+from edge_module.errors import ErrorCode
 from edge_module.exceptions import EdgeModuleError, Refusal
-from edge_module.inference.codecs import Codec, ErrorCode, Limits, RequestError
+from edge_module.inference.codecs import Codec, Limits, RequestError
 from edge_module.inference.models import Model
 from edge_module.logs import get_logger
 from edge_module.metering.records import MeterSpec, Usage
@@ -87,7 +88,7 @@ class NoMeter:
         return None
 
     def buffer_full(self) -> Refusal:
-        return Refusal("MeteringBufferFull", "unreachable: this meter never fills")
+        return Refusal(ErrorCode.METERING_BUFFER_FULL, "unreachable: this meter never fills")
 
     def commit(self, spec: MeterSpec, usages: Sequence[Usage]) -> list[str]:
         return ["" for _ in usages]
@@ -412,7 +413,8 @@ class Pipeline:
             log.error("metering_commit_failed", error=str(exc), batch=len(fresh))
             for inferred in group:
                 for job in inferred.jobs:
-                    self._send_error(job.inbound, job.request_id, "MeteringUnavailable",
+                    self._send_error(job.inbound, job.request_id,
+                                     ErrorCode.METERING_UNAVAILABLE,
                                      "the usage record could not be stored, so no result is "
                                      "released; send the input again once the disk under "
                                      "Data:Path has room")

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from edge_module.exceptions import EdgeModuleError
+
 Handler = Callable[[Any], tuple[int, Any]]
 
 
-class BadPayload(ValueError):
+class BadPayload(EdgeModuleError, ValueError):
     """A method's payload is not what it takes; the message says what it takes."""
 
 

@@ -20,12 +20,12 @@ import binascii
 import io
 import json
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import cv2
 import numpy as np
 
+from edge_module.errors import ErrorCode
 from edge_module.exceptions import PayloadError
 from edge_module.inference.models import ImageInput, Model
 
@@ -35,30 +35,6 @@ NPY_MAGIC = b"\x93NUMPY"
 MAX_ID_LENGTH = 256
 REQUEST_FIELDS = {"id", "image", "tensor", "items"}
 ITEM_FIELDS = {"image", "tensor"}
-
-
-class ErrorCode(StrEnum):
-    """Stable error codes of error envelopes. Never renamed; new ones may be added."""
-
-    EMPTY_PAYLOAD = "EmptyPayload"
-    PAYLOAD_TOO_LARGE = "PayloadTooLarge"
-    UNSUPPORTED_PAYLOAD = "UnsupportedPayload"
-    INVALID_JSON = "InvalidJson"
-    UNKNOWN_FIELD = "UnknownField"
-    INVALID_REQUEST = "InvalidRequest"
-    INVALID_BASE64 = "InvalidBase64"
-    IMAGE_DECODE_FAILED = "ImageDecodeFailed"
-    INPUT_KIND_MISMATCH = "InputKindMismatch"
-    TENSOR_SHAPE_MISMATCH = "TensorShapeMismatch"
-    TENSOR_DTYPE_INVALID = "TensorDtypeInvalid"
-    TENSOR_VALUE_INVALID = "TensorValueInvalid"
-    BATCH_TOO_LARGE = "BatchTooLarge"
-    INFERENCE_FAILED = "InferenceFailed"
-    OUTPUT_TOPIC_LOOP = "OutputTopicLoop"
-    OVERLOADED = "Overloaded"
-    UNKNOWN_INPUT = "UnknownInput"
-    SHUTTING_DOWN = "ShuttingDown"
-    INTERNAL = "InternalError"
 
 
 @dataclass(frozen=True)
@@ -79,7 +55,7 @@ class RequestError(PayloadError):
     """A PayloadError that remembers the request id, when the payload had one."""
 
     def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
-        super().__init__(code.value, message)
+        super().__init__(code, message)
         self.request_id = request_id
 
 

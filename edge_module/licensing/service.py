@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_module.billing_api import Answer, ApiStatus, BillingClient
 from edge_module.config import LicensingSettings
+from edge_module.errors import ErrorCode
 from edge_module.exceptions import Refusal
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import Lease, LeaseStore, parse_lease
@@ -46,7 +47,6 @@ from edge_module.metering.records import Identity
 
 log = get_logger("licensing")
 
-UNLICENSED = "Unlicensed"
 NO_GRACE = {ApiStatus.INVALID, ApiStatus.MISMATCH, ApiStatus.UNAUTHORIZED}
 GRACE_STATUSES = {ApiStatus.COULD_NOT_CONNECT, ApiStatus.BUSY, ApiStatus.UNKNOWN}
 
@@ -220,7 +220,7 @@ class Licensing:
         if decision.state != self._state:
             self._transition()
         if not decision.serve:
-            raise Refusal(UNLICENSED, f"{decision.message}. {decision.remedy}",
+            raise Refusal(ErrorCode.UNLICENSED, f"{decision.message}. {decision.remedy}",
                           status=decision.status, retryAfter=decision.retry_after)
 
     # -- the periodic check -----------------------------------------------

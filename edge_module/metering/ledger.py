@@ -32,6 +32,7 @@ from typing import Any
 import sqlite_utils
 
 from edge_module.config import MeteringSettings
+from edge_module.errors import ErrorCode
 from edge_module.exceptions import EdgeModuleError, Refusal
 from edge_module.logs import get_logger
 from edge_module.metering.records import Identity, MeterSpec, Usage
@@ -42,7 +43,6 @@ PENDING, ACCEPTED, DUPLICATE, QUARANTINED = 0, 1, 2, 3
 STATE_NAMES = {PENDING: "pending", ACCEPTED: "accepted", DUPLICATE: "duplicate",
                QUARANTINED: "quarantined"}
 WARN_RATIO = 0.8
-BUFFER_FULL = "MeteringBufferFull"
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", """
@@ -274,7 +274,7 @@ class Ledger:
             self._reserved = max(0, self._reserved - count)
 
     def buffer_full(self) -> Refusal:
-        return Refusal(BUFFER_FULL,
+        return Refusal(ErrorCode.METERING_BUFFER_FULL,
                        f"the metering buffer is full ({self._pending} records waiting for "
                        "upload); new work is refused until the billing endpoint is reachable "
                        "again and the backlog drains")

@@ -57,8 +57,8 @@ from azure.iot.device.exceptions import (
 from edge_module import logs
 from edge_module.config import EdgeHubSettings
 from edge_module.envelope import error_envelope
+from edge_module.errors import ErrorCode
 from edge_module.exceptions import ConfigError
-from edge_module.inference.codecs import ErrorCode
 from edge_module.logs import get_logger
 from edge_module.metrics import Metrics
 from edge_module.transport.base import Deliver, Inbound

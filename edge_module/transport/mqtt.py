@@ -33,6 +33,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_module.config import MqttSettings, subscription_filter
+from edge_module.errors import ErrorCode
 from edge_module.logs import get_logger
 from edge_module.metrics import Metrics
 from edge_module.transport.base import Deliver, Inbound
@@ -260,7 +261,7 @@ class MqttTransport:
         topic = template.replace("{topic}", inbound.source)
         if any(mqtt.topic_matches_sub(f, topic) for f in self._filters):
             self.metrics.publish_failures.inc()
-            log.error("mqtt_output_loop", topic=topic, code="OutputTopicLoop",
+            log.error("mqtt_output_loop", topic=topic, code=ErrorCode.OUTPUT_TOPIC_LOOP,
                       fix="choose ResultTopic/ErrorTopic (or the response topic) outside "
                           "Mqtt:InputTopic")
             inbound.settle()

@@ -1,0 +1,142 @@
+"""Every error code a client can receive: the enum, each code's cause and fix, the docs table.
+
+One home for the contract: transports, the pipeline, the ledger and the licence
+gate raise or send these codes and never spell one as a string of their own (a
+test reads the source to check). The table in docs/mqtt-topics.md is generated
+from ``CATALOGUE`` (``make docs``) and a test keeps it in step. Codes are stable:
+never renamed or removed; new ones may be added.
+
+None of these answers is billed: a usage record exists only for a result.
+
+A leaf module: it imports nothing from the rest of the package. Any thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes of error envelopes (``{"error": {"code", "message"}}``)."""
+
+    EMPTY_PAYLOAD = "EmptyPayload"
+    PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+    UNSUPPORTED_PAYLOAD = "UnsupportedPayload"
+    INVALID_JSON = "InvalidJson"
+    UNKNOWN_FIELD = "UnknownField"
+    INVALID_REQUEST = "InvalidRequest"
+    INVALID_BASE64 = "InvalidBase64"
+    IMAGE_DECODE_FAILED = "ImageDecodeFailed"
+    INPUT_KIND_MISMATCH = "InputKindMismatch"
+    TENSOR_SHAPE_MISMATCH = "TensorShapeMismatch"
+    TENSOR_DTYPE_INVALID = "TensorDtypeInvalid"
+    TENSOR_VALUE_INVALID = "TensorValueInvalid"
+    BATCH_TOO_LARGE = "BatchTooLarge"
+    INFERENCE_FAILED = "InferenceFailed"
+    OUTPUT_TOPIC_LOOP = "OutputTopicLoop"
+    UNLICENSED = "Unlicensed"
+    METERING_BUFFER_FULL = "MeteringBufferFull"
+    METERING_UNAVAILABLE = "MeteringUnavailable"
+    OVERLOADED = "Overloaded"
+    UNKNOWN_INPUT = "UnknownInput"
+    SHUTTING_DOWN = "ShuttingDown"
+    INTERNAL = "InternalError"
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """What a person needs to know about a code.
+
+    ``retryable``: the same input sent again later may succeed (the envelope says
+    so where the transport marks it). ``http_status``: the status an HTTP API
+    answers with this code.
+    """
+
+    cause: str
+    fix: str
+    retryable: bool = False
+    http_status: int = 400
+
+
+CATALOGUE: dict[ErrorCode, ErrorInfo] = {
+    ErrorCode.EMPTY_PAYLOAD: ErrorInfo(
+        "zero-byte message", "send an image, `.npy` or JSON"),
+    ErrorCode.PAYLOAD_TOO_LARGE: ErrorInfo(
+        "larger than `Pipeline:MaxPayloadBytes`", "send smaller images or raise the limit",
+        http_status=413),
+    ErrorCode.UNSUPPORTED_PAYLOAD: ErrorInfo(
+        "not JPEG, PNG, `.npy` or a JSON object; or a corrupt `.npy`",
+        "use one of the input forms"),
+    ErrorCode.INVALID_JSON: ErrorInfo(
+        "JSON that does not parse, or is not an object", "fix the JSON"),
+    ErrorCode.UNKNOWN_FIELD: ErrorInfo(
+        "a field other than `id`, `image`, `tensor`, `items` (or, in an item, `image`, "
+        "`tensor`)", "remove or rename it"),
+    ErrorCode.INVALID_REQUEST: ErrorInfo(
+        "none or several of `image`/`tensor`/`items`; bad `id`; empty `items`",
+        "send exactly one"),
+    ErrorCode.INVALID_BASE64: ErrorInfo(
+        "`image` is not base64", "encode the bytes with standard base64"),
+    ErrorCode.IMAGE_DECODE_FAILED: ErrorInfo(
+        "corrupt or truncated JPEG/PNG", "resend the whole file"),
+    ErrorCode.INPUT_KIND_MISMATCH: ErrorInfo(
+        "an image sent to a tensor model", "send a tensor"),
+    ErrorCode.TENSOR_SHAPE_MISMATCH: ErrorInfo(
+        "wrong or ragged shape", "match the model's item shape (table above)"),
+    ErrorCode.TENSOR_DTYPE_INVALID: ErrorInfo(
+        "non-numeric values, or an object `.npy`", "send numbers"),
+    ErrorCode.TENSOR_VALUE_INVALID: ErrorInfo(
+        "NaN or infinity", "send finite numbers"),
+    ErrorCode.BATCH_TOO_LARGE: ErrorInfo(
+        "more items than `Pipeline:MaxBatchItems`", "split the batch"),
+    ErrorCode.INFERENCE_FAILED: ErrorInfo(
+        "onnxruntime failed on this input", "check the model; the message says why",
+        http_status=500),
+    ErrorCode.OUTPUT_TOPIC_LOOP: ErrorInfo(
+        "an answer's topic (derived with `{topic}`, or a response topic) would match an "
+        "input filter: it is not published, only logged with this code",
+        "choose `Mqtt:ResultTopic`, `Mqtt:ErrorTopic` and response topics outside "
+        "`Mqtt:InputTopic`", http_status=500),
+    ErrorCode.UNLICENSED: ErrorInfo(
+        "the licence cannot be confirmed and no offline grace is left (the envelope "
+        "carries `status` and `retryAfter`)",
+        "the message names the billing status and its fix; `/status` shows the grace",
+        retryable=True, http_status=403),
+    ErrorCode.METERING_BUFFER_FULL: ErrorInfo(
+        "`Metering:MaxPendingRecords` or `Metering:MaxLedgerMb` reached while the billing "
+        "endpoint is out of reach", "restore the link; service resumes as the backlog drains",
+        retryable=True, http_status=503),
+    ErrorCode.METERING_UNAVAILABLE: ErrorInfo(
+        "the usage record could not be stored, so the result is withheld",
+        "check the disk under `Data:Path`", retryable=True, http_status=503),
+    ErrorCode.OVERLOADED: ErrorInfo(
+        "the intake queue is full (edgeHub: `EdgeHub:IntakeQueue`)",
+        "send again later, or raise the queue", retryable=True, http_status=503),
+    ErrorCode.UNKNOWN_INPUT: ErrorInfo(
+        "the edgeHub input is not in `EdgeHub:Inputs`", "fix the route or the setting",
+        http_status=404),
+    ErrorCode.SHUTTING_DOWN: ErrorInfo(
+        "the module is stopping", "send again; the new instance answers", retryable=True,
+        http_status=503),
+    ErrorCode.INTERNAL: ErrorInfo(
+        "a bug; the log has the trace", "report it", http_status=500),
+}
+
+
+def info(code: ErrorCode) -> ErrorInfo:
+    return CATALOGUE[code]
+
+
+DOCS_START = "<!-- error-codes:start (generated from edge_module/errors.py by `make docs`) -->"
+DOCS_END = "<!-- error-codes:end -->"
+
+
+def reference_markdown() -> str:
+    """The error table of docs/mqtt-topics.md (between ``DOCS_START`` and ``DOCS_END``)."""
+    lines = ["| Code | Cause | Fix | Retry |", "| --- | --- | --- | --- |"]
+    for code in ErrorCode:
+        item = CATALOGUE[code]
+        retry = "yes" if item.retryable else "no"
+        lines.append(f"| `{code.value}` | {item.cause} | {item.fix} | {retry} |")
+    return "\n".join(lines) + "\n"
