@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: install mosquitto container-tools run test lint models lock bench bench-quick profile clean docs manifest image
+.PHONY: install mosquitto container-tools run test test-fast lint models lock bench bench-quick profile clean docs manifest image
 
 install: $(STAMP) mosquitto container-tools
 
@@ -47,6 +47,12 @@ run: install
 
 test: install lint
 	$(BIN)/python -m pytest
+
+# The in-process tier alone (seconds): pipeline and ledger rules, back-off, the edgeHub
+# outbox, settings, codecs, the import graph. `make test` runs it too, with everything else.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/fast tests/test_architecture.py tests/test_config.py \
+		tests/test_codecs_and_models.py tests/test_control.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check edge_module simulator tools tests bench

@@ -367,8 +367,9 @@ def module_bench(workdir: Path, broker_port: int, billing: str, public_key: str,
 
 
 def ledger_append(workdir: Path, records: int = 100_000, per_commit: int = 32) -> dict[str, Any]:
+    from edge_module.identity import Identity
     from edge_module.metering.ledger import Ledger
-    from edge_module.metering.records import Identity, MeterSpec, Usage
+    from edge_module.metering.records import MeterSpec, Usage
 
     ledger = Ledger(workdir / "append.db", Identity("edge-module", "bench", "c"),
                     MeteringSettings())
@@ -399,9 +400,10 @@ def ledger_append(workdir: Path, records: int = 100_000, per_commit: int = 32) -
 
 def drain(workdir: Path, billing_url: str, records: int) -> dict[str, Any]:
     from edge_module.billing_api import BillingClient
+    from edge_module.identity import Identity
     from edge_module.metering.drain import Drainer
     from edge_module.metering.ledger import Ledger
-    from edge_module.metering.records import Identity, MeterSpec, Usage
+    from edge_module.metering.records import MeterSpec, Usage
 
     settings = MeteringSettings.model_validate({"Synchronous": "normal"})
     ledger = Ledger(workdir / "backlog.db", Identity("edge-module", "bench",

@@ -22,6 +22,7 @@ from edge_module.control.live import LiveSettings, shown, value_at
 from edge_module.control.methods import BadPayload, Methods, options
 from edge_module.control.reported import Reporter
 from edge_module.exceptions import ConfigError, EdgeModuleError
+from edge_module.identity import Identity, installation_identity
 from edge_module.inference.encryption import MAGIC
 from edge_module.inference.models import Model, load_descriptor, load_model, model_path
 from edge_module.licensing.clock import TrustedClock
@@ -33,11 +34,10 @@ from edge_module.logs import get_logger
 from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger
 from edge_module.metering.meter import LedgerMeter
-from edge_module.metering.records import Identity
 from edge_module.metering.usage_log import UsageLog
 from edge_module.metrics import Metrics
 from edge_module.pipeline import Meter, Pipeline
-from edge_module.state import ensure_data_dir, installation_id, module_signing_key
+from edge_module.state import ensure_data_dir, module_signing_key
 from edge_module.transport.base import Transport
 from edge_module.transport.mqtt import MqttTransport
 
@@ -53,9 +53,9 @@ class App:
         self.stopping = threading.Event()
         self.stop_signal: int | None = None
         self.data_path = ensure_data_dir(settings.data.path)
-        self.container_id = installation_id(self.data_path)
+        self.identity = installation_identity(self.data_path)
+        self.container_id = self.identity.container_id
         self.metrics = Metrics()
-        self.identity = Identity(CONTAINER_TYPE, __version__, self.container_id)
         self.ledger = Ledger(self.data_path / "ledger.db", self.identity, settings.metering)
         # The licence is checked before the model is loaded: a bad licence fails fast.
         self.licensing = build_licensing(settings, self.identity, self.data_path,

@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 from edge_module import CONTAINER_TYPE, __version__
 from edge_module.billing_api import ApiStatus, BillingClient, proxy_for
 from edge_module.config import Settings
+from edge_module.identity import Identity
 from edge_module.licensing.lease import parse_lease
 from edge_module.licensing.signing import load_public_key
 from edge_module.licensing.statuses import explain
-from edge_module.metering.records import Identity
 from edge_module.state import installation_id
 
 MAX_SKEW_S = 300

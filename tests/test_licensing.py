@@ -12,11 +12,11 @@ import pytest
 from edge_module.billing_api import ApiStatus, BillingClient
 from edge_module.config import LicensingSettings
 from edge_module.exceptions import Refusal
+from edge_module.identity import Identity
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import LeaseStore
 from edge_module.licensing.service import GraceState, Licensing
 from edge_module.licensing.signing import load_public_key
-from edge_module.metering.records import Identity
 from simulator.billing import BillingSimulator, KeyInfo
 from simulator.faultproxy import FaultProxy
 from tests.support import API_KEY, Collector, Module, wait_until

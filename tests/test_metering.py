@@ -251,9 +251,10 @@ def test_quarantine_and_poison_records_never_block_the_rest(
 ) -> None:
     from edge_module.billing_api import BillingClient
     from edge_module.config import MeteringSettings
+    from edge_module.identity import Identity
     from edge_module.metering.drain import Drainer
     from edge_module.metering.ledger import Ledger
-    from edge_module.metering.records import Identity, MeterSpec, Usage
+    from edge_module.metering.records import MeterSpec, Usage
 
     settings = MeteringSettings(BatchSize=10)
     ledger = Ledger(tmp_path / "ledger.db", Identity("edge-module", "0.1.0", "c-1"), settings)
@@ -281,8 +282,9 @@ def test_quarantine_and_poison_records_never_block_the_rest(
 
 def test_redelivery_after_a_crash_is_recognised_as_a_replay(tmp_path: Path) -> None:
     from edge_module.config import MeteringSettings
+    from edge_module.identity import Identity
     from edge_module.metering.ledger import Ledger
-    from edge_module.metering.records import Identity, MeterSpec, Usage
+    from edge_module.metering.records import MeterSpec, Usage
 
     path = tmp_path / "ledger.db"
     ledger = Ledger(path, Identity("edge-module", "0.1.0", "c-1"), MeteringSettings())
@@ -304,8 +306,9 @@ def test_acknowledged_records_are_pruned_after_retention_quarantined_kept(
     tmp_path: Path
 ) -> None:
     from edge_module.config import MeteringSettings
+    from edge_module.identity import Identity
     from edge_module.metering.ledger import ACCEPTED, Ledger
-    from edge_module.metering.records import Identity, MeterSpec, Usage
+    from edge_module.metering.records import MeterSpec, Usage
 
     ledger = Ledger(tmp_path / "l.db", Identity("edge-module", "0.1.0", "c"),
                     MeteringSettings(RetentionHours=0))
@@ -323,8 +326,9 @@ def test_ledger_cli_shows_the_backlog_and_drains_it(
     billing: BillingSimulator, tmp_path: Path
 ) -> None:
     from edge_module.config import MeteringSettings
+    from edge_module.identity import Identity
     from edge_module.metering.ledger import Ledger
-    from edge_module.metering.records import Identity, MeterSpec, Usage
+    from edge_module.metering.records import MeterSpec, Usage
     from edge_module.state import installation_id
 
     data = tmp_path / "data"
@@ -380,8 +384,9 @@ def test_salvage_copies_pending_records_of_a_moved_aside_ledger(
     billing: BillingSimulator, tmp_path: Path
 ) -> None:
     from edge_module.config import MeteringSettings
+    from edge_module.identity import Identity
     from edge_module.metering.ledger import ACCEPTED, Ledger
-    from edge_module.metering.records import Identity, MeterSpec, Usage
+    from edge_module.metering.records import MeterSpec, Usage
 
     identity = Identity("edge-module", "0.1.0", "c-1")
     old = Ledger(tmp_path / "old.db", identity, MeteringSettings())

@@ -11,14 +11,13 @@ import sys
 import time
 from typing import Any
 
-from edge_module import CONTAINER_TYPE, __version__, logs
+from edge_module import logs
 from edge_module.billing_api import BillingClient
 from edge_module.cli.common import EXIT_CONFIG, fail, tool_settings
 from edge_module.config import Settings
+from edge_module.identity import installation_identity
 from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger, MeteringError
-from edge_module.metering.records import Identity
-from edge_module.state import installation_id
 
 PLACEHOLDERS = ("Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused")
 
@@ -37,7 +36,7 @@ def ledger_command(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.register_secrets(settings.secrets())
     logs.configure("warning", "console")
-    identity = Identity(CONTAINER_TYPE, __version__, installation_id(settings.data.path))
+    identity = installation_identity(settings.data.path)
     ledger = Ledger(path, identity, settings.metering)
     try:
         if args.salvage is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_module import __version__, logs
+from edge_module import logs
 from edge_module.cli.common import EXIT_CONFIG, fail
 from edge_module.config import Settings, load_settings
 from edge_module.exceptions import ModelError
@@ -41,15 +41,14 @@ def _download_license(settings: Settings) -> int:
     """DownloadLicense=True: fetch the signed licence into Mounts:License and exit."""
     import base64
 
-    from edge_module import CONTAINER_TYPE
     from edge_module.billing_api import BillingClient
+    from edge_module.identity import installation_identity
     from edge_module.licensing.license_file import LicenseError, download_license
     from edge_module.licensing.signing import raw_public
-    from edge_module.metering.records import Identity
-    from edge_module.state import ensure_data_dir, installation_id, module_signing_key
+    from edge_module.state import ensure_data_dir, module_signing_key
 
     data = ensure_data_dir(settings.data.path)
-    identity = Identity(CONTAINER_TYPE, __version__, installation_id(data))
+    identity = installation_identity(data)
     module_key = base64.b64encode(raw_public(module_signing_key(data).public_key())).decode()
     ca = str(settings.billing.ca_file) if settings.billing.ca_file else None
     client = BillingClient(settings.billing_url, settings.key, timeout=30, ca_file=ca)

@@ -18,9 +18,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge_module.identity import Identity
 from edge_module.licensing.signing import verify
 from edge_module.logs import get_logger
-from edge_module.metering.records import Identity
 
 log = get_logger("lease")
 

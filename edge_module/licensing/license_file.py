@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_module.billing_api import BillingClient
 from edge_module.exceptions import EdgeModuleError
+from edge_module.identity import Identity
 from edge_module.licensing.signing import verify
 from edge_module.licensing.statuses import LicenseFileStatus, explain
-from edge_module.metering.records import Identity
 
 LICENSE_FILE = "edge-module.license"
 

@@ -39,11 +39,11 @@ from edge_module.billing_api import Answer, ApiStatus, BillingClient
 from edge_module.config import LicensingSettings
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import Refusal
+from edge_module.identity import Identity
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import Lease, LeaseStore, parse_lease
 from edge_module.licensing.statuses import explain
 from edge_module.logs import get_logger
-from edge_module.metering.records import Identity
 
 log = get_logger("licensing")
 

@@ -18,7 +18,6 @@ Schema changes are migrations, applied in order and recorded in the
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -34,8 +33,9 @@ import sqlite_utils
 from edge_module.config import MeteringSettings
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import EdgeModuleError, Refusal
+from edge_module.identity import Identity
 from edge_module.logs import get_logger
-from edge_module.metering.records import Identity, MeterSpec, Usage
+from edge_module.metering.records import MeterSpec, RecordWriter, Usage
 
 log = get_logger("ledger")
 
@@ -122,6 +122,7 @@ class Ledger:
         self.path = path
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.identity = identity
+        self._writer = RecordWriter(identity)
         self.settings = settings
         self.recovered_from: Path | None = None
         self._lock = threading.Lock()
@@ -360,21 +361,16 @@ class Ledger:
 
     def pending_batch(self, limit: int, after_seq: int = 0) -> list[PendingRecord]:
         """The oldest pending records (in commit order), as wire JSON."""
-        ident = self.identity
         with self._lock:
             rows = self._conn.execute(
                 "SELECT r.seq, r.id, m.name, r.quantity, r.request_time, m.api_type, "
                 "m.container_version FROM records r JOIN meters m USING (meter_id) "
                 "WHERE r.state = 0 AND r.seq > ? ORDER BY r.seq LIMIT ?",
                 (after_seq, limit)).fetchall()
-        prefix = (f'","containerType":"{ident.container_type}","containerVersion":"')
-        out = []
-        for seq, rid, name, quantity, request_time, api_type, version in rows:
-            body = (f'{{"id":"{rid}{prefix}{version}","containerId":"{ident.container_id}",'
-                    f'"meter":{{"name":{_js(name)},"quantity":{quantity}}},'
-                    f'"requestTime":{request_time},"apiType":{_js(api_type)}}}')
-            out.append(PendingRecord(seq, rid, body))
-        return out
+        write = self._writer.json
+        return [PendingRecord(seq, rid, write(rid, version, name, quantity, request_time,
+                                              api_type))
+                for seq, rid, name, quantity, request_time, api_type, version in rows]
 
     def settle(self, delivered: Iterable[tuple[int, int]],
                quarantined: Iterable[tuple[int, str]] = (),
@@ -489,6 +485,3 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
-
-def _js(text: str) -> str:
-    return json.dumps(text)

@@ -15,9 +15,9 @@ import pytest
 
 from edge_module import CONTAINER_TYPE, __version__
 from edge_module.config import MeteringSettings, ModelSettings
+from edge_module.identity import Identity
 from edge_module.inference.models import Model, load_model
 from edge_module.metering.ledger import Ledger
-from edge_module.metering.records import Identity
 from edge_module.transport.base import Deliver, Inbound
 
 IDENTITY = Identity(CONTAINER_TYPE, __version__, "fast-tier-installation")

@@ -22,6 +22,7 @@ from edge_module.transport.edgehub import EdgeHubTransport
 from tests.support import wait_until
 
 Callback = Callable[..., None]
+TAKEN = threading.Event()
 
 
 class StandInPipeline:
@@ -78,10 +79,16 @@ def hub() -> Iterator[tuple[EdgeHubTransport, StandInClient, Metrics]]:
         "SendTimeoutSeconds": 0.3, "SendRetrySeconds": 2, "IntakeQueue": 2,
         "Inputs": ["input1"]})
     transport = EdgeHubTransport(settings, metrics, client_factory=lambda _: client)  # type: ignore[arg-type, return-value]
-    delivered = threading.Event()
-    transport.start(lambda inbound: delivered.wait())  # the pipeline never takes input here
+    release = threading.Event()
+
+    def deliver(inbound: Inbound) -> None:  # a pipeline that takes one input and blocks
+        TAKEN.set()
+        release.wait()
+
+    TAKEN.clear()
+    transport.start(deliver)
     yield transport, client, metrics
-    delivered.set()
+    release.set()
     transport.close(0.5)
 
 
@@ -143,6 +150,8 @@ def test_inputs_past_a_full_intake_are_answered_overloaded(hub: Any) -> None:
         message = Message(b"payload", message_id=f"m{n}")  # type: ignore[no-untyped-call]
         message.input_name = "input1"
         transport._on_message(message)
+        if n == 0:
+            assert TAKEN.wait(5), "the first input reaches the pipeline"
     errors = [m for m, _ in client._mqtt_pipeline.sent if m.output_name == "errors"]
     # one input taken by the (blocked) pipeline, two queued, the rest refused
     assert len(errors) == 3

@@ -6,8 +6,9 @@ import json
 import time
 from pathlib import Path
 
+from edge_module.identity import Identity
 from edge_module.metering.ledger import ACCEPTED, DUPLICATE, Ledger
-from edge_module.metering.records import RECORD_FIELDS, MeterSpec, Usage, record_json
+from edge_module.metering.records import RECORD_FIELDS, MeterSpec, RecordWriter, Usage
 from tests.fast.conftest import IDENTITY, make_ledger
 
 METER = MeterSpec("digits.image.classify", "image-classification")
@@ -43,9 +44,8 @@ def test_pending_records_are_the_wire_format_of_records_py(ledger: Ledger) -> No
     for pending in batch:
         body = json.loads(pending.body)
         assert tuple(body) == RECORD_FIELDS
-        assert pending.body == record_json(
-            body["id"], IDENTITY, IDENTITY.container_version, METER.name,
-            body["meter"]["quantity"], body["requestTime"], METER.api_type)
+        assert body["containerId"] == IDENTITY.container_id
+        assert body["meter"]["name"] == METER.name and body["apiType"] == METER.api_type
     assert [json.loads(p.body)["meter"]["quantity"] for p in batch] == [3, 1]
 
 
@@ -84,3 +84,13 @@ def test_pending_survives_reopening(tmp_path: Path) -> None:
     again = make_ledger(path)
     assert again.pending == 2
     again.close()
+
+
+def test_the_wire_form_escapes_whatever_a_descriptor_or_id_holds() -> None:
+    odd = Identity('type "x"', "1.0", "c\\1")
+    text = RecordWriter(odd).json('id"1', "v\n2", 'meter "ä"', 3, 1700000000000, "api/τ")
+    assert json.loads(text) == {
+        "id": 'id"1', "containerType": 'type "x"', "containerVersion": "v\n2",
+        "containerId": "c\\1", "meter": {"name": 'meter "ä"', "quantity": 3},
+        "requestTime": 1700000000000, "apiType": "api/τ"}
+    assert tuple(json.loads(text)) == RECORD_FIELDS
