@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from edge_module.config import Settings, _set, _translate, resolve_key
+from edge_module.config import Settings, resolve_key, set_path, translate
 from edge_module.exceptions import ConfigError
 
 # What a twin may change without a restart, and how the module applies it.
@@ -115,16 +115,16 @@ class LiveSettings:
         for key in sorted(wanted):
             trial: dict[str, Any] = {}
             for k, v in {**accepted, key: wanted[key]}.items():
-                _set(trial, k.split(":"), v)
+                set_path(trial, k.split(":"), v)
             try:
                 Settings.model_validate(_overlay(tree, trial))
             except ValidationError as exc:
-                rejected[key] = _translate(exc).message
+                rejected[key] = translate(exc).message
                 continue
             accepted[key] = wanted[key]
         overlay: dict[str, Any] = {}
         for key, value in accepted.items():
-            _set(overlay, key.split(":"), value)
+            set_path(overlay, key.split(":"), value)
         settings = Settings.model_validate(_overlay(tree, overlay))
         changed = [k for k in LIVE_KEYS if value_at(settings, k) != value_at(self.current, k)]
         return Verdict(settings, changed, rejected,
@@ -134,7 +134,7 @@ class LiveSettings:
         """The live settings in force, nested as desired properties are."""
         out: dict[str, Any] = {}
         for key in LIVE_KEYS:
-            _set(out, key.split(":"), shown(value_at(self.current, key)))
+            set_path(out, key.split(":"), shown(value_at(self.current, key)))
         return out
 
 

@@ -1,4 +1,10 @@
-"""Settings: declared once, typed, validated, documented.
+"""Settings declarations: every section and key, typed, validated and documented.
+
+This module declares; ``config/sources.py`` reads the command line, the
+environment and files and translates validation errors; ``config/reference.py``
+writes docs/configuration.md. A validator that refuses a value raises
+``SettingError`` naming the key (relative to the section it checks) and the fix,
+so the translation never has to parse a message. Immutable once built; any thread.
 
 Settings are named the Azure AI containers way: ``Section:Key`` on the command
 line (``Mqtt:Host=broker``), ``Section__Key`` in environment variables
@@ -13,11 +19,6 @@ step with the code.
 
 from __future__ import annotations
 
-import difflib
-import json
-import os
-import tomllib
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -28,15 +29,11 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from edge_module.exceptions import ConfigError
-
-DOCS_URL = "docs/configuration.md"
-BUILTIN_MODELS = Path(__file__).resolve().parent / "models"
+BUILTIN_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def descriptor_path(model: Path) -> Path:
@@ -48,6 +45,17 @@ def descriptor_path(model: Path) -> Path:
 def builtin_models() -> list[str]:
     """Names of the models shipped inside the package."""
     return sorted(p.stem for p in BUILTIN_MODELS.glob("*.onnx"))
+
+
+class SettingError(ValueError):
+    """A refused value: ``key`` (relative to the section whose validator raises, or
+    ``None`` for the section itself), what is wrong, and the fix when it is known."""
+
+    def __init__(self, key: str | None, problem: str, fix: str | None = None) -> None:
+        super().__init__(f"{key + ': ' if key else ''}{problem}")
+        self.key = key
+        self.problem = problem
+        self.fix = fix
 
 
 class Section(BaseModel):
@@ -91,9 +99,11 @@ class MqttTlsSettings(Section):
         for key, path in (("CaFile", self.ca_file), ("CertFile", self.cert_file),
                           ("KeyFile", self.key_file)):
             if path is not None and not path.is_file():
-                raise ValueError(f"{key}: file {path} does not exist")
+                raise SettingError(key, f"file {path} does not exist")
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("CertFile and KeyFile go together: set both or neither")
+            raise SettingError("KeyFile" if self.key_file is None else "CertFile",
+                               "CertFile and KeyFile go together",
+                               "set both Mqtt:Tls:CertFile and Mqtt:Tls:KeyFile, or neither")
         return self
 
 
@@ -173,15 +183,14 @@ class MqttSettings(Section):
         for key, topic in (("ResultTopic", self.result_topic), ("ErrorTopic", self.error_topic),
                            ("AvailabilityTopic", self.availability_topic)):
             if not topic or "+" in topic or "#" in topic:
-                raise ValueError(f"{key}: {topic!r} must be a plain topic without wildcards")
+                raise SettingError(key, f"{topic!r} must be a plain topic without wildcards")
             if "{topic}" in topic:
                 continue  # checked per message: a derived topic that loops is refused then
             for sub in subscriptions:
                 if topic_matches_sub(sub, topic):
-                    raise ValueError(
-                        f"{key}: {topic!r} matches InputTopic {sub!r}, so the module would consume "
-                        f"its own output; choose a topic outside the input filters"
-                    )
+                    raise SettingError(
+                        key, f"{topic!r} matches InputTopic {sub!r}, so the module would "
+                        "consume its own output", "choose a topic outside the input filters")
         return self
 
 
@@ -554,23 +563,23 @@ class Settings(Section):
     @model_validator(mode="after")
     def _mode(self) -> Settings:
         if self.replicas > 1 and self.transport == "edgehub":
-            raise ValueError("Replicas: splits MQTT input with shared subscriptions and does "
-                             "not work with Transport=edgehub; fix: use Replicas=1 (edgeHub "
-                             "feeds one module instance; route to a second module for more)")
+            raise SettingError("Replicas", "splits MQTT input with shared subscriptions and "
+                               "does not work with Transport=edgehub", "use Replicas=1 (edgeHub "
+                               "feeds one module instance; route to a second module for more)")
         if self.download_license:
             if self.mounts.license is None:
-                raise ValueError("Mounts:License: is required with DownloadLicense=True; fix: "
-                                 "pass Mounts:License=<folder> to write the licence file to")
+                raise SettingError("Mounts:License", "is required with DownloadLicense=True",
+                                   "pass Mounts:License=<folder> to write the licence file to")
             if self.billing.url is None or self.api_key is None:
-                raise ValueError(f"{'Billing' if self.billing.url is None else 'ApiKey'}: is "
-                                 "required to download a licence; fix: pass Billing=<url> "
-                                 "ApiKey=<key>")
+                raise SettingError("Billing" if self.billing.url is None else "ApiKey",
+                                   "is required to download a licence",
+                                   "pass Billing=<url> ApiKey=<key>")
         elif not self.disconnected:
             if self.billing.url is None:
-                raise ValueError(f"Billing: is required; fix: {FIXES['Billing']}, or run "
-                                 "disconnected with Mounts:License=<folder>")
+                raise SettingError("Billing", "is required", f"{FIXES['Billing']}, or run "
+                                   "disconnected with Mounts:License=<folder>")
             if self.api_key is None:
-                raise ValueError(f"ApiKey: is required; fix: {FIXES['ApiKey']}")
+                raise SettingError("ApiKey", "is required", FIXES["ApiKey"])
         return self
 
     @property
@@ -605,232 +614,3 @@ FIXES: dict[str, str] = {
 }
 SECRET_KEYS = {"ApiKey", "Mqtt:Password"}
 ALIASES = {"Billing:Url": "Billing"}
-
-
-# ---------------------------------------------------------------------------
-# Name resolution: flat, case-insensitive keys -> the nested alias structure.
-
-
-def _sections(model: type[BaseModel]) -> dict[str, tuple[str, type[BaseModel] | None]]:
-    """Lower-case alias -> (alias, nested section model or None)."""
-    out: dict[str, tuple[str, type[BaseModel] | None]] = {}
-    for name, field in model.model_fields.items():
-        alias = field.alias or name
-        annotation = field.annotation
-        nested = (
-            annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            else None
-        )
-        out[alias.lower()] = (alias, nested)
-    return out
-
-
-def all_keys(model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
-    """Every setting name, in declaration order, e.g. ``Mqtt:Tls:CaFile``."""
-    keys: list[str] = []
-    for alias, nested in _sections(model).values():
-        full = f"{prefix}{alias}"
-        if nested is None:
-            keys.append(full)
-        else:
-            keys.extend(all_keys(nested, f"{full}:"))
-    return keys
-
-
-def resolve_key(raw: str) -> list[str]:
-    """Map ``mqtt:HOST`` (or ``Mqtt__Host``) to its canonical path ``["Mqtt", "Host"]``."""
-    parts = [p for p in raw.replace("__", ":").split(":")]
-    model: type[BaseModel] | None = Settings
-    path: list[str] = []
-    for i, part in enumerate(parts):
-        if model is None:
-            raise ConfigError(raw, _unknown_hint(raw))
-        entry = _sections(model).get(part.lower())
-        if entry is None:
-            raise ConfigError(raw, _unknown_hint(raw))
-        alias, nested = entry
-        path.append(alias)
-        model = nested
-        if nested is not None and i == len(parts) - 1:
-            value_key = getattr(nested, "value_key", None)
-            if value_key is not None:
-                return [*path, value_key]
-            raise ConfigError(raw, f"is a section; set one of its keys, e.g. "
-                              f"{':'.join(path)}:{next(iter(_sections(nested).values()))[0]}")
-    return path
-
-
-def _unknown_hint(raw: str) -> str:
-    canonical = raw.replace("__", ":")
-    keys = all_keys()
-    lowered = {k.lower(): k for k in keys}
-    close = difflib.get_close_matches(canonical.lower(), list(lowered), n=1, cutoff=0.6)
-    hint = f"did you mean {lowered[close[0]]}? " if close else ""
-    return f"unknown setting; {hint}every setting is listed in {DOCS_URL}"
-
-
-def _set(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-    node[path[-1]] = value
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from _flatten(value, f"{full}:")
-        else:
-            yield full, value
-
-
-def parse_assignments(args: Iterable[str]) -> list[tuple[str, str]]:
-    """``["Mqtt:Port=1883"]`` -> ``[("Mqtt:Port", "1883")]``."""
-    pairs = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(arg, "expected Key=Value, e.g. Mqtt:Host=127.0.0.1")
-        pairs.append((key.strip(), value))
-    return pairs
-
-
-def _env_assignments(environ: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Environment variables that name a known setting (``Mqtt__Host``, ``APIKEY``, ...).
-
-    Variables that name no setting are somebody else's and are ignored; a
-    variable whose first part names one of our sections but whose rest is
-    unknown (``Mqtt__Hots``) is an error, because it is almost surely a typo.
-    """
-    top = _sections(Settings)
-    pairs = []
-    for name, value in environ.items():
-        parts = name.split("__")
-        entry = top.get(parts[0].lower())
-        if entry is None:
-            continue
-        if entry[1] is None and len(parts) > 1:
-            continue
-        if entry[1] is not None and len(parts) == 1 and \
-                getattr(entry[1], "value_key", None) is None:
-            continue  # e.g. a variable called MODEL: not ours
-        pairs.append((name, value))
-    return pairs
-
-
-def _read_file(path: Path) -> list[tuple[str, Any]]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError("--config", f"{path} is not valid {path.suffix[1:] or 'JSON'}: "
-                          f"{exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} must hold an object of settings")
-    return list(_flatten(data))
-
-
-def load_settings(
-    args: Iterable[str] = (),
-    environ: Mapping[str, str] | None = None,
-    config_file: Path | None = None,
-) -> Settings:
-    """Build validated settings from the three sources; raise ConfigError on any problem."""
-    environ = os.environ if environ is None else environ
-    tree: dict[str, Any] = {}
-    layers: list[list[tuple[str, Any]]] = []
-    if config_file is not None:
-        layers.append(_read_file(config_file))
-    layers.append(_env_assignments(environ))
-    layers.append(parse_assignments(args))
-    for layer in layers:  # lowest precedence first; later layers overwrite
-        for raw, value in layer:
-            _set(tree, resolve_key(raw), value)
-    try:
-        return Settings.model_validate(tree)
-    except ValidationError as exc:
-        raise _translate(exc) from None
-
-
-def _translate(exc: ValidationError) -> ConfigError:
-    """Turn pydantic's report into one line naming the key and the fix."""
-    error = exc.errors()[0]
-    loc = [str(p) for p in error["loc"] if not isinstance(p, int)]
-    key = ":".join(loc) if loc else "settings"
-    key = ALIASES.get(key, key)
-    if error["type"] == "missing":
-        return ConfigError(key, f"is required; fix: {FIXES.get(key, f'set {key}')}")
-    message = str(error["msg"]).removeprefix("Value error, ")
-    head, sep, rest = message.partition(": ")
-    if sep and head.replace(":", "").isidentifier() and head[0].isupper():
-        # A section-level check names the field first, e.g. "ResultTopic: ...".
-        key, message = f"{key}:{head}" if loc else head, rest
-        if "; fix: " in message:
-            return ConfigError(key, message)
-    if error["type"] == "literal_error" and key == "Eula":
-        return ConfigError(key, f"the licence terms are not accepted; fix: {FIXES['Eula']}")
-    shown = "" if key in SECRET_KEYS or "input" not in error else _shown(error["input"])
-    fix = FIXES.get(key, f"see {key} in {DOCS_URL}")
-    return ConfigError(key, f"{message}{shown}; fix: {fix}")
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, dict | list):
-        return ""
-    text = str(value)
-    return f" (got {text[:80]!r})"
-
-
-def reference_markdown() -> str:
-    """The configuration reference page, generated from the fields above."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated by `edge-module config-reference` from `edge_module/config.py`; a test "
-        "fails when this page and the code disagree.",
-        "",
-        "Set a key on the command line (`Mqtt:Port=1883`), in the environment "
-        "(`Mqtt__Port=1883`) or in a JSON/TOML file given with `--config` (nested objects). "
-        "Names are case-insensitive. Precedence, highest first: command line, environment, "
-        "config file, default. A bad value stops the module with one line naming the key "
-        "and the fix, and exit code 2.",
-        "",
-        "| Key | Type | Default | Meaning |",
-        "| --- | --- | --- | --- |",
-    ]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            alias = field.alias or name
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(annotation, f"{prefix}{alias}:")
-                continue
-            if field.is_required():
-                default = "required"
-            else:
-                value = field.get_default(call_default_factory=True)
-                default = "" if value is None else f"`{_doc_value(value)}`"
-            kind = _type_name(annotation)
-            lines.append(f"| `{prefix}{alias}` | {kind} | {default} | {field.description} |")
-
-    walk(Settings, "")
-    return "\n".join(lines) + "\n"
-
-
-def _doc_value(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("pathlib.", "")
-    text = text.replace("pydantic.types.", "").replace("pydantic.networks.", "")
-    text = text.replace("<class '", "").replace("'>", "")
-    return text.replace("|", "or")
