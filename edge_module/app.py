@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from edge_module import CONTAINER_TYPE, __version__, logs
+from edge_module import CONTAINER_TYPE, __version__
 from edge_module.api.http import HttpApi
 from edge_module.billing_api import BillingClient
 from edge_module.config import Settings, descriptor_path
-from edge_module.control.live import LiveSettings, shown, value_at
-from edge_module.control.methods import BadPayload, Methods, options
+from edge_module.control.controller import Controller
 from edge_module.control.reported import Reporter
-from edge_module.exceptions import ConfigError, EdgeModuleError
+from edge_module.exceptions import ConfigError
 from edge_module.identity import Identity, installation_identity
 from edge_module.inference.encryption import MAGIC
 from edge_module.inference.models import Model, load_descriptor, load_model, model_path
@@ -79,17 +77,15 @@ class App:
                                       module_signing_key(self.data_path),
                                       self.licensing.clock.now_ms)
         self.meter = meter or LedgerMeter(self.ledger, self.metrics, self.drainer)
-        self.live = LiveSettings(settings)
-        self._reconfiguring = threading.Lock()
-        self.methods = Methods()
-        self.methods.add("GetStatus", self._method_status)
-        self.methods.add("DrainNow", self._method_drain)
-        self.methods.add("ReloadModel", self._method_reload)
         self.reporter: Reporter | None = None
         self.edgehub: EdgeHubTransport | None = None
         self.transport = self._transport()
         self.pipeline = Pipeline(self.model, settings.pipeline, self.transport, self.metrics,
                                  self.meter, gate=self.licensing, top_k=settings.model.top_k)
+        self.control = Controller(settings, self.pipeline, self.licensing, self.ledger,
+                                  self.drainer, self.metrics, self._status)
+        if self.edgehub is not None:
+            self._wire_twin(self.edgehub)
         try:
             self.http = HttpApi(settings.http.host, settings.http.port, self._render_metrics,
                                 self.readiness)
@@ -112,13 +108,8 @@ class App:
         if self.settings.transport == "edgehub":
             from edge_module.transport.edgehub import EdgeHubTransport
 
-            edgehub = self.edgehub = EdgeHubTransport(self.settings.edge_hub, self.metrics)
-            self.reporter = Reporter(edgehub.report, self._reported_state,
-                                     self.settings.edge_hub.reported_interval_seconds)
-            edgehub.on_desired = self.apply_desired
-            edgehub.on_method = self.methods.call
-            edgehub.on_connected = self.reporter.resend_all
-            return edgehub
+            self.edgehub = EdgeHubTransport(self.settings.edge_hub, self.metrics)
+            return self.edgehub
         client_id = self.settings.mqtt.client_id or f"edge-module-{self.container_id[:8]}"
         capacity = self.settings.pipeline.intake_queue * 2 + self.settings.pipeline.max_batch_size
         return MqttTransport(self.settings.mqtt, client_id, self.metrics,
@@ -136,102 +127,16 @@ class App:
         return True, "serving" if decision.state.value == "online" else \
             f"serving within the offline grace ({decision.remaining_seconds:.0f} s left)"
 
-    # -- live settings (module twin) and direct methods ---------------------
-
-    def apply_desired(self, desired: dict[str, Any], full: bool) -> None:
-        """Apply desired properties: what is valid now, the rest rejected with its reason."""
-        with self._reconfiguring:
-            verdict = self.live.update(desired, full)
-            rejected = dict(verdict.rejected)
-            new = verdict.settings
-            model = None
-            if "Model:Name" in verdict.changed or "Model:Path" in verdict.changed:
-                try:
-                    model = load_model(new.model, self.licensing.model_key)
-                except (EdgeModuleError, OSError) as exc:
-                    key = "Model:Path" if new.model.path is not None else "Model:Name"
-                    rejected[key] = f"{exc}; the model in use stays"
-                    old = self.settings.model
-                    new = new.model_copy(update={"model": new.model.model_copy(
-                        update={"name": old.name, "path": old.path})})
-            self.pipeline.reconfigure(model=model, top_k=new.model.top_k,
-                                      score_threshold=new.model.score_threshold)
-            if new.log.level != self.settings.log.level:
-                logs.configure(new.log.level, new.log.format)
-            if self.drainer is not None:
-                self.drainer.settings = new.metering
-            if self.edgehub is not None:
-                self.edgehub.inputs = frozenset(new.edge_hub.inputs)
-            changed = [k for k in verdict.changed
-                       if value_at(new, k) != value_at(self.settings, k)]
-            self.settings = new
-            self.live.current = new
-            outcome = "rejected" if rejected and not changed else \
-                "partly applied" if rejected else "applied"
-            self.metrics.twin_updates.labels(outcome=outcome).inc()
-            log.info("settings_updated", changed={k: shown(value_at(new, k)) for k in changed},
-                     rejected=rejected or None, desired_version=verdict.version)
-            if rejected:
-                log.warning("desired_properties_rejected", rejected=rejected)
-            if self.reporter is not None:
-                self.reporter.push({"config": {
-                    "desiredVersion": verdict.version,
-                    "status": outcome,
-                    "rejected": "; ".join(f"{k}: {v}" for k, v in sorted(rejected.items()))
-                    or None,
-                    "effective": self.live.effective(),
-                }})
-
-    def _reported_state(self) -> dict[str, Any]:
-        """The state the twin reports (sampled every second, sent when it changes)."""
-        decision = self.licensing.decide()
-        stats = self.ledger.stats().as_dict()
-        grace = decision.grace_dict()
-        return {
-            "apiStatus": decision.status,
-            "serving": decision.serve,
-            "grace": {"state": grace["state"], "expiresAt": grace["expiresAt"]},
-            "backlog": {"pending": stats["pending"], "quarantined": stats["quarantined"]},
-            "model": self.pipeline.model.provenance.as_dict(),
-            "moduleVersion": __version__,
-        }
-
-    def _method_status(self, payload: Any) -> tuple[int, Any]:
-        options(payload, {})
-        return self._status()
-
-    def _method_drain(self, payload: Any) -> tuple[int, Any]:
-        opts = options(payload, {"timeoutSeconds": (int, float)})
-        timeout = float(opts.get("timeoutSeconds", 20))
-        if not 0 < timeout <= 120:
-            raise BadPayload("timeoutSeconds must be between 0 and 120 (the direct method "
-                             "call itself times out)")
-        if self.drainer is None:
-            return 409, {"error": "no billing endpoint is configured (disconnected mode): "
-                         "usage is exported to Mounts:Output instead"}
-        outcome = self.drainer.drain_all(time.monotonic() + timeout)
-        body = {"uploaded": outcome.delivered, "duplicates": outcome.duplicates,
-                "quarantined": outcome.quarantined, "pending": self.ledger.pending,
-                "apiStatus": str(outcome.answer.status) if outcome.answer else None}
-        if outcome.ok:
-            return 200, body
-        answer = outcome.answer
-        body["error"] = (answer.error if answer else None) or \
-            f"billing endpoint answered {answer.http_status if answer else 'nothing'}"
-        return 503, body
-
-    def _method_reload(self, payload: Any) -> tuple[int, Any]:
-        options(payload, {})
-        with self._reconfiguring:
-            try:
-                model = load_model(self.settings.model, self.licensing.model_key)
-            except (EdgeModuleError, OSError) as exc:
-                return 500, {"error": f"{exc}; the model in use stays",
-                             "model": self.pipeline.model.provenance.as_dict()}
-            before = self.pipeline.model.provenance.as_dict()
-            self.pipeline.reconfigure(model=model)
-        log.info("model_reloaded", before=before, after=model.provenance.as_dict())
-        return 200, {"model": model.provenance.as_dict(), "previous": before}
+    def _wire_twin(self, edgehub: EdgeHubTransport) -> None:
+        """The twin and direct methods reach the controller; its state is reported."""
+        control = self.control
+        self.reporter = control.reporter = Reporter(
+            edgehub.report, control.reported_state,
+            self.settings.edge_hub.reported_interval_seconds)
+        control.on_inputs = edgehub.set_inputs
+        edgehub.on_desired = control.apply_desired
+        edgehub.on_method = control.methods.call
+        edgehub.on_connected = self.reporter.resend_all
 
     def _usage_logs(self, rest: str) -> tuple[int, Any]:
         """GET /records/usage-logs/ and /records/usage-logs/{month}/{year}."""

@@ -211,6 +211,10 @@ class EdgeHubTransport:
     def connected(self) -> bool:
         return bool(self._client.connected)
 
+    def set_inputs(self, inputs: frozenset[str]) -> None:
+        """Serve these inputs from now on (``EdgeHub:Inputs`` changed live)."""
+        self.inputs = inputs
+
     def stop_intake(self) -> None:
         """Take no new input; inputs already taken are handed to the pipeline (up to 5 s),
         and any left after that are answered with ``ShuttingDown``."""

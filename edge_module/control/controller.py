@@ -1,0 +1,160 @@
+"""The module twin and direct methods: what an operator changes or asks while it runs.
+
+Owns the live settings (``LiveSettings``), applies desired properties
+(``apply_desired``: a new model is loaded beside the old one and swapped in
+between batches; the rest applies at once), answers the direct methods
+``GetStatus``, ``DrainNow`` and ``ReloadModel``, and samples the state the twin
+reports. The app builds it and hands it to the edgeHub transport.
+
+Threads: the SDK's handler threads call ``apply_desired`` and ``methods.call``;
+one lock keeps two reconfigurations from interleaving. The reporter thread
+calls ``reported_state``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edge_module import __version__, logs
+from edge_module.config import Settings
+from edge_module.control.live import LiveSettings, shown, value_at
+from edge_module.control.methods import BadPayload, Methods, options
+from edge_module.control.reported import Reporter
+from edge_module.exceptions import EdgeModuleError
+from edge_module.inference.models import load_model
+from edge_module.licensing.service import Licensing
+from edge_module.logs import get_logger
+from edge_module.metering.drain import Drainer
+from edge_module.metering.ledger import Ledger
+from edge_module.metrics import Metrics
+from edge_module.pipeline import Pipeline
+
+log = get_logger("control")
+
+Status = Callable[[], tuple[int, Any]]
+
+
+class Controller:
+    def __init__(self, settings: Settings, pipeline: Pipeline, licensing: Licensing,
+                 ledger: Ledger, drainer: Drainer | None, metrics: Metrics,
+                 status: Status) -> None:
+        self.live = LiveSettings(settings)
+        self.pipeline = pipeline
+        self.licensing = licensing
+        self.ledger = ledger
+        self.drainer = drainer
+        self.metrics = metrics
+        self.status = status
+        self.reporter: Reporter | None = None
+        # Called with the new EdgeHub:Inputs after a change (the edgeHub transport's set).
+        self.on_inputs: Callable[[frozenset[str]], None] | None = None
+        self._reconfiguring = threading.Lock()
+        self.methods = Methods()
+        self.methods.add("GetStatus", self._method_status)
+        self.methods.add("DrainNow", self._method_drain)
+        self.methods.add("ReloadModel", self._method_reload)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force now (started-with values under the twin's changes)."""
+        return self.live.current
+
+    # -- desired properties ----------------------------------------------
+
+    def apply_desired(self, desired: dict[str, Any], full: bool) -> None:
+        """Apply desired properties: what is valid now, the rest rejected with its reason."""
+        with self._reconfiguring:
+            before = self.live.current
+            verdict = self.live.update(desired, full)
+            rejected = dict(verdict.rejected)
+            new = verdict.settings
+            model = None
+            if "Model:Name" in verdict.changed or "Model:Path" in verdict.changed:
+                try:
+                    model = load_model(new.model, self.licensing.model_key)
+                except (EdgeModuleError, OSError) as exc:
+                    key = "Model:Path" if new.model.path is not None else "Model:Name"
+                    rejected[key] = f"{exc}; the model in use stays"
+                    new = new.model_copy(update={"model": new.model.model_copy(
+                        update={"name": before.model.name, "path": before.model.path})})
+            self.pipeline.reconfigure(model=model, top_k=new.model.top_k,
+                                      score_threshold=new.model.score_threshold)
+            if new.log.level != before.log.level:
+                logs.configure(new.log.level, new.log.format)
+            if self.drainer is not None:
+                self.drainer.settings = new.metering
+            if self.on_inputs is not None:
+                self.on_inputs(frozenset(new.edge_hub.inputs))
+            changed = [k for k in verdict.changed if value_at(new, k) != value_at(before, k)]
+            self.live.current = new
+            outcome = "rejected" if rejected and not changed else \
+                "partly applied" if rejected else "applied"
+            self.metrics.twin_updates.labels(outcome=outcome).inc()
+            log.info("settings_updated", changed={k: shown(value_at(new, k)) for k in changed},
+                     rejected=rejected or None, desired_version=verdict.version)
+            if rejected:
+                log.warning("desired_properties_rejected", rejected=rejected)
+            if self.reporter is not None:
+                self.reporter.push({"config": {
+                    "desiredVersion": verdict.version,
+                    "status": outcome,
+                    "rejected": "; ".join(f"{k}: {v}" for k, v in sorted(rejected.items()))
+                    or None,
+                    "effective": self.live.effective(),
+                }})
+
+    def reported_state(self) -> dict[str, Any]:
+        """The state the twin reports (sampled every second, sent when it changes)."""
+        decision = self.licensing.decide()
+        stats = self.ledger.stats().as_dict()
+        grace = decision.grace_dict()
+        return {
+            "apiStatus": decision.status,
+            "serving": decision.serve,
+            "grace": {"state": grace["state"], "expiresAt": grace["expiresAt"]},
+            "backlog": {"pending": stats["pending"], "quarantined": stats["quarantined"]},
+            "model": self.pipeline.model.provenance.as_dict(),
+            "moduleVersion": __version__,
+        }
+
+    # -- direct methods ---------------------------------------------------
+
+    def _method_status(self, payload: Any) -> tuple[int, Any]:
+        options(payload, {})
+        return self.status()
+
+    def _method_drain(self, payload: Any) -> tuple[int, Any]:
+        opts = options(payload, {"timeoutSeconds": (int, float)})
+        timeout = float(opts.get("timeoutSeconds", 20))
+        if not 0 < timeout <= 120:
+            raise BadPayload("timeoutSeconds must be between 0 and 120 (the direct method "
+                             "call itself times out)")
+        if self.drainer is None:
+            return 409, {"error": "no billing endpoint is configured (disconnected mode): "
+                         "usage is exported to Mounts:Output instead"}
+        outcome = self.drainer.drain_all(time.monotonic() + timeout)
+        body = {"uploaded": outcome.delivered, "duplicates": outcome.duplicates,
+                "quarantined": outcome.quarantined, "pending": self.ledger.pending,
+                "apiStatus": str(outcome.answer.status) if outcome.answer else None}
+        if outcome.ok:
+            return 200, body
+        answer = outcome.answer
+        body["error"] = (answer.error if answer else None) or \
+            f"billing endpoint answered {answer.http_status if answer else 'nothing'}"
+        return 503, body
+
+    def _method_reload(self, payload: Any) -> tuple[int, Any]:
+        options(payload, {})
+        with self._reconfiguring:
+            try:
+                model = load_model(self.settings.model, self.licensing.model_key)
+            except (EdgeModuleError, OSError) as exc:
+                return 500, {"error": f"{exc}; the model in use stays",
+                             "model": self.pipeline.model.provenance.as_dict()}
+            before = self.pipeline.model.provenance.as_dict()
+            self.pipeline.reconfigure(model=model)
+        log.info("model_reloaded", before=before, after=model.provenance.as_dict())
+        return 200, {"model": model.provenance.as_dict(), "previous": before}
