@@ -2,7 +2,10 @@
 
 Start order: logging, data folder, model (loaded and warmed up), transport,
 pipeline, HTTP. Stop order on SIGTERM/SIGINT: stop intake, finish in-flight
-work, announce ``offline``, disconnect, exit 0.
+work, announce ``offline``, disconnect, exit 0. Worker threads run under the
+supervisor (``edge_module/supervisor.py``): one that dies is restarted and
+``/ready`` names it while it is down; ``/ready`` is also false, with the
+cause, while the ledger cannot be written (a full disk).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from edge_module.metering.usage_log import UsageLog
 from edge_module.metrics import Metrics
 from edge_module.pipeline import Meter, Pipeline
 from edge_module.state import ensure_data_dir, installation_id, module_signing_key
+from edge_module.supervisor import Supervisor
 from edge_module.transport.base import Transport
 from edge_module.transport.mqtt import MqttTransport
 
@@ -55,6 +59,7 @@ class App:
         self.data_path = ensure_data_dir(settings.data.path)
         self.container_id = installation_id(self.data_path)
         self.metrics = Metrics()
+        self.supervisor = Supervisor(self.metrics)
         self.identity = Identity(CONTAINER_TYPE, __version__, self.container_id)
         self.ledger = Ledger(self.data_path / "ledger.db", self.identity, settings.metering)
         # The licence is checked before the model is loaded: a bad licence fails fast.
@@ -130,6 +135,13 @@ class App:
         if not self.transport.connected:
             return False, "not connected to " + \
                 ("edgeHub" if self.settings.transport == "edgehub" else "the broker")
+        down = self.supervisor.down()
+        if down:
+            return False, "worker thread down, restarting: " + "; ".join(
+                f"{name}: {cause}" for name, cause in sorted(down.items()))
+        ledger_error = self.ledger.probe()
+        if ledger_error is not None:
+            return False, f"metering unavailable: {ledger_error}"
         decision = self.licensing.decide()
         if not decision.serve:
             return False, f"unlicensed: {decision.status}: {decision.message}"
@@ -284,15 +296,16 @@ class App:
         log.info("licence_checked", status=decision.status, state=decision.state.value,
                  serving=decision.serve, http=answer.http_status if answer else None,
                  mode="disconnected" if self.licensing.disconnected else "connected")
-        self.licensing.start()
+        spawn = self.supervisor.spawn
+        self.licensing.start(spawn)
         if self.drainer is not None:
-            self.drainer.start()
+            self.drainer.start(spawn)
         if self.usage_log is not None:
-            threading.Thread(target=self._export_loop, name="usage-log", daemon=True).start()
-        self.pipeline.start()
+            spawn("usage-log", self._export_loop)
+        self.pipeline.start(spawn)
         self.transport.start(self.pipeline.submit)
         if self.reporter is not None:
-            self.reporter.start()
+            self.reporter.start(spawn)
         log.info("module_started", version=__version__, container_type=CONTAINER_TYPE,
                  container_id=self.container_id, transport=self.settings.transport,
                  http_port=self.http.port)
@@ -302,8 +315,8 @@ class App:
         while not self.stopping.wait(self.settings.metering.usage_log_seconds):
             try:
                 self.usage_log.export()
-            except OSError as exc:
-                log.error("usage_log_export_failed", error=str(exc),
+            except Exception as exc:  # a full disk, a ledger error: try again next round
+                log.error("usage_log_export_failed", error=f"{type(exc).__name__}: {exc}",
                           fix="check that Mounts:Output is writable and has space")
 
     def request_stop(self, signum: int | None = None, _: FrameType | None = None) -> None:
@@ -314,6 +327,7 @@ class App:
 
     def shutdown(self) -> None:
         budget = self.settings.pipeline.shutdown_seconds
+        self.supervisor.stop()  # workers now end for good
         self.transport.stop_intake()
         drained = self.pipeline.drain(budget * 0.6)
         if not drained:
