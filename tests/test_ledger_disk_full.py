@@ -50,10 +50,10 @@ def test_a_failed_body_is_rolled_back_and_on_failure_runs(tmp_path: Path) -> Non
     conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
     conn.execute("CREATE TABLE t (x INTEGER)")
     failures: list[int] = []
-    with pytest.raises(ValueError, match="boom"):
-        with write_transaction(conn, lambda: failures.append(1)):
-            conn.execute("INSERT INTO t VALUES (1)")
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"), \
+            write_transaction(conn, lambda: failures.append(1)):
+        conn.execute("INSERT INTO t VALUES (1)")
+        raise ValueError("boom")
     assert failures == [1]
     assert not conn.in_transaction
     assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
@@ -65,10 +65,10 @@ def test_a_failed_body_is_rolled_back_and_on_failure_runs(tmp_path: Path) -> Non
 def test_when_sqlite_already_rolled_back_the_real_cause_is_raised(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
     conn.execute("CREATE TABLE t (x INTEGER)")
-    with pytest.raises(sqlite3.OperationalError, match="the real cause"):
-        with write_transaction(conn):
-            conn.execute("ROLLBACK")  # what SQLite does by itself on SQLITE_FULL at COMMIT
-            raise sqlite3.OperationalError("the real cause")  # not "cannot rollback"
+    with pytest.raises(sqlite3.OperationalError, match="the real cause"), \
+            write_transaction(conn):
+        conn.execute("ROLLBACK")  # what SQLite does by itself on SQLITE_FULL at COMMIT
+        raise sqlite3.OperationalError("the real cause")  # not "cannot rollback"
     assert not conn.in_transaction
 
 
