@@ -118,6 +118,7 @@ class App:
             from edge_module.transport.edgehub import EdgeHubTransport
 
             edgehub = self.edgehub = EdgeHubTransport(self.settings.edge_hub, self.metrics)
+            edgehub.spawn = self.supervisor.spawn
             self.reporter = Reporter(edgehub.report, self._reported_state,
                                      self.settings.edge_hub.reported_interval_seconds)
             edgehub.on_desired = self.apply_desired
