@@ -274,6 +274,9 @@ class Ledger:
         """Copy the WAL into the database and truncate it (``wal_checkpoint(TRUNCATE)``);
         False when it could not finish (a full disk: tried again after the next drain)."""
         with self._lock:
+            # TRUNCATE waits for readers of other connections (`edge-module ledger`):
+            # wait briefly, never for the 10 s that would stall commits behind this lock.
+            self._conn.execute("PRAGMA busy_timeout=200")
             try:
                 busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             except sqlite3.Error as exc:
@@ -281,6 +284,8 @@ class Ledger:
                             effect="the WAL keeps its size until the next checkpoint",
                             fix="free space under Data:Path")
                 return False
+            finally:
+                self._conn.execute("PRAGMA busy_timeout=10000")
         self._bytes = self._file_bytes()
         return not busy
 
