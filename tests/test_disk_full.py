@@ -134,9 +134,12 @@ def run_cases(module: Module, collector: Collector, billing: BillingSimulator,
     lease_file = data / "lease.json"
     before = lease_file.read_bytes()
     ballast.fill()
+    leases_before = module.log_text().count('"lease_save_failed"')
     time.sleep(1.1)  # /status reuses an answer up to 1 s old
     status, body = module.http("/status")
     assert status == 200, body
+    wait_until(lambda: module.log_text().count('"lease_save_failed"') > leases_before, 5,
+               "the failed lease write logged")
     assert lease_file.read_bytes() == before  # the old lease is whole, not truncated
     ballast.remove()
     time.sleep(1.1)
