@@ -127,8 +127,10 @@ class App:
             return edgehub
         client_id = self.settings.mqtt.client_id or f"edge-module-{self.container_id[:8]}"
         capacity = self.settings.pipeline.intake_queue * 2 + self.settings.pipeline.max_batch_size
-        return MqttTransport(self.settings.mqtt, client_id, self.metrics,
-                             receive_maximum=capacity)
+        transport = MqttTransport(self.settings.mqtt, client_id, self.metrics,
+                                  receive_maximum=capacity)
+        transport.keep = self.supervisor.keep_library_loop
+        return transport
 
     def readiness(self) -> tuple[bool, str]:
         if self.stopping.is_set():

@@ -11,8 +11,12 @@ worker's loop again on the same thread. ``edge_module_thread_restarts_total``
 counts the restarts by thread. After ``stop()`` a worker that returns is left
 alone: that is the normal end of a loop at shutdown.
 
-Components also take a plain ``start_thread`` so they run without a
-supervisor (tools, tests).
+Threads created by a library (paho's network loops) are supervised from the
+inside: their body runs under ``Supervisor.run`` with ``restart_on_return``
+off (the library returns only when told to stop).
+
+Components also take a plain ``start_thread`` (or ``run_here``) so they run
+without a supervisor (tools, tests).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from edge_module.metrics import Metrics
 log = get_logger("supervisor")
 
 Spawn = Callable[[str, Callable[[], None]], threading.Thread]
+Keep = Callable[[str, Callable[[], None]], None]  # run a loop here, restarting it
 MAX_RESTART_DELAY = 5.0
 FIRST_RESTART_DELAY = 0.1
 STABLE_SECONDS = 60.0  # a worker that ran this long starts again from the first delay
@@ -39,6 +44,11 @@ def start_thread(name: str, target: Callable[[], None]) -> threading.Thread:
     return thread
 
 
+def run_here(name: str, target: Callable[[], None]) -> None:
+    """Run ``target`` once on the calling thread (for use without a supervisor)."""
+    target()
+
+
 class Supervisor:
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
@@ -49,7 +59,7 @@ class Supervisor:
 
     def spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
         """Run ``target`` on a daemon thread named ``name``, restarting it if it dies."""
-        thread = threading.Thread(target=self._keep, args=(name, target), name=name,
+        thread = threading.Thread(target=self.run, args=(name, target), name=name,
                                   daemon=True)
         thread.start()
         self.threads.append(thread)
@@ -64,7 +74,13 @@ class Supervisor:
         """From now on a worker that returns has finished: no restart."""
         self._stopping.set()
 
-    def _keep(self, name: str, target: Callable[[], None]) -> None:
+    def keep_library_loop(self, name: str, target: Callable[[], None]) -> None:
+        """``run`` for a library's loop: it returns only when told to stop."""
+        self.run(name, target, restart_on_return=False)
+
+    def run(self, name: str, target: Callable[[], None],
+            restart_on_return: bool = True) -> None:
+        """Run ``target`` on the calling thread until it ends for good."""
         failures = 0
         while True:
             started = time.monotonic()
@@ -78,7 +94,7 @@ class Supervisor:
                 cause = f"{type(exc).__name__}: {exc}"
                 log.exception("thread_died", thread=name, error=cause)
             else:
-                if self._stopping.is_set():
+                if self._stopping.is_set() or not restart_on_return:
                     return
                 cause = "its loop returned while the module is running"
             if time.monotonic() - started > STABLE_SECONDS:

@@ -4,7 +4,6 @@ against a real full disk (a tmpfs mounted by the test), in-process and quick."""
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from edge_module.metering.ledger import WAL_LIMIT_BYTES, Ledger, MeteringError
 from edge_module.metering.records import Identity, MeterSpec, Usage
 from edge_module.metering.transaction import disk_full, write_transaction
 from edge_module.metrics import Metrics
-from edge_module.supervisor import Supervisor
 from simulator.billing import BillingSimulator, KeyInfo
 from tests.diskfull import Ballast, mounted_tmpfs
 from tests.support import API_KEY, wait_until
@@ -200,35 +198,3 @@ def test_the_drain_thread_survives_a_full_disk_while_settling(volume: Path,
     finally:
         drainer.stop()
         sim.stop()
-
-
-# -- the supervisor ------------------------------------------------------------
-
-
-def test_a_dead_worker_is_restarted_and_reported_down_meanwhile() -> None:
-    metrics = Metrics()
-    supervisor = Supervisor(metrics)
-    runs: list[int] = []
-    stop = threading.Event()
-    release = threading.Event()
-
-    def worker() -> None:
-        runs.append(1)
-        if len(runs) == 1:
-            release.wait(5)
-            raise OSError(28, "No space left on device")
-        stop.wait(10)
-
-    supervisor.spawn("drain", worker)
-    wait_until(lambda: len(runs) == 1, 5, "the worker started")
-    assert supervisor.down() == {}
-    release.set()
-    wait_until(lambda: "drain" in supervisor.down(), 5, "the worker reported down")
-    assert "No space left on device" in supervisor.down()["drain"]
-    wait_until(lambda: len(runs) == 2, 5, "the worker restarted")
-    assert supervisor.down() == {}
-    assert b'edge_module_thread_restarts_total{thread="drain"} 1.0' in metrics.render()
-    supervisor.stop()
-    stop.set()
-    supervisor.threads[0].join(5)
-    assert not supervisor.threads[0].is_alive()  # after stop() a return is final
