@@ -34,7 +34,7 @@ from edge_module.licensing.service import Licensing
 from edge_module.licensing.signing import load_public_key
 from edge_module.logs import get_logger
 from edge_module.metering.drain import Drainer
-from edge_module.metering.ledger import Ledger
+from edge_module.metering.ledger import Ledger, MeteringError
 from edge_module.metering.meter import LedgerMeter
 from edge_module.metering.records import Identity
 from edge_module.metering.usage_log import UsageLog
@@ -61,7 +61,11 @@ class App:
         self.metrics = Metrics()
         self.supervisor = Supervisor(self.metrics)
         self.identity = Identity(CONTAINER_TYPE, __version__, self.container_id)
-        self.ledger = Ledger(self.data_path / "ledger.db", self.identity, settings.metering)
+        try:
+            self.ledger = Ledger(self.data_path / "ledger.db", self.identity,
+                                 settings.metering)
+        except MeteringError as exc:
+            raise ConfigError("Data:Path", str(exc)) from exc
         # The licence is checked before the model is loaded: a bad licence fails fast.
         self.licensing = build_licensing(settings, self.identity, self.data_path,
                                          self.ledger)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from simulator.billing import BillingSimulator
 from tests.diskfull import Ballast, mounted_tmpfs
-from tests.support import Collector, Module, wait_until
+from tests.support import Broker, Collector, Module, wait_until
 
 RESULTS, ERRORS = "em/results", "em/errors"
 FAST_DRAIN = ("Metering:MaxDelaySeconds=0.2", "Metering:MaxBackoffSeconds=1",
@@ -169,3 +169,31 @@ def run_cases(module: Module, collector: Collector, billing: BillingSimulator,
     assert '"thread_died"' not in module.log_text()
     assert "cannot rollback" not in module.log_text()
     assert "FOREIGN KEY" not in module.log_text()
+
+
+def test_a_first_start_on_a_full_disk_fails_in_one_line_naming_the_fix(
+    tmp_path: Path, broker: Broker, billing: BillingSimulator,
+) -> None:
+    with mounted_tmpfs(tmp_path / "data", "1m") as data:
+        ballast = Ballast(data)
+        # Nothing there yet (the installation id cannot be written), then only the
+        # installation id (the ledger cannot be created).
+        for case, expected in (("fresh", "No space left on device"),
+                               ("no ledger", "database or disk is full")):
+            if case == "no ledger":
+                ballast.remove()
+                (data / "container-id").write_text("00000000-0000-4000-8000-00000000000a\n")
+            ballast.fill()
+            module = Module(tmp_path, broker.port, billing=billing.url,
+                            public_key=billing.public_key_b64)
+            module.start(wait_ready=False)
+            try:
+                assert module.wait_exit(30) == 2, module.log_tail()
+            finally:
+                module.stop()
+            text = module.log_text()
+            module.log_path.unlink()
+            assert "configuration error: Data:Path:" in text and expected in text, text
+            assert "free space under Data:Path" in text
+            assert "Traceback" not in text
+        ballast.remove()

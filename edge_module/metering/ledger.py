@@ -143,7 +143,11 @@ class Ledger:
         self.recovered_from: Path | None = None
         self._lock = threading.Lock()
         self._meter_ids: dict[tuple[str, str, str], int] = {}
-        self._conn = self._open()
+        try:
+            self._conn = self._open()
+        except sqlite3.Error as exc:  # a full disk at first start, an unreadable folder
+            raise MeteringError(f"cannot open the ledger {path}: {exc}; fix: free space "
+                                "under Data:Path (or check its permissions)") from exc
         self._pending = self._scalar("SELECT count(*) FROM records WHERE state = 0")
         self._bytes = self._file_bytes()
         self._bytes_checked = time.monotonic()
