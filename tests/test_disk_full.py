@@ -171,29 +171,54 @@ def run_cases(module: Module, collector: Collector, billing: BillingSimulator,
     assert "FOREIGN KEY" not in module.log_text()
 
 
-def test_a_first_start_on_a_full_disk_fails_in_one_line_naming_the_fix(
+def test_a_start_on_a_full_disk_fails_in_one_line_and_never_moves_the_ledger_aside(
     tmp_path: Path, broker: Broker, billing: BillingSimulator,
 ) -> None:
+    from edge_module import CONTAINER_TYPE, __version__
+    from edge_module.config import MeteringSettings
+    from edge_module.metering.ledger import Ledger
+    from edge_module.metering.records import Identity, MeterSpec, Usage
+
+    def start_expecting_exit(expected: str) -> None:
+        module = Module(tmp_path, broker.port, *FAST_DRAIN, billing=billing.url,
+                        public_key=billing.public_key_b64)
+        module.start(wait_ready=False)
+        try:
+            assert module.wait_exit(30) == 2, module.log_tail()
+        finally:
+            module.stop()
+        text = module.log_text()
+        assert "configuration error: Data:Path:" in text and expected in text, text
+        assert "free space under Data:Path" in text
+        assert "Traceback" not in text
+
     with mounted_tmpfs(tmp_path / "data", "1m") as data:
         ballast = Ballast(data)
-        # Nothing there yet (the installation id cannot be written), then only the
-        # installation id (the ledger cannot be created).
-        for case, expected in (("fresh", "No space left on device"),
-                               ("no ledger", "database or disk is full")):
-            if case == "no ledger":
-                ballast.remove()
-                (data / "container-id").write_text("00000000-0000-4000-8000-00000000000a\n")
-            ballast.fill()
-            module = Module(tmp_path, broker.port, billing=billing.url,
-                            public_key=billing.public_key_b64)
-            module.start(wait_ready=False)
-            try:
-                assert module.wait_exit(30) == 2, module.log_tail()
-            finally:
-                module.stop()
-            text = module.log_text()
-            module.log_path.unlink()
-            assert "configuration error: Data:Path:" in text and expected in text, text
-            assert "free space under Data:Path" in text
-            assert "Traceback" not in text
+        # A first start: the installation id cannot be written.
+        ballast.fill()
+        start_expecting_exit("No space left on device")
         ballast.remove()
+        # A restart of an installation with records waiting: SQLite cannot even open
+        # the ledger (no room for its -shm file). It stops; it must not take the
+        # ledger for corrupt and move it aside.
+        container_id = "00000000-0000-4000-8000-00000000000a"
+        (data / "container-id").write_text(container_id + "\n")
+        ledger = Ledger(data / "ledger.db", Identity(CONTAINER_TYPE, __version__, container_id),
+                        MeteringSettings())
+        ledger.admit(3)
+        ids = ledger.append(MeterSpec("digits.image.classify", "image-classification"),
+                            [Usage(1, None, None)] * 3)
+        ledger.close()
+        ballast.fill()
+        start_expecting_exit("cannot open the ledger")
+        assert not list(data.glob("ledger.db.corrupt-*"))
+        ballast.remove()
+        # Space is back: the same ledger opens and its records are billed.
+        module = Module(tmp_path, broker.port, *FAST_DRAIN, billing=billing.url,
+                        public_key=billing.public_key_b64)
+        module.start()
+        try:
+            wait_until(lambda: {r["id"] for r in billing.store.records()} == set(ids), 20,
+                       "the waiting records billed")
+        finally:
+            module.stop()

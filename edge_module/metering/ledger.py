@@ -22,7 +22,9 @@
   after drains. ``Metering:MaxLedgerMb`` counts the database, its WAL and its
   shared-memory file.
 * **Corruption** found by the integrity check at start moves the file aside
-  (never deletes it) and starts a fresh ledger.
+  (never deletes it) and starts a fresh ledger. Only a damaged file counts
+  (``SQLITE_CORRUPT``, ``SQLITE_NOTADB``, a failed ``quick_check``); an error of
+  the disk (full, I/O) raises ``MeteringError`` and leaves the file alone.
 
 Schema changes are migrations, applied in order and recorded in the
 ``_migrations`` table (as sqlite-utils users do).
@@ -60,6 +62,9 @@ BUFFER_FULL = "MeteringBufferFull"
 WAL_LIMIT_BYTES = 1024 * 1024  # journal_size_limit: the WAL is cut back to this
 WAL_AUTOCHECKPOINT_PAGES = 256  # 1 MiB of 4 KiB pages (SQLite's default, 1000, is 4 MiB)
 PROBE_INTERVAL = 1.0  # seconds between write probes while writes fail
+# Errors that mean the file itself is damaged (moved aside); any other error at open
+# (SQLITE_FULL, SQLITE_IOERR, SQLITE_CANTOPEN...) is the disk's and stops the start.
+CORRUPTION_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", """
@@ -194,6 +199,11 @@ class Ledger:
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF not in CORRUPTION_CODES:
+                # The disk, not the file (full, I/O error, no permission): a good
+                # ledger must never be moved aside for that.
+                raise
             return str(exc)
         return None
 
