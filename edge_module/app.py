@@ -2,7 +2,10 @@
 
 Start order: logging, data folder, model (loaded and warmed up), transport,
 pipeline, HTTP. Stop order on SIGTERM/SIGINT: stop intake, finish in-flight
-work, announce ``offline``, disconnect, exit 0.
+work, announce ``offline``, disconnect, exit 0. Worker threads run under the
+supervisor (``edge_module/supervisor.py``): one that dies is restarted and
+``/ready`` names it while it is down; ``/ready`` is also false, with the
+cause, while the ledger cannot be written (a full disk).
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from edge_module.licensing.service import Licensing
 from edge_module.licensing.signing import load_public_key
 from edge_module.logs import get_logger
 from edge_module.metering.drain import Drainer
-from edge_module.metering.ledger import Ledger
+from edge_module.metering.ledger import Ledger, MeteringError
 from edge_module.metering.meter import LedgerMeter
 from edge_module.metering.usage_log import UsageLog
 from edge_module.metrics import Metrics
 from edge_module.pipeline import Meter, Pipeline
 from edge_module.state import ensure_data_dir, module_signing_key
+from edge_module.supervisor import Supervisor
 from edge_module.transport.base import Transport
 from edge_module.transport.mqtt import MqttTransport
 
@@ -54,7 +58,12 @@ class App:
         self.identity = installation_identity(self.data_path)
         self.container_id = self.identity.container_id
         self.metrics = Metrics()
-        self.ledger = Ledger(self.data_path / "ledger.db", self.identity, settings.metering)
+        self.supervisor = Supervisor(self.metrics)
+        try:
+            self.ledger = Ledger(self.data_path / "ledger.db", self.identity,
+                                 settings.metering)
+        except MeteringError as exc:
+            raise ConfigError("Data:Path", str(exc)) from exc
         # The licence is checked before the model is loaded: a bad licence fails fast.
         self.licensing = build_licensing(settings, self.identity, self.data_path,
                                          self.ledger)
@@ -109,11 +118,14 @@ class App:
             from edge_module.transport.edgehub import EdgeHubTransport
 
             self.edgehub = EdgeHubTransport(self.settings.edge_hub, self.metrics)
+            self.edgehub.spawn = self.supervisor.spawn
             return self.edgehub
         client_id = self.settings.mqtt.client_id or f"edge-module-{self.container_id[:8]}"
         capacity = self.settings.pipeline.intake_queue * 2 + self.settings.pipeline.max_batch_size
-        return MqttTransport(self.settings.mqtt, client_id, self.metrics,
-                             receive_maximum=capacity)
+        transport = MqttTransport(self.settings.mqtt, client_id, self.metrics,
+                                  receive_maximum=capacity)
+        transport.keep = self.supervisor.keep_library_loop
+        return transport
 
     def readiness(self) -> tuple[bool, str]:
         if self.stopping.is_set():
@@ -121,6 +133,13 @@ class App:
         if not self.transport.connected:
             return False, "not connected to " + \
                 ("edgeHub" if self.settings.transport == "edgehub" else "the broker")
+        down = self.supervisor.down()
+        if down:
+            return False, "worker thread down, restarting: " + "; ".join(
+                f"{name}: {cause}" for name, cause in sorted(down.items()))
+        ledger_error = self.ledger.probe()
+        if ledger_error is not None:
+            return False, f"metering unavailable: {ledger_error}"
         decision = self.licensing.decide()
         if not decision.serve:
             return False, f"unlicensed: {decision.status}: {decision.message}"
@@ -189,15 +208,16 @@ class App:
         log.info("licence_checked", status=decision.status, state=decision.state.value,
                  serving=decision.serve, http=answer.http_status if answer else None,
                  mode="disconnected" if self.licensing.disconnected else "connected")
-        self.licensing.start()
+        spawn = self.supervisor.spawn
+        self.licensing.start(spawn)
         if self.drainer is not None:
-            self.drainer.start()
+            self.drainer.start(spawn)
         if self.usage_log is not None:
-            threading.Thread(target=self._export_loop, name="usage-log", daemon=True).start()
-        self.pipeline.start()
+            spawn("usage-log", self._export_loop)
+        self.pipeline.start(spawn)
         self.transport.start(self.pipeline.submit)
         if self.reporter is not None:
-            self.reporter.start()
+            self.reporter.start(spawn)
         log.info("module_started", version=__version__, container_type=CONTAINER_TYPE,
                  container_id=self.container_id, transport=self.settings.transport,
                  http_port=self.http.port)
@@ -207,8 +227,8 @@ class App:
         while not self.stopping.wait(self.settings.metering.usage_log_seconds):
             try:
                 self.usage_log.export()
-            except OSError as exc:
-                log.error("usage_log_export_failed", error=str(exc),
+            except Exception as exc:  # a full disk, a ledger error: try again next round
+                log.error("usage_log_export_failed", error=f"{type(exc).__name__}: {exc}",
                           fix="check that Mounts:Output is writable and has space")
 
     def request_stop(self, signum: int | None = None, _: FrameType | None = None) -> None:
@@ -219,6 +239,7 @@ class App:
 
     def shutdown(self) -> None:
         budget = self.settings.pipeline.shutdown_seconds
+        self.supervisor.stop()  # workers now end for good
         self.transport.stop_intake()
         drained = self.pipeline.drain(budget * 0.6)
         if not drained:

@@ -61,6 +61,10 @@ class Metrics:
         self.batch_depth = Gauge("edge_module_batch_queue_depth",
                                  "Decoded requests waiting for inference.", registry=r)
         self.ready = Gauge("edge_module_ready", "1 when the module serves.", registry=r)
+        self.thread_restarts = Counter(
+            "edge_module_thread_restarts",
+            "Worker threads restarted by the supervisor after they died, by thread.",
+            ["thread"], registry=r)
         self.connected = Gauge("edge_module_transport_connected",
                                "1 while the transport is connected.", registry=r)
 

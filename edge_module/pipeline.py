@@ -42,6 +42,7 @@ from edge_module.inference.models import Model
 from edge_module.logs import get_logger
 from edge_module.metering.records import MeterSpec, Usage
 from edge_module.metrics import Metrics
+from edge_module.supervisor import Spawn, start_thread
 from edge_module.transport.base import Inbound, Transport
 
 log = get_logger("pipeline")
@@ -201,16 +202,12 @@ class Pipeline:
 
     # -- lifecycle --------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, spawn: Spawn = start_thread) -> None:
+        """Start the workers; ``spawn`` is the supervisor's when the app runs them."""
         for i in range(self.settings.decode_workers):
-            self._spawn(self._decode_loop, f"decode-{i}")
-        self._spawn(self._infer_loop, "infer")
-        self._spawn(self._commit_loop, "commit")
-
-    def _spawn(self, target: Any, name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+            self._threads.append(spawn(f"decode-{i}", self._decode_loop))
+        self._threads.append(spawn("infer", self._infer_loop))
+        self._threads.append(spawn("commit", self._commit_loop))
 
     def submit(self, inbound: Inbound) -> None:
         """Called by the transport for every input; blocks while the intake is full."""
@@ -398,27 +395,46 @@ class Pipeline:
         # Durable before visible: the records of these batches are committed before any
         # of their results is published. Replays were billed when first answered.
         fresh = [job for inferred in group for job in inferred.fresh]
-        by_meter: dict[MeterSpec, list[Usage]] = {}
-        for inferred in group:
-            by_meter.setdefault(inferred.serving.meter, []).extend(
-                Usage(len(job.items) * inferred.serving.quantity_per_item,
-                      job.inbound.delivery_key,
-                      job.digest() if job.inbound.delivery_key is not None else None)
-                for job in inferred.fresh)
+        # Every admitted (fresh) job holds a reservation in the meter until its commit
+        # is attempted (``commit`` gives it back, committed or not); whatever fails
+        # before that gives the rest back here, so admission never leaks room.
+        attempted = 0
+        failed: set[MeterSpec] = set()
         try:
-            for spec, usages in by_meter.items():
-                if usages:
-                    self.meter.commit(spec, usages)
-        except EdgeModuleError as exc:
-            log.error("metering_commit_failed", error=str(exc), batch=len(fresh))
+            by_meter: dict[MeterSpec, list[Usage]] = {}
             for inferred in group:
-                for job in inferred.jobs:
-                    self._send_error(job.inbound, job.request_id,
-                                     ErrorCode.METERING_UNAVAILABLE,
-                                     "the usage record could not be stored, so no result is "
-                                     "released; send the input again once the disk under "
-                                     "Data:Path has room")
-            return
+                by_meter.setdefault(inferred.serving.meter, []).extend(
+                    Usage(len(job.items) * inferred.serving.quantity_per_item,
+                          job.inbound.delivery_key,
+                          job.digest() if job.inbound.delivery_key is not None else None)
+                    for job in inferred.fresh)
+            for spec, usages in by_meter.items():
+                if not usages:
+                    continue
+                attempted += len(usages)
+                try:
+                    self.meter.commit(spec, usages)
+                except EdgeModuleError as exc:
+                    log.error("metering_commit_failed", error=str(exc), batch=len(usages),
+                              fix="free space under Data:Path if the disk is full; inputs "
+                              "are refused with MeteringUnavailable until then")
+                    failed.add(spec)
+        finally:
+            if attempted < len(fresh):
+                self.meter.release(len(fresh) - attempted)
+        if failed:
+            # Only the batches whose records did not commit are refused: a result
+            # whose record is stored is billed, so it must be delivered.
+            for inferred in group:
+                if inferred.serving.meter in failed:
+                    for job in inferred.jobs:
+                        self._send_error(job.inbound, job.request_id,
+                                         ErrorCode.METERING_UNAVAILABLE,
+                                         "the usage record could not be stored, so no "
+                                         "result is released; send the input again once "
+                                         "the disk under Data:Path has room")
+            group = [inferred for inferred in group if inferred.serving.meter not in failed]
+            fresh = [job for inferred in group for job in inferred.fresh]
         replays = sum(len(inferred.jobs) for inferred in group) - len(fresh)
         if replays:
             self.metrics.replays.inc(replays)

@@ -53,9 +53,14 @@ def installation_id(data_path: Path) -> str:
         pass
     value = str(uuid.uuid4())
     tmp = file.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(value + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, file)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(value + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, file)
+    except OSError as exc:
+        raise ConfigError("Data:Path", f"cannot store the installation id in {file} "
+                          f"({exc.strerror}); fix: free space under Data:Path (or mount a "
+                          "larger volume there)") from exc
     return value

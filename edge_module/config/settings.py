@@ -342,7 +342,8 @@ class MeteringSettings(Section):
     )
     max_ledger_mb: float = Field(
         512.0, alias="MaxLedgerMb", gt=0,
-        description="Most megabytes the ledger may use; the same refusal applies at the cap.",
+        description="Most megabytes the ledger may use on disk (the database, its write-ahead "
+        "log and its `-shm` file together); the same refusal applies at the cap.",
     )
     retention_hours: float = Field(
         168.0, alias="RetentionHours", ge=0,

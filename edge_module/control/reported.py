@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_module.logs import get_logger
+from edge_module.supervisor import Spawn, start_thread
 
 log = get_logger("reported")
 
@@ -34,9 +35,8 @@ class Reporter:
         self._thread: threading.Thread | None = None
         self.patches = 0
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="reported", daemon=True)
-        self._thread.start()
+    def start(self, spawn: Spawn = start_thread) -> None:
+        self._thread = spawn("reported", self.run)
 
     def stop(self) -> None:
         self._stop.set()
@@ -56,28 +56,36 @@ class Reporter:
             self._sent = {}
         self._wake.set()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The reporter thread: an error in one round is logged, the next round runs."""
         while not self._stop.is_set():
-            with self._lock:
-                urgent, self._urgent = self._urgent, []
-            for patch in urgent:
-                if self.send(patch):
-                    self.patches += 1
-                else:
-                    with self._lock:
-                        self._urgent.insert(0, patch)
-                    break
             try:
-                state = self.snapshot()
+                self._round()
             except Exception as exc:  # a bug must not stop reporting
-                log.exception("reported_snapshot_failed", error=str(exc))
-                state = {}
-            changed = {k: v for k, v in state.items() if self._sent.get(k) != v}
-            now = time.monotonic()
-            if changed and now - self._last >= self.interval:
-                if self.send(changed):
-                    self.patches += 1
-                    self._sent.update(changed)
-                self._last = now
+                log.exception("reported_round_failed", error=f"{type(exc).__name__}: {exc}",
+                              fix="report this log line; reporting continues")
             self._wake.wait(min(1.0, max(0.05, self.interval)))
             self._wake.clear()
+
+    def _round(self) -> None:
+        with self._lock:
+            urgent, self._urgent = self._urgent, []
+        for patch in urgent:
+            if self.send(patch):
+                self.patches += 1
+            else:
+                with self._lock:
+                    self._urgent.insert(0, patch)
+                break
+        try:
+            state = self.snapshot()
+        except Exception as exc:  # a bug must not stop reporting
+            log.exception("reported_snapshot_failed", error=str(exc))
+            state = {}
+        changed = {k: v for k, v in state.items() if self._sent.get(k) != v}
+        now = time.monotonic()
+        if changed and now - self._last >= self.interval:
+            if self.send(changed):
+                self.patches += 1
+                self._sent.update(changed)
+            self._last = now

@@ -5,11 +5,13 @@
 issuedAt`` is the grace. A lease counts only when its signature verifies with
 ``Billing:PublicKey`` and it names this installation and container type, so
 it can neither be forged, edited, nor copied from another device. The last
-good lease is kept in ``Data:Path/lease.json`` and verified again on load.
+good lease is kept in ``Data:Path/lease.json`` and verified again on load; a
+write that fails (a full disk) is logged and the lease kept in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -78,10 +80,27 @@ class LeaseStore:
                         effect="no offline grace until the next successful check")
         return lease
 
-    def save(self, lease: Lease) -> None:
+    def save(self, lease: Lease) -> bool:
+        """Keep ``lease`` on disk; False (logged) when it cannot be written.
+
+        A full disk or an I/O error must not stop the caller (the uploader or the
+        licensing thread): the lease stays in memory and the next answer that
+        carries one tries again. The previous file stays whole (written aside,
+        then renamed).
+        """
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            json.dump(lease.raw, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as handle:
+                json.dump(lease.raw, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.error("lease_save_failed", path=str(self.path), error=str(exc),
+                      effect="the new lease is used from memory; after a restart the "
+                      "previous stored lease applies until the next successful check",
+                      fix="free space under Data:Path (or fix its permissions)")
+            return False
+        return True

@@ -44,6 +44,7 @@ from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import Lease, LeaseStore, parse_lease
 from edge_module.licensing.statuses import explain
 from edge_module.logs import get_logger
+from edge_module.supervisor import Spawn, start_thread
 
 log = get_logger("licensing")
 
@@ -237,9 +238,8 @@ class Licensing:
         value = keys.get(name)
         return str(value) if value is not None else None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="licensing", daemon=True)
-        self._thread.start()
+    def start(self, spawn: Spawn = start_thread) -> None:
+        self._thread = spawn("licensing", self.run)
 
     def stop(self) -> None:
         self._stop.set()
@@ -248,13 +248,27 @@ class Licensing:
             self._thread.join(5)
         self.clock.persist()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The licensing thread: periodic status checks. An error (a bug, a full disk
+        under the trusted clock) is logged and the check is tried again later."""
         while not self._stop.is_set():
-            self._wake.wait(self._next_check_in())
+            try:
+                wait = self._next_check_in()
+            except Exception as exc:
+                log.exception("licence_check_error", error=f"{type(exc).__name__}: {exc}",
+                              fix="report this log line; checks continue")
+                wait = self.settings.retry_seconds
+            self._wake.wait(wait)
             self._wake.clear()
             if self._stop.is_set():
                 return
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:
+                log.exception("licence_check_error", error=f"{type(exc).__name__}: {exc}",
+                              effect="the licence state stays as it was; checked again in "
+                              f"{self.settings.retry_seconds} s",
+                              fix="report this log line; checks continue")
 
     def _next_check_in(self) -> float:
         decision = self.decide()

@@ -13,6 +13,14 @@
   thread sleeps on an event while idle or backing off: no busy loop.
 * Every call has a timeout and runs on this thread only, so a blackholed
   endpoint never stalls inference.
+* Nothing stops the thread: an error of the ledger (a full disk while
+  settling), of the lease store or a bug is logged with its cause and a fix
+  and retried with the same back-off; records not settled stay pending and
+  are sent again (the endpoint answers Duplicate, never bills twice). The
+  supervisor (``edge_module/supervisor.py``) restarts the thread if it dies
+  anyway.
+* After uploads the ledger's WAL is checkpointed and truncated (at most every
+  ``CHECKPOINT_SECONDS``, and whenever the backlog is empty).
 """
 
 from __future__ import annotations
@@ -28,10 +36,12 @@ from edge_module.config import MeteringSettings
 from edge_module.logs import get_logger
 from edge_module.metering.ledger import ACCEPTED, DUPLICATE, Ledger, PendingRecord
 from edge_module.metrics import Metrics
+from edge_module.supervisor import Spawn, start_thread
 
 log = get_logger("drain")
 
 BASE_BACKOFF = 1.0
+CHECKPOINT_SECONDS = 5.0
 
 
 @dataclass
@@ -81,12 +91,14 @@ class Drainer:
         self._lock = threading.Lock()  # one batch at a time (thread, CLI, direct method)
         self.last_answer: Answer | None = None
         self.next_attempt: float = 0.0  # monotonic time of the next try while backing off
+        self._last_prune = 0.0
+        self._last_checkpoint = 0.0
+        self._dirty = False  # settled something since the last checkpoint
 
     # -- lifecycle --------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="drain", daemon=True)
-        self._thread.start()
+    def start(self, spawn: Spawn = start_thread) -> None:
+        self._thread = spawn("drain", self.run)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -105,21 +117,50 @@ class Drainer:
 
     # -- the loop ---------------------------------------------------------
 
-    def _run(self) -> None:
-        last_prune = 0.0
+    def run(self) -> None:
+        """The thread's body (the supervisor runs it; ``start`` for standalone use)."""
         while not self._stop.is_set():
-            delay = self._due_in()
-            if delay > 0:
-                self._wake.wait(delay)
-                self._wake.clear()
-                continue
-            outcome = self.drain_batch()
-            if time.monotonic() - last_prune > 600:
-                last_prune = time.monotonic()
-                self.ledger.prune()
-            if outcome.ok:
-                continue
-            self._schedule_retry(outcome.answer)
+            try:
+                self._step()
+            except Exception as exc:  # a full disk, a bug: log, back off, carry on
+                wait = self.backoff.next()
+                self.next_attempt = time.monotonic() + wait
+                log.error("drain_loop_error", error=f"{type(exc).__name__}: {exc}",
+                          retry_in_s=round(wait, 3), pending=self.ledger.pending,
+                          effect="records not settled stay pending and are sent again "
+                          "(answered Duplicate, never billed twice)",
+                          fix="free space under Data:Path if the disk is full; otherwise "
+                          "report this log line")
+
+    def _step(self) -> None:
+        delay = self._due_in()
+        if delay > 0:
+            self._maybe_checkpoint()
+            self._wake.wait(delay)
+            self._wake.clear()
+            return
+        outcome = self.drain_batch()
+        if outcome.delivered or outcome.quarantined:
+            self._dirty = True
+        if time.monotonic() - self._last_prune > 600:
+            self._last_prune = time.monotonic()
+            self.ledger.prune()
+        self._maybe_checkpoint()
+        if outcome.ok:
+            self.backoff.reset()
+            return
+        self._schedule_retry(outcome.answer)
+
+    def _maybe_checkpoint(self) -> None:
+        """Keep the WAL small: truncate it after uploads (rate-limited)."""
+        if not self._dirty:
+            return
+        now = time.monotonic()
+        if self.ledger.pending and now - self._last_checkpoint < CHECKPOINT_SECONDS:
+            return
+        self._last_checkpoint = now
+        if self.ledger.checkpoint():
+            self._dirty = False
 
     def _due_in(self) -> float:
         """Seconds until the next upload is due (0: now)."""

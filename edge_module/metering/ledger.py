@@ -9,8 +9,22 @@
   and the pipeline answers again without a new record.
 * **Bounded.** Pending records and file size have caps; at a cap ``check``
   raises ``MeteringBufferFull`` (new work is refused, nothing is dropped).
+* **Transactions done once, right.** Every write goes through
+  ``metering/transaction.py``: a failed transaction (``database or disk is
+  full``) is rolled back once, reports its real cause, drops the meter ids it
+  cached and always gives back its admission reservations, so the ledger
+  works again as soon as the disk has room, without a restart. While writes
+  fail, ``health`` names the cause (``/ready`` shows it) and ``probe`` tries a
+  tiny write at most once a second to notice the space coming back.
+* **Bounded WAL.** The write-ahead log is checkpointed every
+  ``WAL_AUTOCHECKPOINT_PAGES`` pages and truncated to ``WAL_LIMIT_BYTES``
+  (``journal_size_limit``); the uploader calls ``checkpoint`` (TRUNCATE)
+  after drains. ``Metering:MaxLedgerMb`` counts the database, its WAL and its
+  shared-memory file.
 * **Corruption** found by the integrity check at start moves the file aside
-  (never deletes it) and starts a fresh ledger.
+  (never deletes it) and starts a fresh ledger. Only a damaged file counts
+  (``SQLITE_CORRUPT``, ``SQLITE_NOTADB``, a failed ``quick_check``); an error of
+  the disk (full, I/O) raises ``MeteringError`` and leaves the file alone.
 
 Schema changes are migrations, applied in order and recorded in the
 ``_migrations`` table (as sqlite-utils users do).
@@ -23,7 +37,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +51,7 @@ from edge_module.exceptions import EdgeModuleError, Refusal
 from edge_module.identity import Identity
 from edge_module.logs import get_logger
 from edge_module.metering.records import MeterSpec, RecordWriter, Usage
+from edge_module.metering.transaction import disk_full, write_transaction
 
 log = get_logger("ledger")
 
@@ -43,6 +59,12 @@ PENDING, ACCEPTED, DUPLICATE, QUARANTINED = 0, 1, 2, 3
 STATE_NAMES = {PENDING: "pending", ACCEPTED: "accepted", DUPLICATE: "duplicate",
                QUARANTINED: "quarantined"}
 WARN_RATIO = 0.8
+WAL_LIMIT_BYTES = 1024 * 1024  # journal_size_limit: the WAL is cut back to this
+WAL_AUTOCHECKPOINT_PAGES = 256  # 1 MiB of 4 KiB pages (SQLite's default, 1000, is 4 MiB)
+PROBE_INTERVAL = 1.0  # seconds between write probes while writes fail
+# Errors that mean the file itself is damaged (moved aside); any other error at open
+# (SQLITE_FULL, SQLITE_IOERR, SQLITE_CANTOPEN...) is the disk's and stops the start.
+CORRUPTION_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", """
@@ -127,13 +149,19 @@ class Ledger:
         self.recovered_from: Path | None = None
         self._lock = threading.Lock()
         self._meter_ids: dict[tuple[str, str, str], int] = {}
-        self._conn = self._open()
+        try:
+            self._conn = self._open()
+        except sqlite3.Error as exc:  # a full disk at first start, an unreadable folder
+            raise MeteringError(f"cannot open the ledger {path}: {exc}; fix: free space "
+                                "under Data:Path (or check its permissions)") from exc
         self._pending = self._scalar("SELECT count(*) FROM records WHERE state = 0")
         self._bytes = self._file_bytes()
         self._bytes_checked = time.monotonic()
         self._warned = False
         self.quantity_added = 0  # quantity committed by this process
         self._reserved = 0  # admitted by admit(), not yet appended
+        self.write_error: str | None = None  # the cause while writes fail, else None
+        self._probed = 0.0
 
     # -- opening, integrity, migrations -----------------------------------
 
@@ -152,6 +180,8 @@ class Ledger:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.settings.synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         return conn
 
     def _integrity_problem(self) -> str | None:
@@ -170,6 +200,11 @@ class Ledger:
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF not in CORRUPTION_CODES:
+                # The disk, not the file (full, I/O error, no permission): a good
+                # ledger must never be moved aside for that.
+                raise
             return str(exc)
         return None
 
@@ -196,17 +231,78 @@ class Ledger:
         for name, sql in MIGRATIONS:
             if name in applied:
                 continue
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 for statement in (s for s in sql.split(";") if s.strip()):
                     conn.execute(statement)
                 conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
                              (name, int(time.time() * 1000)))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             log.debug("ledger_migrated", migration=name)
+
+    # -- writes -----------------------------------------------------------
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run one write transaction. A failure drops the caches of
+        the failed transaction, is remembered as ``write_error`` (``health``) and raises
+        ``MeteringError`` naming the real cause."""
+        with self._lock:
+            try:
+                with write_transaction(self._conn, self._meter_ids.clear) as conn:
+                    yield conn
+            except sqlite3.Error as exc:
+                self._write_failed(what, exc)
+                raise MeteringError(f"cannot {what} in {self.path}: {exc}") from exc
+            if self.write_error is not None:
+                log.info("ledger_writable_again", previous_error=self.write_error)
+                self.write_error = None
+
+    def _write_failed(self, what: str, exc: sqlite3.Error) -> None:
+        full = disk_full(exc)
+        cause = f"{exc} (the disk under {self.path.parent} is full)" if full else str(exc)
+        if self.write_error != cause:
+            log.error("ledger_write_failed", action=what, error=cause,
+                      effect="inputs are answered MeteringUnavailable and no result is "
+                      "released until a write succeeds; nothing recorded is lost",
+                      fix="free space under Data:Path (or give the volume more); the module "
+                      "recovers by itself" if full else "check the disk under Data:Path")
+        self.write_error = cause
+
+    def health(self) -> str | None:
+        """None while the ledger can be written, else why not."""
+        return self.write_error
+
+    def probe(self) -> str | None:
+        """While writes fail, try a tiny write (at most once a second) to notice space
+        coming back; return ``health()`` afterwards."""
+        if self.write_error is None or time.monotonic() - self._probed < PROBE_INTERVAL:
+            return self.write_error
+        self._probed = time.monotonic()
+        try:
+            with self._write("write a probe") as conn:
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
+                             "('last_probe_ms', ?)", (str(int(time.time() * 1000)),))
+        except MeteringError:
+            pass
+        return self.write_error
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it (``wal_checkpoint(TRUNCATE)``);
+        False when it could not finish (a full disk: tried again after the next drain)."""
+        with self._lock:
+            # TRUNCATE waits for readers of other connections (`edge-module ledger`):
+            # wait briefly, never for the 10 s that would stall commits behind this lock.
+            self._conn.execute("PRAGMA busy_timeout=200")
+            try:
+                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as exc:
+                log.warning("ledger_checkpoint_failed", error=str(exc),
+                            effect="the WAL keeps its size until the next checkpoint",
+                            fix="free space under Data:Path")
+                return False
+            finally:
+                self._conn.execute("PRAGMA busy_timeout=10000")
+        self._bytes = self._file_bytes()
+        return not busy
 
     # -- helpers ----------------------------------------------------------
 
@@ -286,33 +382,30 @@ class Ledger:
         """Commit one record per usage; return their ids. Durable when this returns."""
         now_ms = self.clock_ms()
         ids = [str(uuid.uuid4()) for _ in usages]
+        committed = False
         try:
-            with self._lock:
-                conn = self._conn
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    meter_id = self._meter_id(meter)
+            with self._write("commit usage records") as conn:
+                meter_id = self._meter_id(meter)
+                conn.executemany(
+                    "INSERT INTO records (id, meter_id, quantity, request_time) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(rid, meter_id, u.quantity, now_ms) for rid, u in zip(
+                        ids, usages, strict=True)])
+                deliveries = [(u.delivery_key, u.digest, rid) for rid, u in zip(
+                    ids, usages, strict=True) if u.delivery_key is not None]
+                if deliveries:
                     conn.executemany(
-                        "INSERT INTO records (id, meter_id, quantity, request_time) "
-                        "VALUES (?, ?, ?, ?)",
-                        [(rid, meter_id, u.quantity, now_ms) for rid, u in zip(
-                            ids, usages, strict=True)])
-                    deliveries = [(u.delivery_key, u.digest, rid) for rid, u in zip(
-                        ids, usages, strict=True) if u.delivery_key is not None]
-                    if deliveries:
-                        conn.executemany(
-                            "INSERT OR REPLACE INTO deliveries (key, digest, record_id) "
-                            "VALUES (?, ?, ?)", deliveries)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    self._reserved = max(0, self._reserved - len(ids))
-                    raise
-                self._pending += len(ids)
+                        "INSERT OR REPLACE INTO deliveries (key, digest, record_id) "
+                        "VALUES (?, ?, ?)", deliveries)
+            committed = True
+        finally:
+            # Whatever happened, the room admitted for these records is given back:
+            # as committed records, or free again.
+            with self._lock:
                 self._reserved = max(0, self._reserved - len(ids))
-                self.quantity_added += sum(u.quantity for u in usages)
-        except sqlite3.Error as exc:
-            raise MeteringError(f"cannot commit usage records to {self.path}: {exc}") from exc
+                if committed:
+                    self._pending += len(ids)
+                    self.quantity_added += sum(u.quantity for u in usages)
         return ids
 
     def replayed(self, key: str, digest: bytes) -> str | None:
@@ -380,24 +473,18 @@ class Ledger:
         done = [(state, now_ms, seq) for seq, state in delivered]
         bad = [(now_ms, reason[:500], seq) for seq, reason in quarantined]
         again = [(seq,) for seq in retried]
+        with self._write("settle uploaded records") as conn:
+            before = conn.total_changes
+            conn.executemany("UPDATE records SET state = ?, settled_at = ?, "
+                             "attempts = attempts + 1 WHERE seq = ? AND state = 0", done)
+            conn.executemany("UPDATE records SET state = 3, settled_at = ?, reason = ?, "
+                             "attempts = attempts + 1 WHERE seq = ? AND state = 0", bad)
+            left_pending = conn.total_changes - before  # rows that were pending until now
+            conn.executemany("UPDATE records SET attempts = attempts + 1 WHERE seq = ?",
+                             again)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
+                         "('last_drain_ms', ?)", (str(now_ms),))
         with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                before = conn.total_changes
-                conn.executemany("UPDATE records SET state = ?, settled_at = ?, "
-                                 "attempts = attempts + 1 WHERE seq = ? AND state = 0", done)
-                conn.executemany("UPDATE records SET state = 3, settled_at = ?, reason = ?, "
-                                 "attempts = attempts + 1 WHERE seq = ? AND state = 0", bad)
-                left_pending = conn.total_changes - before  # rows that were pending until now
-                conn.executemany("UPDATE records SET attempts = attempts + 1 WHERE seq = ?",
-                                 again)
-                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES "
-                             "('last_drain_ms', ?)", (str(now_ms),))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             # Counted from the rows changed, not recounted: a COUNT(*) per batch made
             # draining a large backlog quadratic.
             self._pending -= left_pending
@@ -405,13 +492,13 @@ class Ledger:
     def prune(self) -> int:
         """Delete acknowledged records older than the retention; return how many."""
         cutoff = int((time.time() - self.settings.retention_hours * 3600) * 1000)
-        with self._lock:
+        with self._write("prune acknowledged records") as conn:
             # Deliveries of pruned records go too: keys such as edgeHub message ids are
             # never reused, so the table would otherwise grow without bound.
-            self._conn.execute(
+            conn.execute(
                 "DELETE FROM deliveries WHERE record_id IN (SELECT id FROM records WHERE "
                 "state IN (1, 2) AND settled_at < ?)", (cutoff,))
-            cursor = self._conn.execute(
+            cursor = conn.execute(
                 "DELETE FROM records WHERE state IN (1, 2) AND settled_at < ?", (cutoff,))
             removed = cursor.rowcount
         if removed:
@@ -450,27 +537,21 @@ class Ledger:
             raise MeteringError(f"{source} cannot be read ({exc}); keep it for the vendor") \
                 from exc
         copied = 0
-        with self._lock:
-            conn = self._conn
+        with self._write("salvage records") as conn:
             known = {r[0] for r in conn.execute("SELECT id FROM records")}
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for rid, name, api_type, version, quantity, request_time in rows:
-                    if rid in known:
-                        continue
-                    conn.execute("INSERT OR IGNORE INTO meters (name, api_type, "
-                                 "container_version) VALUES (?, ?, ?)",
-                                 (name, api_type, version))
-                    meter_id = conn.execute(
-                        "SELECT meter_id FROM meters WHERE name = ? AND api_type = ? AND "
-                        "container_version = ?", (name, api_type, version)).fetchone()[0]
-                    conn.execute("INSERT INTO records (id, meter_id, quantity, request_time) "
-                                 "VALUES (?, ?, ?, ?)", (rid, meter_id, quantity, request_time))
-                    copied += 1
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            for rid, name, api_type, version, quantity, request_time in rows:
+                if rid in known:
+                    continue
+                conn.execute("INSERT OR IGNORE INTO meters (name, api_type, "
+                             "container_version) VALUES (?, ?, ?)",
+                             (name, api_type, version))
+                meter_id = conn.execute(
+                    "SELECT meter_id FROM meters WHERE name = ? AND api_type = ? AND "
+                    "container_version = ?", (name, api_type, version)).fetchone()[0]
+                conn.execute("INSERT INTO records (id, meter_id, quantity, request_time) "
+                             "VALUES (?, ?, ?, ?)", (rid, meter_id, quantity, request_time))
+                copied += 1
+        with self._lock:
             self._pending += copied
         return copied, 0
 

@@ -61,6 +61,7 @@ from edge_module.errors import ErrorCode
 from edge_module.exceptions import ConfigError
 from edge_module.logs import get_logger
 from edge_module.metrics import Metrics
+from edge_module.supervisor import Spawn, start_thread
 from edge_module.transport.base import Deliver, Inbound
 from edge_module.transport.paho_fix import apply as apply_paho_fix
 
@@ -160,6 +161,7 @@ class EdgeHubTransport:
         self._tokens = itertools.count(1)
         self._was_connected = False
         self._threads: list[threading.Thread] = []
+        self.spawn: Spawn = start_thread  # the app's supervisor runs the long-lived loops
 
     # -- lifecycle --------------------------------------------------------
 
@@ -170,11 +172,10 @@ class EdgeHubTransport:
         client.on_twin_desired_properties_patch_received = self._on_desired_patch
         client.on_method_request_received = self._on_method
         client.on_connection_state_change = self._on_connection_state  # type: ignore[assignment]
-        for target, name in ((self._feed, "edgehub-intake"), (self._outbox, "edgehub-outbox"),
-                             (self._connect_loop, "edgehub-connect")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads.append(self.spawn("edgehub-intake", self._feed))
+        self._threads.append(self.spawn("edgehub-outbox", self._outbox))
+        # Connecting ends once connected: a one-shot thread, not a supervised loop.
+        self._threads.append(start_thread("edgehub-connect", self._connect_loop))
         log.info("edgehub_connecting", inputs=sorted(self.inputs),
                  outputs=[self.settings.result_output, self.settings.error_output],
                  keep_alive=self.settings.keep_alive)
@@ -295,6 +296,12 @@ class EdgeHubTransport:
                 else:
                     self._refuse(inbound, ErrorCode.SHUTTING_DOWN, "the module is shutting "
                                  "down; send the input again in a moment", retryable=True)
+            except Exception as exc:  # a bug in the hand-over must not stop the intake
+                log.exception("edgehub_feed_error", error=f"{type(exc).__name__}: {exc}",
+                              fix="report this log line; the input is answered InternalError")
+                if inbound is not None:
+                    self._refuse(inbound, ErrorCode.INTERNAL, "internal error while taking "
+                                 "the input; see logs", retryable=True)
             finally:
                 self._intake.task_done()
 

@@ -36,6 +36,7 @@ from edge_module.config import MqttSettings, subscription_filter
 from edge_module.errors import ErrorCode
 from edge_module.logs import get_logger
 from edge_module.metrics import Metrics
+from edge_module.supervisor import Keep, run_here
 from edge_module.transport.base import Deliver, Inbound
 from edge_module.transport.paho_fix import apply as apply_paho_fix
 
@@ -87,6 +88,18 @@ class MqttTransport:
         self._output.on_disconnect = self._on_disconnect("output")
         self._output.will_set(settings.availability_topic, b"offline", qos=1, retain=True)
         self._output.max_inflight_messages_set(1000)
+        # paho runs each connection's network loop on a thread of its own; an error
+        # outside the callbacks (which suppress_exceptions covers) would end it for
+        # good. The app sets ``keep`` to its supervisor's, which logs, marks the loop
+        # down (/ready) and runs it again.
+        self.keep: Keep = run_here
+        for name, client in (("mqtt-intake", self._intake), ("mqtt-output", self._output)):
+            client._thread_main = self._network_loop(name, client)
+
+    def _network_loop(self, name: str, client: mqtt.Client) -> Callable[[], None]:
+        def loop() -> None:  # what paho's loop_start runs, under ``keep``
+            self.keep(name, lambda: client.loop_forever(retry_first_connection=True))
+        return loop
 
     def _client(self, client_id: str, cls: type[mqtt.Client]) -> mqtt.Client:
         s = self.settings
