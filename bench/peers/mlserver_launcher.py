@@ -10,13 +10,14 @@ and the ``inference.GRPCInferenceService/ModelConfig`` RPC as an extra generic
 handler on its gRPC server (answers prepared by ``bench/peers/model_config.py``).
 """
 
-# mypy: ignore-missing-imports, allow-subclassing-any, allow-untyped-calls
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
 import socket
+from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 
@@ -28,24 +29,23 @@ def main() -> None:
         parser.add_argument(flag, required=True)
     ours = parser.parse_args()
 
-    import grpc
-    from fastapi.responses import JSONResponse
-    from fastapi.routing import APIRoute
-    from grpc import aio
-    from mlserver import MLServer
-    from mlserver.rest import app as mlserver_app
-    from mlserver.settings import ModelParameters, ModelSettings, Settings
-    from mlserver.types import MetadataTensor
-    from mlserver.utils import install_uvloop_event_loop
+    # Imported by name: these live in the peer's venv, not in the module's (mypy).
+    grpc: Any = import_module("grpc")
+    aio: Any = import_module("grpc.aio")
+    JSONResponse = import_module("fastapi.responses").JSONResponse
+    APIRoute = import_module("fastapi.routing").APIRoute
+    MLServer = import_module("mlserver").MLServer
+    mlserver_app: Any = import_module("mlserver.rest.app")
+    settings_module = import_module("mlserver.settings")
+    MetadataTensor = import_module("mlserver.types").MetadataTensor
+    install_uvloop_event_loop = import_module("mlserver.utils").install_uvloop_event_loop
 
-    with open(ours.config_json) as handle:
-        config = json.load(handle)
-    with open(ours.config_pb, "rb") as handle:
-        config_pb = handle.read()
+    config = json.loads(Path(ours.config_json).read_text())
+    config_pb = Path(ours.config_pb).read_bytes()
     name = config["name"]
 
     # perf_analyzer's model-config endpoint, HTTP side, on the app MLServer creates.
-    async def model_config(model_name: str) -> JSONResponse:
+    async def model_config(model_name: str) -> Any:
         if model_name != name:
             return JSONResponse({"error": f"unknown model {model_name}"}, status_code=404)
         return JSONResponse(config)
@@ -78,15 +78,16 @@ def main() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         metrics_port = probe.getsockname()[1]
-    settings = Settings(host="127.0.0.1", http_port=ours.http_port, grpc_port=ours.grpc_port,
-                        metrics_port=metrics_port, debug=False)
+    settings = settings_module.Settings(
+        host="127.0.0.1", http_port=ours.http_port, grpc_port=ours.grpc_port,
+        metrics_port=metrics_port, debug=False)
 
     def tensor(spec: dict[str, Any]) -> Any:
         return MetadataTensor(name=spec["name"], datatype="FP32", shape=[-1, *spec["dims"]])
 
-    model = ModelSettings(
+    model = settings_module.ModelSettings(
         name=name, implementation="mlserver_runtime.OnnxRuntime",
-        parameters=ModelParameters(uri=ours.model),
+        parameters=settings_module.ModelParameters(uri=ours.model),
         max_batch_size=ours.max_batch, max_batch_time=ours.queue_delay_us / 1e6,
         inputs=[tensor(t) for t in config["input"]],
         outputs=[tensor(t) for t in config["output"]])
