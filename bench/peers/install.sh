@@ -63,15 +63,20 @@ if ! ldconfig -p | grep -q 'libb64.so.0d'; then
 fi
 
 # -- peer venvs -----------------------------------------------------------------
+# Each venv is pinned by bench/peers/locks/NAME.txt (its `pip freeze` from a run
+# that worked, CPython 3.11 on linux x86_64), used as constraints; to refresh one,
+# delete the lock, run this script, then `.cache/peers/NAME/bin/pip freeze > lock`.
 venv() {  # venv NAME PACKAGE...
   local name="$1"; shift
-  local dir="$ROOT/$name" stamp
-  stamp="$dir/.installed-$(echo "$* $PY" | sha256sum | cut -c1-12)"
+  local dir="$ROOT/$name" lock="$REPO/bench/peers/locks/$name.txt" stamp
+  local constraints=()
+  [ -f "$lock" ] && constraints=(-c "$lock")
+  stamp="$dir/.installed-$( (echo "$* $PY"; cat "$lock" 2>/dev/null) | sha256sum | cut -c1-12)"
   [ -f "$stamp" ] && return 0
   log "venv $name: $*"
   rm -rf "$dir"
   "$PY" -m venv "$dir"
-  "$dir/bin/pip" install "${PIP_FLAGS[@]}" "$@"
+  "$dir/bin/pip" install "${PIP_FLAGS[@]}" "${constraints[@]}" "$@"
   touch "$stamp"
 }
 venv triton 'nvidia-pytriton==0.7.0' "$ORT" numpy
