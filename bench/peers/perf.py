@@ -26,6 +26,10 @@ PROTOCOLS = {  # label -> (perf_analyzer -i, input tensor format)
 
 @dataclass(frozen=True)
 class Budget:
+    """Per point: ``trials`` windows of ``window_ms``. perf_analyzer judges stability on
+    its last three windows, and with the threshold at 999 % any three pass: so a point
+    is exactly three windows (``trials`` >= 3 is only the cap it must not hit first)."""
+
     window_ms: int
     trials: int
 

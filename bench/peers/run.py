@@ -1,11 +1,12 @@
 """The peer sweep and its table: one row per (server, protocol, concurrency).
 
-Order of a run: fetch the model, make the input tensors, measure the bare
-``session.run`` loop (the limit), then for each server start it, check one real
+Order of a run: fetch the model, make the input tensors; then for each server
+measure the bare ``session.run`` loop (the limit), start the server, check one real
 answer against the bare loop, run ``perf_analyzer`` at concurrency 1, 4 and 16 per
-protocol, stop it; measure the bare loop again, and take the higher of the two as
-the limit. Servers that cannot run (not installed, the edge-module slot before
-issue 14) get one explicit row saying why. Writes ``bench/results/peers.json`` and
+protocol, stop it; measure the bare loop once more at the end. The machine is
+shared and its load drifts, so the highest bare-loop run is the limit. Servers
+that cannot run (not installed, the edge-module slot before issue 14) get one
+explicit row saying why. Writes ``bench/results/peers.json`` and
 ``peers.md`` (``peers-quick.*`` for ``--quick``, which is for checking the harness,
 never for numbers). Runs on the main thread; all servers are children on 127.0.0.1.
 """
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -45,14 +47,9 @@ def sweep(server: servers.Server, items: list[np.ndarray], reference: np.ndarray
           input_data: Path, budget: perf.Budget, concurrency: tuple[int, ...],
           workdir: Path) -> list[dict[str, Any]]:
     """Every point of one server; a failure becomes that row's note, never a crash."""
+    rows: list[dict[str, Any]] = []
     try:
         server.start()
-    except servers.Unavailable as exc:
-        return [_row(server.name, "-", None, note=str(exc))]
-    except RuntimeError as exc:
-        return [_row(server.name, "-", None, note=f"failed to start: {exc}")]
-    rows = []
-    try:
         got = server.answer(items[0])
         if not np.allclose(got, reference, atol=1e-4):
             return [_row(server.name, "-", None,
@@ -66,7 +63,9 @@ def sweep(server: servers.Server, items: list[np.ndarray], reference: np.ndarray
                     rows.append(_row(server.name, protocol, c, **point))
                 except RuntimeError as exc:
                     rows.append(_row(server.name, protocol, c, note=f"failed: {exc}"))
-    except (RuntimeError, OSError) as exc:
+    except servers.Unavailable as exc:
+        rows.append(_row(server.name, "-", None, note=str(exc)))
+    except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
         rows.append(_row(server.name, "-", None, note=f"failed: {exc}"))
     finally:
         server.stop()
@@ -87,17 +86,25 @@ def peers_bench(quick: bool, only: list[str] | None = None,
     input_data = data.write_input_data(items, work / "input-data.json")
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     reference = session.run([data.OUTPUT], {data.INPUT: items[0][None]})[0]
-    step("bare session.run loop (before)")
-    bare = [data.bare_loop(model_path, items, bare_seconds)]
+    bare: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     for kind in servers.SERVERS:
         if only and not any(o.lower() in kind.name.lower() for o in only):
             continue
         server = kind(CACHE, model_path, work)
         step(f"{server.name}")
+        try:
+            server.check_installed()
+        except servers.Unavailable as exc:
+            rows.append(_row(server.name, "-", None, note=str(exc)))
+            continue
+        # The machine is shared: the limit is measured next to every server, and the
+        # highest of these runs is the denominator of every ratio.
+        step("bare session.run loop")
+        bare.append({"before": server.name, **data.bare_loop(model_path, items, bare_seconds)})
         rows += sweep(server, items, reference, input_data, budget, concurrency, work)
-    step("bare session.run loop (after)")
-    bare.append(data.bare_loop(model_path, items, bare_seconds))
+    step("bare session.run loop (end)")
+    bare.append({"before": "end", **data.bare_loop(model_path, items, bare_seconds)})
     limit = max(float(b["best"]["inferPerS"]) for b in bare)
     for row in rows:
         if row["inferPerS"] is not None:
@@ -121,7 +128,8 @@ def peers_bench(quick: bool, only: list[str] | None = None,
 def markdown(results: dict[str, Any]) -> str:
     quick = results["quick"]
     bare_runs = "; ".join(
-        ", ".join(f"batch {c['batch']} {c['inferPerS']}/s" for c in run["configs"])
+        f"before {run['before']}: "
+        + ", ".join(f"batch {c['batch']} {c['inferPerS']}/s" for c in run["configs"])
         for run in results["bare"]["runs"])
     lines = [
         "# Peers: edge-module's OIP v2 endpoint against Triton, KServe and MLServer",
@@ -136,7 +144,8 @@ def markdown(results: dict[str, Any]) -> str:
          "these numbers are not final.**" if quick else
          "Ratio = throughput / the bare `session.run` loop measured in the same run."),
         "",
-        f"Limit (bare `session.run`, best of batch 1 and 8, higher of before/after): "
+        f"Limit (bare `session.run`, best of batch 1 and 8, highest of the runs next to "
+        f"each server): "
         f"**{results['bare']['limitInferPerS']} infer/s** "
         f"({bare_runs}).",
         "",
