@@ -56,7 +56,8 @@ if missing:
 PYEOF
   touch "$ROOT/perf_analyzer/.installed"
 fi
-if ! ldconfig -p | grep -q 'libb64.so.0d'; then
+# (grep without -q reads all of ldconfig's output: no SIGPIPE failure under pipefail)
+if ! ldconfig -p | grep 'libb64.so.0d' >/dev/null; then
   log "apt-get install libb64-0d (perf_analyzer links libb64.so.0d)"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null
