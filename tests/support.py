@@ -19,11 +19,22 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
+from edge_module import CONTAINER_TYPE, __version__
+from edge_module.config import MeteringSettings
+from edge_module.identity import Identity
+from edge_module.metering.ledger import Ledger
 from simulator.broker import Broker, BrokerMissing, free_port
 from simulator.datasets import digit_image
 
-__all__ = ["Broker", "Collector", "Module", "digit_png", "free_port", "start_broker",
-           "wait_until"]
+__all__ = ["IDENTITY", "Broker", "Collector", "Module", "digit_png", "free_port",
+           "make_ledger", "start_broker", "wait_until"]
+
+IDENTITY = Identity(CONTAINER_TYPE, __version__, "00000000-0000-4000-8000-00000000test")
+
+
+def make_ledger(path: Path, identity: Identity = IDENTITY, **settings: object) -> Ledger:
+    """A real ledger file with the given Metering:* settings (``BatchSize=10``, ...)."""
+    return Ledger(path, identity, MeteringSettings.model_validate(settings))
 
 
 def start_broker(workdir: Path) -> Broker:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from simulator.billing import BillingSimulator
 from simulator.faultproxy import FaultProxy
-from tests.support import API_KEY, Collector, Module, wait_until
+from tests.support import API_KEY, Collector, Module, make_ledger, wait_until
 
 RESULTS, ERRORS = "em/results", "em/errors"
 FAST_DRAIN = ("Metering:MaxDelaySeconds=0.2", "Metering:MaxBackoffSeconds=1",
@@ -250,14 +249,11 @@ def test_quarantine_and_poison_records_never_block_the_rest(
     billing: BillingSimulator, tmp_path: Path
 ) -> None:
     from edge_module.billing_api import BillingClient
-    from edge_module.config import MeteringSettings
-    from edge_module.identity import Identity
     from edge_module.metering.drain import Drainer
-    from edge_module.metering.ledger import Ledger
     from edge_module.metering.records import MeterSpec, Usage
 
-    settings = MeteringSettings(BatchSize=10)
-    ledger = Ledger(tmp_path / "ledger.db", Identity("edge-module", "0.1.0", "c-1"), settings)
+    ledger = make_ledger(tmp_path / "ledger.db", BatchSize=10)
+    settings = ledger.settings
     good = ledger.append(MeterSpec("good.meter", "t"), [Usage(1)] * 12)
     bad = ledger.append(MeterSpec("bad.meter", "t"), [Usage(1)] * 3)
     poison = ledger.append(MeterSpec("good.meter", "t"), [Usage(2)])
@@ -280,67 +276,29 @@ def test_quarantine_and_poison_records_never_block_the_rest(
     ledger.close()
 
 
-def test_redelivery_after_a_crash_is_recognised_as_a_replay(tmp_path: Path) -> None:
-    from edge_module.config import MeteringSettings
-    from edge_module.identity import Identity
-    from edge_module.metering.ledger import Ledger
-    from edge_module.metering.records import MeterSpec, Usage
-
-    path = tmp_path / "ledger.db"
-    ledger = Ledger(path, Identity("edge-module", "0.1.0", "c-1"), MeteringSettings())
-    (rid,) = ledger.append(MeterSpec("m", "t"), [Usage(1, "17", b"digest-a")])
-    ledger.close()
-    reopened = Ledger(path, Identity("edge-module", "0.1.0", "c-1"), MeteringSettings())
-    assert reopened.replayed("17", b"digest-a") == rid
-    assert reopened.replayed("17", b"digest-b") is None  # packet id reused for a new input
-    assert reopened.replayed("18", b"digest-a") is None
-    reopened.append(MeterSpec("m", "t"), [Usage(1, "17", b"digest-b")])
-    assert reopened.replayed("17", b"digest-a") is None
-    assert reopened.pending == 2
-    rows = sqlite3.connect(path).execute("SELECT name FROM _migrations").fetchall()
-    assert rows == [("0001_initial",)]
-    reopened.close()
-
-
-def test_acknowledged_records_are_pruned_after_retention_quarantined_kept(
-    tmp_path: Path
-) -> None:
-    from edge_module.config import MeteringSettings
-    from edge_module.identity import Identity
-    from edge_module.metering.ledger import ACCEPTED, Ledger
-    from edge_module.metering.records import MeterSpec, Usage
-
-    ledger = Ledger(tmp_path / "l.db", Identity("edge-module", "0.1.0", "c"),
-                    MeteringSettings(RetentionHours=0))
-    ledger.append(MeterSpec("m", "t"), [Usage(1)] * 4)
-    batch = ledger.pending_batch(10)
-    ledger.settle([(r.seq, ACCEPTED) for r in batch[:3]], quarantined=[(batch[3].seq, "X")])
-    time.sleep(0.01)
-    assert ledger.prune() == 3
-    stats = ledger.stats()
-    assert (stats.accepted, stats.quarantined, stats.pending) == (0, 1, 0)
-    ledger.close()
-
-
 def test_ledger_cli_shows_the_backlog_and_drains_it(
     billing: BillingSimulator, tmp_path: Path
 ) -> None:
-    from edge_module.config import MeteringSettings
-    from edge_module.identity import Identity
-    from edge_module.metering.ledger import Ledger
+    from edge_module.identity import installation_identity
     from edge_module.metering.records import MeterSpec, Usage
-    from edge_module.state import installation_id
 
     data = tmp_path / "data"
     data.mkdir()
-    identity = Identity("edge-module", "0.1.0", installation_id(data))
-    ledger = Ledger(data / "ledger.db", identity, MeteringSettings())
+    ledger = make_ledger(data / "ledger.db", installation_identity(data))
     ledger.append(MeterSpec("m", "t"), [Usage(1)] * 1200)
     ledger.close()
     base = [sys.executable, "-m", "edge_module", "ledger", f"Data:Path={data}"]
     shown = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["pending"] == 1200
+    wrong = subprocess.run([*base, "--drain", "--json", "Eula=accept",
+                            f"Billing={billing.url}", "ApiKey=not-the-right-key-0000"],
+                           capture_output=True, text=True, timeout=60)
+    refused = json.loads(wrong.stdout)
+    assert wrong.returncode == 1, wrong.stderr
+    assert refused["status"] == "Invalid" and refused["uploaded"] == 0
+    assert refused["remaining"] == 1200 and billed(billing) == 0
+    assert "not-the-right-key-0000" not in wrong.stdout + wrong.stderr
     drained = subprocess.run([*base, "--drain", "--json", "Eula=accept",
                               f"Billing={billing.url}", f"ApiKey={API_KEY}"],
                              capture_output=True, text=True, timeout=60)
@@ -350,9 +308,6 @@ def test_ledger_cli_shows_the_backlog_and_drains_it(
     assert "uploaded 1200/1200" in drained.stderr  # the progress display
     assert billed(billing) == 1200
     assert API_KEY not in drained.stdout + drained.stderr
-    wrong = subprocess.run([*base, "--drain", "Eula=accept", f"Billing={billing.url}",
-                            "ApiKey=nope"], capture_output=True, text=True, timeout=60)
-    assert wrong.returncode == 0  # nothing left to drain
 
 
 _ = (subprocess, sys)
@@ -380,23 +335,3 @@ def test_fault_proxy_refuses_while_cut_and_keeps_its_port() -> None:
         upstream.close()
 
 
-def test_salvage_copies_pending_records_of_a_moved_aside_ledger(
-    billing: BillingSimulator, tmp_path: Path
-) -> None:
-    from edge_module.config import MeteringSettings
-    from edge_module.identity import Identity
-    from edge_module.metering.ledger import ACCEPTED, Ledger
-    from edge_module.metering.records import MeterSpec, Usage
-
-    identity = Identity("edge-module", "0.1.0", "c-1")
-    old = Ledger(tmp_path / "old.db", identity, MeteringSettings())
-    ids = old.append(MeterSpec("m", "t"), [Usage(1)] * 10)
-    first = old.pending_batch(3)
-    old.settle([(r.seq, ACCEPTED) for r in first])  # 3 already delivered
-    old.close()
-    fresh = Ledger(tmp_path / "ledger.db", identity, MeteringSettings())
-    copied, _ = fresh.salvage(tmp_path / "old.db")
-    assert copied == 7 and fresh.pending == 7
-    assert {r.id for r in fresh.pending_batch(100)} == set(ids[3:])
-    assert fresh.salvage(tmp_path / "old.db")[0] == 0  # twice changes nothing
-    fresh.close()

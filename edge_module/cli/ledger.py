@@ -41,11 +41,12 @@ def ledger_command(args: argparse.Namespace) -> int:
     try:
         if args.salvage is not None:
             try:
-                copied, _ = ledger.salvage(args.salvage)
+                copied, unreadable = ledger.salvage(args.salvage)
             except MeteringError as exc:
                 fail(f"salvage failed: {exc}")
                 return 1
-            _print(args, {"salvaged": copied, "pending": ledger.pending})
+            _print(args, {"salvaged": copied, "unreadable": unreadable,
+                          "pending": ledger.pending})
             return 0
         if args.quarantined:
             _print(args, {"quarantined": ledger.quarantined()})

@@ -525,17 +525,19 @@ class Ledger:
         """Copy the still-pending records of a moved-aside ledger into this one.
 
         Records keep their ids, so one the endpoint already has is answered
-        Duplicate: salvaging never bills twice. Returns (copied, unreadable rows).
+        Duplicate: salvaging never bills twice. The old file is read in chunks of
+        rows; a chunk that cannot be read is read row by row, so a damaged page
+        costs only the rows on it. Returns (copied, unreadable rows).
         """
         try:
             old = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-            rows = old.execute("SELECT r.id, m.name, m.api_type, m.container_version, "
-                               "r.quantity, r.request_time FROM records r JOIN meters m "
-                               "USING (meter_id) WHERE r.state = 0 ORDER BY r.seq").fetchall()
-            old.close()
         except sqlite3.DatabaseError as exc:
-            raise MeteringError(f"{source} cannot be read ({exc}); keep it for the vendor") \
-                from exc
+            raise MeteringError(f"{source} cannot be opened ({exc}); keep it for the "
+                                "vendor") from exc
+        try:
+            rows, unreadable = _readable_pending(old)
+        finally:
+            old.close()
         copied = 0
         with self._write("salvage records") as conn:
             known = {r[0] for r in conn.execute("SELECT id FROM records")}
@@ -550,10 +552,15 @@ class Ledger:
                     "container_version = ?", (name, api_type, version)).fetchone()[0]
                 conn.execute("INSERT INTO records (id, meter_id, quantity, request_time) "
                              "VALUES (?, ?, ?, ?)", (rid, meter_id, quantity, request_time))
+                known.add(rid)
                 copied += 1
         with self._lock:
             self._pending += copied
-        return copied, 0
+        if unreadable:
+            log.warning("salvage_rows_unreadable", source=str(source), unreadable=unreadable,
+                        copied=copied, effect="those records cannot be uploaded from this "
+                        "file", fix="keep the file for the vendor, who can reconcile it")
+        return copied, unreadable
 
     def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._lock:
@@ -566,3 +573,47 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
+
+_SALVAGE_SELECT = ("SELECT r.seq, r.id, m.name, m.api_type, m.container_version, r.quantity, "
+                   "r.request_time, r.state FROM records r JOIN meters m USING (meter_id) ")
+_SALVAGE_CHUNK = 256
+
+
+def _readable_pending(old: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], int]:
+    """The pending rows of a (possibly damaged) ledger that can be read, and how many
+    rows could not be read or hold values no record can have."""
+    try:
+        top = old.execute("SELECT max(seq) FROM records").fetchone()[0]
+    except sqlite3.DatabaseError:
+        try:
+            row = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'")
+            top = row.fetchone()[0]
+        except (sqlite3.DatabaseError, TypeError) as exc:
+            raise MeteringError(f"the records of this file cannot be found ({exc}); keep it "
+                                "for the vendor") from exc
+    rows: list[tuple[Any, ...]] = []
+    unreadable = 0
+    for low in range(1, int(top or 0) + 1, _SALVAGE_CHUNK):
+        high = low + _SALVAGE_CHUNK - 1
+        try:
+            chunk = old.execute(_SALVAGE_SELECT + "WHERE r.seq BETWEEN ? AND ? ORDER BY r.seq",
+                                (low, high)).fetchall()
+        except sqlite3.DatabaseError:
+            chunk = []
+            for seq in range(low, high + 1):
+                try:
+                    chunk.extend(old.execute(_SALVAGE_SELECT + "WHERE r.seq = ?",
+                                             (seq,)).fetchall())
+                except sqlite3.DatabaseError:
+                    unreadable += 1
+        for seq, rid, name, api_type, version, quantity, request_time, state in chunk:
+            if state != PENDING:
+                continue
+            if not (isinstance(rid, str) and isinstance(name, str) and
+                    isinstance(api_type, str) and isinstance(version, str) and
+                    isinstance(quantity, int) and quantity > 0 and
+                    isinstance(request_time, int)):
+                unreadable += 1
+                continue
+            rows.append((rid, name, api_type, version, quantity, request_time))
+    return rows, unreadable

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_module import CONTAINER_TYPE, __version__
-from edge_module.config import MeteringSettings, ModelSettings
-from edge_module.identity import Identity
+from edge_module.config import ModelSettings
 from edge_module.inference.models import Model, load_model
 from edge_module.metering.ledger import Ledger
 from edge_module.transport.base import Deliver, Inbound
+from tests.support import IDENTITY, make_ledger
 
-IDENTITY = Identity(CONTAINER_TYPE, __version__, "fast-tier-installation")
+__all__ = ["IDENTITY", "RecordingTransport", "make_ledger"]
+
 
 
 class RecordingTransport:
@@ -62,11 +62,6 @@ class RecordingTransport:
                     lambda: len(self.results) + len(self.errors) >= count, timeout):
                 raise AssertionError(f"{len(self.results) + len(self.errors)} of {count} "
                                      "inputs answered")
-
-
-def make_ledger(path: Path, **settings: object) -> Ledger:
-    """A real ledger file with the given Metering:* settings (by alias: MaxPendingRecords=...)."""
-    return Ledger(path, IDENTITY, MeteringSettings.model_validate(settings))
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,58 @@ def test_the_wire_form_escapes_whatever_a_descriptor_or_id_holds() -> None:
         "containerId": "c\\1", "meter": {"name": 'meter "ä"', "quantity": 3},
         "requestTime": 1700000000000, "apiType": "api/τ"}
     assert tuple(json.loads(text)) == RECORD_FIELDS
+
+
+def test_salvage_of_a_damaged_file_copies_what_is_readable_and_counts_the_rest(
+        tmp_path: Path) -> None:
+    old_path = tmp_path / "old.db"
+    old = make_ledger(old_path)
+    old.admit(3000)
+    ids = old.append(METER, [Usage(1) for _ in range(3000)])
+    old.checkpoint()  # everything in the main file, nothing left in the WAL
+    old.close()
+    page = 4096
+    pages = old_path.stat().st_size // page
+    with open(old_path, "r+b") as handle:  # garbage over three leaf pages in the middle
+        for number in (pages // 2, pages // 2 + 1, pages // 2 + 2):
+            handle.seek(number * page)
+            handle.write(bytes([0xA5]) * page)
+    fresh = make_ledger(tmp_path / "ledger.db")
+    copied, unreadable = fresh.salvage(old_path)
+    assert unreadable > 0 and copied > 2000
+    assert copied + unreadable == 3000
+    salvaged = {p.id for p in fresh.pending_batch(3000)}
+    assert salvaged <= set(ids) and len(salvaged) == copied
+    assert fresh.salvage(old_path) == (0, unreadable)  # again: nothing twice
+    fresh.close()
+
+
+def test_a_reopened_ledger_still_recognises_replays(tmp_path: Path) -> None:
+    """After a crash the broker redelivers; the ledger on disk tells replays apart."""
+    path = tmp_path / "l.db"
+    ledger = make_ledger(path)
+    ledger.admit(1)
+    (rid,) = ledger.append(METER, [Usage(1, "17", b"digest-a")])
+    ledger.close()
+    reopened = make_ledger(path)
+    assert reopened.replayed("17", b"digest-a") == rid
+    reopened.admit(1)
+    reopened.append(METER, [Usage(1, "17", b"digest-b")])  # packet id reused for new input
+    assert reopened.replayed("17", b"digest-a") is None
+    assert reopened.replayed("17", b"digest-b") is not None
+    assert reopened.pending == 2
+    reopened.close()
+
+
+def test_salvage_copies_only_pending_records_and_never_twice(tmp_path: Path) -> None:
+    old = make_ledger(tmp_path / "old.db")
+    old.admit(10)
+    ids = old.append(METER, [Usage(1)] * 10)
+    old.settle([(r.seq, ACCEPTED) for r in old.pending_batch(3)])  # 3 already delivered
+    old.close()
+    fresh = make_ledger(tmp_path / "ledger.db")
+    assert fresh.salvage(tmp_path / "old.db") == (7, 0)
+    assert fresh.pending == 7
+    assert {r.id for r in fresh.pending_batch(100)} == set(ids[3:])
+    assert fresh.salvage(tmp_path / "old.db") == (0, 0)
+    fresh.close()
