@@ -606,7 +606,7 @@ def _readable_pending(old: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], i
                                              (seq,)).fetchall())
                 except sqlite3.DatabaseError:
                     unreadable += 1
-        for seq, rid, name, api_type, version, quantity, request_time, state in chunk:
+        for _seq, rid, name, api_type, version, quantity, request_time, state in chunk:
             if state != PENDING:
                 continue
             if not (isinstance(rid, str) and isinstance(name, str) and
