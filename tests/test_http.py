@@ -140,6 +140,8 @@ def test_idle_connections_and_slowloris_cost_no_threads_and_are_closed(
 
     after = proc_status(pid_of(module))
     assert after["Threads"] <= before["Threads"] + 2, (before, after)
+    assert module.metric("edge_module_http_events_total", 'event="header_timeouts"') == 1
+    assert module.metric("edge_module_http_events_total", 'event="idle_closed"') >= 501
     assert module.http("/health")[0] == 200
     assert not [m for m in TRACEBACK_MARKERS if m in module.log_text()], module.log_tail()
 
@@ -157,6 +159,8 @@ def test_connections_over_the_cap_are_refused_at_once_and_stop_is_prompt(
     assert status == 503 and json.loads(body)["error"]["code"] == "Overloaded"
     held.pop().close()
     wait_until(lambda: module.http("/health")[0] == 200, 3, "served again below the cap")
+    assert module.metric("edge_module_http_events_total", 'event="refused"') >= 2
+    assert module.metric("edge_module_http_connections_open") == 10  # 9 held + this scrape
 
     # stop with 9 idle connections and a half-sent request still open
     held[0].sendall(b"GET /status HTTP/1.1\r\nHost: t\r\n")
@@ -231,3 +235,7 @@ def test_malformed_oversized_slow_and_abandoned_requests(
     log = module.log_text()
     assert not [m for m in TRACEBACK_MARKERS if m in log], module.log_tail(60)
     assert "http_handler_failed" not in log and "http_request_failed" not in log
+    events = {event: module.metric("edge_module_http_events_total", f'event="{event}"')
+              for event in ("malformed", "too_large", "body_timeouts", "handler_errors")}
+    assert events == {"malformed": 3, "too_large": 2, "body_timeouts": 1,
+                      "handler_errors": 0}, events

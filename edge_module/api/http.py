@@ -14,10 +14,12 @@ Threads: ``http`` (the event loop) and up to ``Http:HandlerThreads`` ``http-hand
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from edge_module.api.router import AsyncHandler, Response, Router, SyncHandler
 from edge_module.api.server import HttpLimits, HttpServer
@@ -42,10 +44,29 @@ def limits_of(settings: HttpSettings) -> HttpLimits:
     )
 
 
+class _ServerCollector(Collector):
+    """The server's connection figures, read at scrape time (no lock: plain ints)."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("edge_module_http_connections_open",
+                                "HTTP connections open now (capped by Http:MaxConnections).",
+                                value=self.server.open_connections())
+        events = CounterMetricFamily(
+            "edge_module_http_events", "HTTP connections refused or closed, and requests "
+            "refused, by event.", labels=["event"])
+        for event, count in self.server.counters.as_dict().items():
+            events.add_metric([event], count)
+        yield events
+
+
 class HttpApi:
     def __init__(self, settings: HttpSettings, metrics: Callable[[], bytes],
                  ready: Callable[[], tuple[bool, str]]) -> None:
         self.router = Router()
+        self._registry = CollectorRegistry()
         self._metrics = metrics
         self._ready = ready
         alive = Response.json(200, {"status": "alive"})
@@ -53,10 +74,11 @@ class HttpApi:
             self.router.add("GET", path, lambda _: alive, blocking=False)
         self.add("/ready", self._readiness)
         self.add("/ContainerReadiness", self._readiness)
-        self.router.add("GET", "/metrics",
-                        lambda _: Response(200, self._metrics(), CONTENT_TYPE_LATEST))
+        self.router.add("GET", "/metrics", lambda _: Response(
+            200, self._metrics() + generate_latest(self._registry), CONTENT_TYPE_LATEST))
         self.server = HttpServer(self.router, settings.host, settings.port, limits_of(settings))
         self.port = self.server.port
+        self._registry.register(_ServerCollector(self.server))
 
     def route(self, method: str, pattern: str, handler: SyncHandler | AsyncHandler, *,
               prefix: bool = False) -> None:

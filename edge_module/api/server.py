@@ -67,6 +67,7 @@ class Counters:
         self.idle_closed = 0
         self.malformed = 0
         self.too_large = 0
+        self.body_timeouts = 0
         self.overloaded = 0
         self.handler_errors = 0
 
@@ -282,6 +283,7 @@ class AsgiApp:
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
+            self.counters.body_timeouts += 1
             raise HttpError(408, ErrorCode.REQUEST_TIMEOUT,
                             f"request body not complete within {self.limits.body_timeout:g} s "
                             "(Http:BodyTimeoutSeconds)", "send the body at once") from None
