@@ -14,10 +14,17 @@ import selectors
 import signal
 import socket
 import struct
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from edge_module.api.http import HttpApi
+from edge_module.api.router import HttpError, Request, Response
+from edge_module.config import HttpSettings
+from edge_module.inference.codecs import ErrorCode
 from tests.support import Module, wait_until
 
 TRACEBACK_MARKERS = ("Traceback", "BrokenPipe", "ConnectionResetError", "Exception in ASGI")
@@ -132,7 +139,12 @@ def test_idle_connections_and_slowloris_cost_no_threads_and_are_closed(
     # a kept-alive connection is closed after the same idle time once answered
     with connect(module) as kept:
         kept.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        reply = b""
+        for _ in range(10):  # head and body may come in separate segments
+            reply += kept.recv(4096)
+            if reply.endswith(b'{"status": "alive"}'):
+                break
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'"alive"}'), reply
         kept.settimeout(3 + 3)
         answered = time.monotonic()
         assert kept.recv(4096) == b""
@@ -239,3 +251,78 @@ def test_malformed_oversized_slow_and_abandoned_requests(
               for event in ("malformed", "too_large", "body_timeouts", "handler_errors")}
     assert events == {"malformed": 3, "too_large": 2, "body_timeouts": 1,
                       "handler_errors": 0}, events
+
+
+def test_router_for_the_routes_to_come_and_a_saturated_handler_pool() -> None:
+    """In-process, over real sockets: what OIP v2 routes need, and a pool that is full."""
+    settings = HttpSettings.model_validate({"Host": "127.0.0.1", "Port": 0,
+                                            "HandlerThreads": 1, "MaxBodyBytes": 64})
+    api = HttpApi(settings, lambda: b"", lambda: (True, "serving"))
+    release = threading.Event()
+
+    async def infer(request: Request) -> Response:
+        return Response.json(200, {"model": request.params["name"],
+                                   "version": request.params.get("version"),
+                                   "bytes": len(request.body),
+                                   "type": request.header("content-type")})
+
+    def stuck(_: Request) -> Response:
+        release.wait(10)
+        return Response.json(200, {})
+
+    def picky(request: Request) -> Response:
+        body = request.json()
+        if "inputs" not in body:
+            raise HttpError(400, ErrorCode.INVALID_REQUEST, "no inputs", "send inputs")
+        return Response(200, b"\x00\x01", "application/octet-stream")
+
+    api.route("POST", "/v2/models/{name}/infer", infer)
+    api.route("POST", "/v2/models/{name}/versions/{version}/infer", infer)
+    api.route("POST", "/picky", picky)
+    api.route("GET", "/stuck", stuck)
+    api.start()
+
+    def call(method: str, path: str, body: bytes | None = None,
+             ctype: str = "application/json") -> tuple[int, bytes, dict[str, str]]:
+        request = urllib.request.Request(f"http://127.0.0.1:{api.port}{path}", data=body,
+                                         method=method, headers={"Content-Type": ctype})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                return reply.status, reply.read(), dict(reply.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers)
+
+    try:
+        status, body, _ = call("POST", "/v2/models/digits/versions/2/infer", b"\xff" * 10,
+                               "application/octet-stream")
+        assert status == 200 and json.loads(body) == {
+            "model": "digits", "version": "2", "bytes": 10, "type": "application/octet-stream"}
+        assert json.loads(call("POST", "/v2/models/d%C3%A9/infer/", b"{}")[1])["model"] == "dé"
+        assert call("POST", "/picky", b'{"inputs": []}')[:2] == (200, b"\x00\x01")
+        status, body, _ = call("POST", "/picky", b"{nope")
+        assert status == 400 and json.loads(body)["error"]["code"] == "InvalidJson"
+        status, body, _ = call("POST", "/picky", b"{}")
+        assert status == 400 and json.loads(body)["error"]["code"] == "InvalidRequest"
+        assert call("POST", "/picky", b"x" * 65)[0] == 413
+        status, body, headers = call("GET", "/picky")
+        assert status == 405 and headers["allow"] == "POST"
+        status, body, headers = call("HEAD", "/health")
+        assert status == 200 and body == b"" and headers["content-length"] == "19"
+
+        # one handler thread, stuck: 8 more wait, the next is refused; /health still answers
+        waiting = [threading.Thread(target=call, args=("GET", "/stuck")) for _ in range(9)]
+        for thread in waiting:
+            thread.start()
+        wait_until(lambda: api.server.handler_queue() == 8, 5, "1 request stuck, 7 waiting")
+        status, body, headers = call("GET", "/ready")
+        assert json.loads(body)["error"]["code"] == "Overloaded" and headers["retry-after"] == "1"
+        assert call("GET", "/health")[0] == 200
+        release.set()
+        for thread in waiting:
+            thread.join(10)
+        assert call("GET", "/ready")[0] == 200
+    finally:
+        release.set()
+        started = time.monotonic()
+        api.stop()
+        assert time.monotonic() - started < 5

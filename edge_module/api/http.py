@@ -54,6 +54,9 @@ class _ServerCollector(Collector):
         yield GaugeMetricFamily("edge_module_http_connections_open",
                                 "HTTP connections open now (capped by Http:MaxConnections).",
                                 value=self.server.open_connections())
+        yield GaugeMetricFamily("edge_module_http_handler_queue",
+                                "HTTP requests running in or waiting for the handler threads.",
+                                value=self.server.handler_queue())
         events = CounterMetricFamily(
             "edge_module_http_events", "HTTP connections refused or closed, and requests "
             "refused, by event.", labels=["event"])

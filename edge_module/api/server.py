@@ -182,7 +182,7 @@ class AsgiApp:
         self.limits = limits
         self.counters = counters
         self.pool = ThreadPoolExecutor(limits.handler_threads, thread_name_prefix="http-handler")
-        self._queued = 0  # requests given to the pool and not finished (loop thread only)
+        self.queued = 0  # requests given to the pool and not finished (loop thread only)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -300,21 +300,21 @@ class AsgiApp:
                 return await cast(Any, route.handler)(request)  # type: ignore[no-any-return]
             if not route.blocking:
                 return cast(Any, route.handler)(request)  # type: ignore[no-any-return]
-            if self._queued >= self.limits.handler_threads * QUEUE_PER_THREAD:
+            if self.queued >= self.limits.handler_threads * QUEUE_PER_THREAD:
                 raise _Overloaded
-            self._queued += 1
+            self.queued += 1
             try:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self.pool, _call, route, request)
             finally:
-                self._queued -= 1
+                self.queued -= 1
         except HttpError as exc:
             return exc.response
         except _Overloaded:
             self.counters.overloaded += 1
             return Response.error(
                 503, ErrorCode.OVERLOADED,
-                f"{self._queued} requests are waiting for the {self.limits.handler_threads} "
+                f"{self.queued} requests are waiting for the {self.limits.handler_threads} "
                 "handler threads", "retry later or raise Http:HandlerThreads",
                 {"Retry-After": "1"})
         except Exception as exc:  # one bad handler must not take the API down
@@ -394,6 +394,10 @@ class HttpServer:
 
     def open_connections(self) -> int:
         return len(self.server.server_state.connections)
+
+    def handler_queue(self) -> int:
+        """Requests given to the handler threads and not finished (running or waiting)."""
+        return self.app.queued
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop within ``timeout`` s even with idle or half-sent connections open."""
