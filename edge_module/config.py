@@ -453,8 +453,9 @@ class HttpSettings(Section):
         alias="BodyTimeoutSeconds",
         gt=0,
         le=3600,
-        description="Time a client has to send a request body once its headers are in; past it "
-        "the answer is 408 and the connection is closed.",
+        description="Time a client has to send a request body once its headers are in (past "
+        "it the answer is 408 and the connection is closed), and to take an answer that does "
+        "not fit in the socket buffers (past it the connection is dropped).",
     )
     max_body_bytes: int = Field(
         8 * 1024 * 1024,

@@ -326,3 +326,33 @@ def test_router_for_the_routes_to_come_and_a_saturated_handler_pool() -> None:
         started = time.monotonic()
         api.stop()
         assert time.monotonic() - started < 5
+
+
+def test_a_client_that_does_not_read_its_answer_is_dropped() -> None:
+    settings = HttpSettings.model_validate({"Host": "127.0.0.1", "Port": 0,
+                                            "BodyTimeoutSeconds": 1})
+    api = HttpApi(settings, lambda: b"", lambda: (True, "serving"))
+    big = Response(200, b"x" * (32 * 1024 * 1024), "application/octet-stream")
+    api.route("GET", "/big", lambda _: big)
+    api.start()
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", api.port))
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_until(lambda: api.server.counters.write_timeouts == 1, 6,
+                       "the stalled answer dropped after Http:BodyTimeoutSeconds")
+            wait_until(lambda: api.server.open_connections() == 0, 3, "the connection gone")
+            received = 0
+            sock.settimeout(5)
+            for _ in range(10000):  # what the kernel buffered, then the reset or the end
+                try:
+                    chunk = sock.recv(1 << 20)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += len(chunk)
+            assert received < len(big.body)
+    finally:
+        api.stop()

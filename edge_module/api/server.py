@@ -68,6 +68,7 @@ class Counters:
         self.malformed = 0
         self.too_large = 0
         self.body_timeouts = 0
+        self.write_timeouts = 0
         self.overloaded = 0
         self.handler_errors = 0
 
@@ -94,6 +95,7 @@ class BoundedH11Protocol(H11Protocol):
         self._refused = False
         self._header_deadline: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -113,7 +115,7 @@ class BoundedH11Protocol(H11Protocol):
                                                             self._idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._header_deadline, self._linger):
+        for timer in (self._header_deadline, self._linger, self._write_deadline):
             if timer is not None:
                 timer.cancel()
         if self._refused:
@@ -139,6 +141,24 @@ class BoundedH11Protocol(H11Protocol):
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = self.loop.call_later(self.limits.idle_timeout,
                                                                 self._idle_timeout)
+
+    def pause_writing(self) -> None:
+        """The client does not read fast enough: give it Http:BodyTimeoutSeconds to catch up."""
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.limits.body_timeout,
+                                                        self._write_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_timeout(self) -> None:
+        self._write_deadline = None
+        self.counters.write_timeouts += 1
+        self.transport.abort()  # connection_lost wakes the waiting send; nothing is logged
 
     def _idle_timeout(self) -> None:
         if not self.transport.is_closing():
