@@ -144,12 +144,16 @@ class BoundedH11Protocol(H11Protocol):
 
     def pause_writing(self) -> None:
         """The client does not read fast enough: give it Http:BodyTimeoutSeconds to catch up."""
+        if self._refused:
+            return
         super().pause_writing()
         if self._write_deadline is None:
             self._write_deadline = self.loop.call_later(self.limits.body_timeout,
                                                         self._write_timeout)
 
     def resume_writing(self) -> None:
+        if self._refused:
+            return
         super().resume_writing()
         if self._write_deadline is not None:
             self._write_deadline.cancel()
