@@ -96,8 +96,7 @@ class App:
         if self.edgehub is not None:
             self._wire_twin(self.edgehub)
         try:
-            self.http = HttpApi(settings.http.host, settings.http.port, self._render_metrics,
-                                self.readiness)
+            self.http = HttpApi(settings.http, self._render_metrics, self.readiness)
             self.http.add("/status", self._status)
             self.http.add_prefix("/records/usage-logs", self._usage_logs)
         except OSError as exc:
@@ -165,7 +164,8 @@ class App:
         if not rest:
             return 200, {"usageLogs": self.usage_log.months()}
         parts = rest.split("/")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 4
+                                      for p in parts):
             return 400, {"error": "use /records/usage-logs/{month}/{year}"}
         month, year = int(parts[0]), int(parts[1])
         body = self.usage_log.month(month, year, CONTAINER_TYPE)

@@ -26,6 +26,9 @@ class ErrorCode(StrEnum):
     INVALID_JSON = "InvalidJson"
     UNKNOWN_FIELD = "UnknownField"
     INVALID_REQUEST = "InvalidRequest"
+    NOT_FOUND = "NotFound"
+    METHOD_NOT_ALLOWED = "MethodNotAllowed"
+    REQUEST_TIMEOUT = "RequestTimeout"
     INVALID_BASE64 = "InvalidBase64"
     IMAGE_DECODE_FAILED = "ImageDecodeFailed"
     INPUT_KIND_MISMATCH = "InputKindMismatch"
@@ -76,6 +79,16 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
     ErrorCode.INVALID_REQUEST: ErrorInfo(
         "none or several of `image`/`tensor`/`items`; bad `id`; empty `items`",
         "send exactly one"),
+    ErrorCode.NOT_FOUND: ErrorInfo(
+        "HTTP: no route at this path", "see the README's HTTP section for the routes",
+        http_status=404),
+    ErrorCode.METHOD_NOT_ALLOWED: ErrorInfo(
+        "HTTP: the route exists but not with this method", "use the method the answer's "
+        "`Allow` header names", http_status=405),
+    ErrorCode.REQUEST_TIMEOUT: ErrorInfo(
+        "HTTP: the request head or body did not arrive within `Http:HeaderTimeoutSeconds` "
+        "or `Http:BodyTimeoutSeconds`", "send the whole request at once", retryable=True,
+        http_status=408),
     ErrorCode.INVALID_BASE64: ErrorInfo(
         "`image` is not base64", "encode the bytes with standard base64"),
     ErrorCode.IMAGE_DECODE_FAILED: ErrorInfo(

@@ -1,104 +1,113 @@
-"""The HTTP API, on the standard library's threading server (no framework needed).
+"""The module's HTTP API: its routes, on the bounded server of ``server.py``.
 
-Routes: ``/health`` and ``/ContainerLiveness`` (alive), ``/ready`` and
-``/ContainerReadiness`` (200 only when serving), ``/metrics`` (Prometheus
-text), and whatever extra routes the app registers (``/status``...).
+Routes: ``/health`` and ``/ContainerLiveness`` (alive, answered on the event loop so that
+they answer even when every handler thread is busy), ``/ready`` and ``/ContainerReadiness``
+(200 only when serving), ``/metrics`` (Prometheus text), and whatever the app registers
+(``/status``, ``/records/usage-logs/...``). ``add``/``add_prefix`` keep the simple
+``() -> (status, body)`` handler shape; ``route`` takes typed :class:`Request` ->
+:class:`Response` handlers with method + path patterns (sync ones run in the bounded handler
+pool, ``async`` ones on the loop), for routes with bodies such as inference.
+
+Threads: ``http`` (the event loop) and up to ``Http:HandlerThreads`` ``http-handler_<n>``.
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from edge_module.api.router import AsyncHandler, Response, Router, SyncHandler
+from edge_module.api.server import HttpLimits, HttpServer
+from edge_module.config import HttpSettings
 from edge_module.logs import get_logger
 
 log = get_logger("http")
 
 Handler = Callable[[], tuple[int, Any]]
+PrefixHandler = Callable[[str], tuple[int, Any]]
+
+
+def limits_of(settings: HttpSettings) -> HttpLimits:
+    return HttpLimits(
+        max_connections=settings.max_connections,
+        idle_timeout=settings.idle_timeout_seconds,
+        header_timeout=settings.header_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        max_body_bytes=settings.max_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        handler_threads=settings.handler_threads,
+    )
+
+
+class _ServerCollector(Collector):
+    """The server's connection figures, read at scrape time (no lock: plain ints)."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("edge_module_http_connections_open",
+                                "HTTP connections open now (capped by Http:MaxConnections).",
+                                value=self.server.open_connections())
+        yield GaugeMetricFamily("edge_module_http_handler_queue",
+                                "HTTP requests running in or waiting for the handler threads.",
+                                value=self.server.handler_queue())
+        events = CounterMetricFamily(
+            "edge_module_http_events", "HTTP connections refused or closed, and requests "
+            "refused, by event.", labels=["event"])
+        for event, count in self.server.counters.as_dict().items():
+            events.add_metric([event], count)
+        yield events
 
 
 class HttpApi:
-    def __init__(self, host: str, port: int, metrics: Callable[[], bytes],
+    def __init__(self, settings: HttpSettings, metrics: Callable[[], bytes],
                  ready: Callable[[], tuple[bool, str]]) -> None:
-        self.routes: dict[str, Handler] = {}
-        self.prefixes: dict[str, Callable[[str], tuple[int, Any]]] = {}
+        self.router = Router()
+        self._registry = CollectorRegistry()
         self._metrics = metrics
         self._ready = ready
-        self.add("/health", lambda: (200, {"status": "alive"}))
-        self.add("/ContainerLiveness", lambda: (200, {"status": "alive"}))
+        alive = Response.json(200, {"status": "alive"})
+        for path in ("/health", "/ContainerLiveness"):
+            self.router.add("GET", path, lambda _: alive, blocking=False)
         self.add("/ready", self._readiness)
         self.add("/ContainerReadiness", self._readiness)
-        api = self
+        self.router.add("GET", "/metrics", lambda _: Response(
+            200, self._metrics() + generate_latest(self._registry), CONTENT_TYPE_LATEST))
+        self.server = HttpServer(self.router, settings.host, settings.port, limits_of(settings))
+        self.port = self.server.port
+        self._registry.register(_ServerCollector(self.server))
 
-        class RequestHandler(BaseHTTPRequestHandler):
-            server_version = "edge-module"
-            disable_nagle_algorithm = True  # headers and body go in two writes
-
-            def do_GET(self) -> None:
-                api.handle(self)
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                return None  # access logs would flood the module log; metrics count instead
-
-        self.server = ThreadingHTTPServer((host, port), RequestHandler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self._thread = threading.Thread(target=self.server.serve_forever, name="http",
-                                        daemon=True)
+    def route(self, method: str, pattern: str, handler: SyncHandler | AsyncHandler, *,
+              prefix: bool = False) -> None:
+        """Route ``method pattern`` to a typed handler (``async def`` runs on the loop)."""
+        is_async = inspect.iscoroutinefunction(handler)
+        self.router.add(method, pattern, handler, blocking=not is_async, is_async=is_async,
+                        prefix=prefix)
 
     def add(self, path: str, handler: Handler) -> None:
-        self.routes[path.rstrip("/") or "/"] = handler
+        """GET ``path`` -> ``handler() -> (status, JSON body)``, run in the handler pool."""
+        self.router.add("GET", path, lambda _: Response.json(*handler()))
 
-    def add_prefix(self, prefix: str, handler: Callable[[str], tuple[int, Any]]) -> None:
-        """Route every path under ``prefix``; the handler gets the rest of the path."""
-        self.prefixes[prefix.rstrip("/")] = handler
+    def add_prefix(self, prefix: str, handler: PrefixHandler) -> None:
+        """GET every path under ``prefix``; the handler gets the rest of the path."""
+        self.router.add("GET", prefix,
+                        lambda request: Response.json(*handler(request.params["rest"])),
+                        prefix=True)
 
     def _readiness(self) -> tuple[int, Any]:
         ready, reason = self._ready()
         return (200 if ready else 503), {"ready": ready, "reason": reason}
 
-    def handle(self, request: BaseHTTPRequestHandler) -> None:
-        path = request.path.split("?", 1)[0].rstrip("/") or "/"
-        try:
-            if path == "/metrics":
-                self._reply(request, 200, self._metrics(), CONTENT_TYPE_LATEST)
-                return
-            handler = self.routes.get(path)
-            if handler is None:
-                for prefix, prefixed in self.prefixes.items():
-                    if path == prefix or path.startswith(prefix + "/"):
-                        status, body = prefixed(path[len(prefix):].strip("/"))
-                        self._json(request, status, body)
-                        return
-                self._json(request, 404, {"error": f"no route {path}",
-                                          "routes": sorted([*self.routes, "/metrics"])})
-                return
-            status, body = handler()
-            self._json(request, status, body)
-        except Exception as exc:  # one bad handler must not take the API down
-            log.exception("http_handler_failed", path=path)
-            self._json(request, 500, {"error": str(exc)})
-
-    def _json(self, request: BaseHTTPRequestHandler, status: int, body: Any) -> None:
-        self._reply(request, status, json.dumps(body).encode(), "application/json")
-
-    @staticmethod
-    def _reply(request: BaseHTTPRequestHandler, status: int, data: bytes, ctype: str) -> None:
-        request.send_response(status)
-        request.send_header("Content-Type", ctype)
-        request.send_header("Content-Length", str(len(data)))
-        request.end_headers()
-        request.wfile.write(data)
-
     def start(self) -> None:
-        self._thread.start()
-        log.info("http_listening", port=self.port)
+        self.server.start()
+        log.info("http_listening", port=self.port,
+                 max_connections=self.server.limits.max_connections)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()

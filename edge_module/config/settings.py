@@ -433,6 +433,64 @@ class HttpSettings(Section):
         le=65535,
         description="HTTP port (health, readiness, metrics). 0 picks a free port.",
     )
+    max_connections: int = Field(
+        256,
+        alias="MaxConnections",
+        ge=1,
+        le=10000,
+        description="Open HTTP connections served at once. A connection beyond it is answered "
+        "503 with `Retry-After` and closed at once; no thread is ever started per connection.",
+    )
+    idle_timeout_seconds: float = Field(
+        30.0,
+        alias="IdleTimeoutSeconds",
+        gt=0,
+        le=3600,
+        description="A connection that sends nothing for this long (a new one before its first "
+        "request, or a kept-alive one between requests) is closed.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        alias="HeaderTimeoutSeconds",
+        gt=0,
+        le=600,
+        description="Time a client has, from the first byte of a request, to send its whole "
+        "request line and headers (slowloris defence); past it the answer is 408 and the "
+        "connection is closed.",
+    )
+    body_timeout_seconds: float = Field(
+        30.0,
+        alias="BodyTimeoutSeconds",
+        gt=0,
+        le=3600,
+        description="Time a client has to send a request body once its headers are in (past "
+        "it the answer is 408 and the connection is closed), and to take an answer that does "
+        "not fit in the socket buffers (past it the connection is dropped).",
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        alias="MaxBodyBytes",
+        ge=0,
+        le=1024 * 1024 * 1024,
+        description="Largest request body accepted; a larger one (by `Content-Length` or as it "
+        "streams in) is answered 413 without reading the rest.",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        alias="MaxHeaderBytes",
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest request line plus headers; a larger one is answered 400.",
+    )
+    handler_threads: int = Field(
+        4,
+        alias="HandlerThreads",
+        ge=1,
+        le=64,
+        description="Threads that run handlers which may block (status, ledger reads, usage "
+        "logs). The server itself is one event loop thread; requests beyond 8 waiting per "
+        "handler thread are answered 503 with `Retry-After`.",
+    )
 
 
 class DataSettings(Section):
