@@ -276,6 +276,22 @@ class PipelineSettings(Section):
         ge=1,
         description="Most items one `{\"items\": [...]}` message may carry (`BatchTooLarge`).",
     )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        alias="MaxImagePixels",
+        ge=1,
+        description="Largest image (width x height, read from its header before decoding) "
+        "accepted; larger ones are refused with `ImageTooLarge` before any pixel is decoded. "
+        "The default takes 4K frames; decoding one costs up to 3 bytes per pixel of memory.",
+    )
+    max_tensor_elements: int = Field(
+        16 * 1024 * 1024,
+        alias="MaxTensorElements",
+        ge=1,
+        description="Most elements one tensor message (`.npy` or JSON, all rows together) may "
+        "hold; a `.npy` whose header declares more is refused with `TensorTooLarge` before "
+        "its data is allocated.",
+    )
     intake_queue: int = Field(
         256,
         alias="IntakeQueue",
