@@ -282,7 +282,9 @@ class PipelineSettings(Section):
         ge=1,
         description="Largest image (width x height, read from its header before decoding) "
         "accepted; larger ones are refused with `ImageTooLarge` before any pixel is decoded. "
-        "The default takes 4K frames; decoding one costs up to 3 bytes per pixel of memory.",
+        "The images of one message together may declare 4 times this. The default takes 4K "
+        "frames; decoding one costs about 2 bytes per pixel of memory for grey models and 6 "
+        "for colour ones, per decode worker (100 MB for a 4096x4096 colour image).",
     )
     max_tensor_elements: int = Field(
         16 * 1024 * 1024,

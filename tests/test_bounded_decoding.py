@@ -126,6 +126,18 @@ def test_a_batch_is_checked_whole_before_any_image_is_decoded(
     assert calls == []
 
 
+def test_a_message_s_images_together_may_declare_four_times_the_pixel_limit(
+    digits: Model
+) -> None:
+    small = Codec(digits, Limits(4 * MB, 64, max_image_pixels=64))
+    four = json.dumps({"items": [{"image": base64.b64encode(jpeg(8, 8)).decode()}] * 4})
+    assert len(small.decode(four.encode()).items) == 4
+    five = json.dumps({"id": "five",
+                       "items": [{"image": base64.b64encode(jpeg(8, 8)).decode()}] * 5})
+    error = refused(small, five.encode())
+    assert error.code == ErrorCode.IMAGE_TOO_LARGE.value and "in all" in error.message
+
+
 def test_a_png_whose_header_is_smaller_than_its_data_decodes_at_the_header_size(
     codec: Codec
 ) -> None:

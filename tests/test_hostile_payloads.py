@@ -71,6 +71,10 @@ def hostile_cases() -> list[Case]:
         Case("batch-6-real-jpeg-6000", json.dumps(
             {"id": "batch-6", "items": [{"image": b64(real_6000)}] * 6}).encode(),
             "ImageTooLarge"),
+        # 64 valid PNGs right at the per-image limit (1.5 MB): too much decoding for one message.
+        Case("batch-64-png-4096", json.dumps(
+            {"id": "batch-png", "items": [{"image": b64(png_bomb(4096, 4096))}] * 64}
+        ).encode(), "ImageTooLarge"),
         Case("npy-claims-1e10-float64", npy_lying((100000, 100000)), "TensorTooLarge"),
         Case("npy-claims-wrong-shape", npy_lying((1, 8, 9)), "TensorShapeMismatch"),
         Case("npy-claims-more-data", npy_lying((1, 8, 8)), "UnsupportedPayload"),
@@ -172,5 +176,5 @@ def _owner(answer_id: str) -> str:
     """The case an answer belongs to: its correlation data, or the payload's own id."""
     by_payload_id = {"batch-64": "batch-64-jpeg-6000", "batch-6": "batch-6-real-jpeg-6000",
                      "over": "payload-4mb-plus-1", "inf": "json-infinity",
-                     "b2": "batch-2-small"}
+                     "b2": "batch-2-small", "batch-png": "batch-64-png-4096"}
     return by_payload_id.get(answer_id, answer_id)

@@ -18,7 +18,8 @@ checked against ``Pipeline:MaxImagePixels`` before OpenCV sees it
 ``Pipeline:MaxTensorElements`` before numpy allocates (``TensorShapeMismatch``,
 ``TensorTooLarge``), and JSON nesting against ``MAX_JSON_DEPTH`` before it is
 parsed (``InvalidJson``). In a batch every image header is checked before the
-first image is decoded. OpenCV's own limit (2^30 pixels,
+first image is decoded, and the images together may declare at most
+``MESSAGE_PIXELS_PER_IMAGE_LIMIT`` (4) times the per-image limit. OpenCV's own limit (2^30 pixels,
 ``OPENCV_IO_MAX_IMAGE_PIXELS``) stays behind ours as a backstop; its errors map
 to ``ImageDecodeFailed``. NaN and infinite values are refused with
 ``TensorValueInvalid``: no model here gives a meaningful answer to them.
@@ -49,6 +50,10 @@ MAX_ID_LENGTH = 256
 # or a bug, refused before parsing (Python's parser would hit its recursion limit).
 MAX_JSON_DEPTH = 32
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# The images of one message together may declare this many times Pipeline:MaxImagePixels.
+# Decoding costs time per pixel: 64 valid 4096x4096 PNGs fit in 1.5 MB and would hold a
+# decode worker for seconds; 4 MiB of real photos (~10 pixels per byte) stays far below.
+MESSAGE_PIXELS_PER_IMAGE_LIMIT = 4
 DEFAULT_MAX_TENSOR_ELEMENTS = 16 * 1024 * 1024
 REQUEST_FIELDS = {"id", "image", "tensor", "items"}
 ITEM_FIELDS = {"image", "tensor"}
@@ -207,6 +212,16 @@ class Codec:
             raise RequestError(
                 ErrorCode.BATCH_TOO_LARGE,
                 f"{count} items; at most {self.limits.max_batch_items} per message",
+            )
+        pixels = sum(math.prod(image_dimensions(part)) for part in parts
+                     if isinstance(part, bytes))
+        budget = MESSAGE_PIXELS_PER_IMAGE_LIMIT * self.limits.max_image_pixels
+        if pixels > budget:
+            raise RequestError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"the message's images declare {pixels:,} pixels in all; one message may "
+                f"carry at most {budget:,} ({MESSAGE_PIXELS_PER_IMAGE_LIMIT} x "
+                "Pipeline:MaxImagePixels): send fewer or smaller images per message",
             )
         return self._decode_parts(parts)
 
