@@ -203,6 +203,7 @@ def test_deep_json_is_refused_without_recursion(codec: Codec) -> None:
     assert codec.decode(tricky.encode()).request_id == '\\"' + "[" * 200
     assert bounds.json_depth(b'{"a": [[1], {"b": "]]]]"}]}') == 3
     assert bounds.json_depth(b"[" * 100_000) == 100_000
+    assert bounds.json_depth(b'{"a": "\\\\", "b": [1, "\\"[{"]}') == 2
 
 
 @pytest.mark.parametrize("payload", [

@@ -143,7 +143,10 @@ class Codec:
     # -- JSON -------------------------------------------------------------
 
     def _json(self, payload: bytes) -> Decoded:
-        depth = json_depth(payload)
+        # Counting brackets is a fast C scan; only a text with enough of them to nest
+        # too deeply pays for the exact depth (strings skipped).
+        opening = payload.count(b"[") + payload.count(b"{")
+        depth = json_depth(payload) if opening > MAX_JSON_DEPTH else 0
         if depth > MAX_JSON_DEPTH:
             raise RequestError(ErrorCode.INVALID_JSON,
                                f"the JSON nests {depth} levels deep; at most {MAX_JSON_DEPTH} "
