@@ -50,6 +50,19 @@ def png_claiming(width: int, height: int) -> bytes:
     return real[:8] + png_ihdr(width, height) + real[8 + 25:]
 
 
+def apng_with_frame(width: int, height: int) -> bytes:
+    """An animated PNG with an 8x8 canvas whose second frame claims ``width`` x ``height``."""
+    def frame_control(sequence: int, w: int, h: int) -> bytes:
+        return _chunk(b"fcTL", struct.pack(">IIIIIHHBB", sequence, w, h, 0, 0, 1, 10, 0, 0))
+
+    small = zlib.compress(bytes(9 * 8), 9)
+    big = zlib.compress(bytes((width + 1) * height), 9)
+    return (b"\x89PNG\r\n\x1a\n" + png_ihdr(8, 8)
+            + _chunk(b"acTL", struct.pack(">II", 2, 0)) + frame_control(0, 8, 8)
+            + _chunk(b"IDAT", small) + frame_control(1, width, height)
+            + _chunk(b"fdAT", struct.pack(">I", 2) + big) + _chunk(b"IEND", b""))
+
+
 def png_lying_small(width: int, height: int, data_rows: int, data_width: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` but whose data holds far more."""
     compressor = zlib.compressobj(9)

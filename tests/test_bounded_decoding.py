@@ -17,6 +17,7 @@ from edge_module.inference import bounds
 from edge_module.inference.codecs import MAX_JSON_DEPTH, Codec, ErrorCode, Limits, RequestError
 from edge_module.inference.models import Model, load_model
 from tests.hostile import (
+    apng_with_frame,
     jpeg,
     jpeg_claiming,
     json_nested,
@@ -148,6 +149,14 @@ def test_a_png_whose_header_is_smaller_than_its_data_decodes_at_the_header_size(
     assert peak_rss_mb() - before < 100
 
 
+def test_an_animated_png_whose_frame_outgrows_its_canvas_is_refused(codec: Codec) -> None:
+    # The canvas (IHDR) is what the limit sees; OpenCV refuses frames larger than it.
+    before = peak_rss_mb()
+    error = refused(codec, apng_with_frame(3000, 3000))
+    assert error.code == ErrorCode.IMAGE_DECODE_FAILED.value
+    assert peak_rss_mb() - before < 100
+
+
 def test_a_jpeg_whose_header_claims_more_than_its_data_is_bounded_by_the_header(
     digits: Model
 ) -> None:
@@ -204,6 +213,20 @@ def test_deep_json_is_refused_without_recursion(codec: Codec) -> None:
     assert bounds.json_depth(b'{"a": [[1], {"b": "]]]]"}]}') == 3
     assert bounds.json_depth(b"[" * 100_000) == 100_000
     assert bounds.json_depth(b'{"a": "\\\\", "b": [1, "\\"[{"]}') == 2
+
+
+@pytest.mark.parametrize("unit", [b"[],", b"{},", b'"",', b'{"a": 1},'])
+def test_json_with_too_many_values_is_refused_before_parsing(codec: Codec, unit: bytes) -> None:
+    before = peak_rss_mb()
+    payload = b'{"id": "x", "tensor": [' + unit * ((4 * MB - 40) // len(unit)) + b"0]}"
+    error = refused(codec, payload)
+    assert error.code == ErrorCode.INVALID_JSON.value and "65,536" in error.message
+    assert peak_rss_mb() - before < 30  # parsed, these would cost 110-140 MB
+
+
+def test_json_with_many_numbers_is_still_parsed(codec: Codec) -> None:
+    rows = np.zeros((64, 1, 8, 8)).tolist()
+    assert len(codec.decode(json_tensor(rows, "rows")).items) == 64
 
 
 @pytest.mark.parametrize("payload", [

@@ -79,6 +79,8 @@ def hostile_cases() -> list[Case]:
         Case("npy-claims-wrong-shape", npy_lying((1, 8, 9)), "TensorShapeMismatch"),
         Case("npy-claims-more-data", npy_lying((1, 8, 8)), "UnsupportedPayload"),
         Case("json-nested-100000", json_nested(100_000), "InvalidJson"),
+        Case("json-4mb-of-empty-arrays", b'{"id": "arrays", "tensor": ['
+             + b"[]," * ((4 * MB - 40) // 3) + b"[]]}", "InvalidJson"),
         Case("id-10kb", json_tensor(zeros, "i" * 10_240), "InvalidRequest"),
         Case("invalid-utf8", b'{"id": "\xff\xfe", "tensor": ' + json.dumps(zeros).encode()
              + b"}", "InvalidJson"),
@@ -177,5 +179,6 @@ def _owner(answer_id: str) -> str:
     """The case an answer belongs to: its correlation data, or the payload's own id."""
     by_payload_id = {"batch-64": "batch-64-jpeg-6000", "batch-6": "batch-6-real-jpeg-6000",
                      "over": "payload-4mb-plus-1", "inf": "json-infinity",
-                     "b2": "batch-2-small", "batch-png": "batch-64-png-4096"}
+                     "b2": "batch-2-small", "batch-png": "batch-64-png-4096",
+                     "arrays": "json-4mb-of-empty-arrays"}
     return by_payload_id.get(answer_id, answer_id)

@@ -8,8 +8,10 @@ before OpenCV or numpy allocate a single pixel or element:
   frame header (SOFn marker), the only image formats the codec accepts;
 * ``npy_header``: dtype, shape and data offset of ``.npy`` bytes (numpy's own
   header reader, which parses the header text without touching the data);
-* ``json_depth``: how deeply a JSON text nests, counted without recursion, so
-  that 100,000 nested brackets cannot exhaust the Python stack.
+* ``json_refusal``: whether a JSON text nests too deeply or holds too many
+  arrays, objects and strings, counted without recursion or parsing, so that
+  100,000 nested brackets cannot exhaust the Python stack and 4 MiB of ``[],``
+  cannot cost 140 MB of Python objects.
 
 Nothing here allocates more than a small multiple of the payload. A header
 that cannot be read raises ``MalformedHeader`` with a sentence saying why.
@@ -130,21 +132,47 @@ def npy_header(data: bytes) -> NpyHeader:
     return NpyHeader(dtype, tuple(shape), bool(fortran), stream.tell())
 
 
-def json_depth(payload: bytes) -> int:
-    """How deeply arrays and objects nest in a JSON text (strings are skipped).
+def json_refusal(payload: bytes, max_depth: int, max_nodes: int) -> str | None:
+    """Why a JSON text nests too deeply or holds too many values to parse; None if fine.
 
-    Linear in the payload and iterative: a text of 100,000 ``[`` costs a few C
-    passes and one cumulative sum, never a recursion. Once escape pairs are gone,
-    every quote delimits a string, so the text outside strings is every other
-    piece between quotes (in invalid JSON the count may be off, and the text is
-    refused as invalid anyway).
+    ``max_nodes`` bounds arrays, objects and strings (keys included) together: each
+    costs Python 50-70 bytes when parsed. Linear in the payload, iterative (100,000
+    nested ``[`` cost no recursion) and bounded in memory: escape pairs are dropped,
+    after which every quote delimits a string, so the text outside strings is every
+    other piece between quotes, split only once the string count is known to be
+    small. In invalid JSON the counts may be off; such a text is refused anyway.
     """
     if b"\\" in payload:
         payload = _JSON_ESCAPE.sub(b"", payload)
-    outside = b"".join(payload.split(b'"')[::2])
-    brackets = outside.translate(None, _NOT_BRACKETS)
-    if not brackets:
-        return 0
-    codes = np.frombuffer(brackets, dtype=np.uint8)
-    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int32)
-    return int(np.cumsum(steps, dtype=np.int32).max())
+    strings = payload.count(b'"') // 2
+    if strings > max_nodes:
+        return (f"the JSON holds {strings:,} strings; at most {max_nodes:,} arrays, objects "
+                "and strings in all are accepted")
+    brackets = b"".join(payload.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+    depth = _deepest(brackets)
+    if depth > max_depth:
+        return f"the JSON nests {depth:,} levels deep; at most {max_depth} are accepted"
+    containers = brackets.count(b"[") + brackets.count(b"{")
+    if containers + strings > max_nodes:
+        return (f"the JSON holds {containers:,} arrays and objects and {strings:,} strings; "
+                f"at most {max_nodes:,} in all are accepted")
+    return None
+
+
+def json_depth(payload: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text (strings are skipped)."""
+    if b"\\" in payload:
+        payload = _JSON_ESCAPE.sub(b"", payload)
+    return _deepest(b"".join(payload.split(b'"')[::2]).translate(None, _NOT_BRACKETS))
+
+
+def _deepest(brackets: bytes, chunk: int = 65_536) -> int:
+    """The deepest nesting of a string of brackets, summed a chunk at a time."""
+    depth = deepest = 0
+    for start in range(0, len(brackets), chunk):
+        codes = np.frombuffer(brackets, dtype=np.uint8, offset=start,
+                              count=min(chunk, len(brackets) - start))
+        running = np.cumsum(np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)) + depth
+        deepest = max(deepest, int(running.max()))
+        depth = int(running[-1])
+    return deepest

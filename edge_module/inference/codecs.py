@@ -16,13 +16,14 @@ Bounded decoding (``bounds.py`` reads the headers): an image's declared size is
 checked against ``Pipeline:MaxImagePixels`` before OpenCV sees it
 (``ImageTooLarge``), a ``.npy``'s declared shape against the model and
 ``Pipeline:MaxTensorElements`` before numpy allocates (``TensorShapeMismatch``,
-``TensorTooLarge``), and JSON nesting against ``MAX_JSON_DEPTH`` before it is
-parsed (``InvalidJson``). In a batch every image header is checked before the
-first image is decoded, and the images together may declare at most
-``MESSAGE_PIXELS_PER_IMAGE_LIMIT`` (4) times the per-image limit. OpenCV's own limit (2^30 pixels,
-``OPENCV_IO_MAX_IMAGE_PIXELS``) stays behind ours as a backstop; its errors map
-to ``ImageDecodeFailed``. NaN and infinite values are refused with
-``TensorValueInvalid``: no model here gives a meaningful answer to them.
+``TensorTooLarge``), and JSON nesting and size against ``MAX_JSON_DEPTH`` and
+``MAX_JSON_NODES`` before it is parsed (``InvalidJson``). In a batch every image
+header is checked before the first image is decoded, and the images together
+may declare at most ``MESSAGE_PIXELS_PER_IMAGE_LIMIT`` (4) times the per-image
+limit. OpenCV's own limit (2^30 pixels, ``OPENCV_IO_MAX_IMAGE_PIXELS``) stays
+behind ours as a backstop; its errors map to ``ImageDecodeFailed``. NaN and
+infinite values are refused with ``TensorValueInvalid``: no model here gives a
+meaningful answer to them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import cv2
 import numpy as np
 
 from edge_module.exceptions import PayloadError
-from edge_module.inference.bounds import MalformedHeader, image_dimensions, json_depth, npy_header
+from edge_module.inference.bounds import MalformedHeader, image_dimensions, json_refusal, npy_header
 from edge_module.inference.models import ImageInput, Model
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -49,6 +50,10 @@ MAX_ID_LENGTH = 256
 # Deepest JSON nesting accepted: a batch of 5-D tensors needs 8; anything deeper is an attack
 # or a bug, refused before parsing (Python's parser would hit its recursion limit).
 MAX_JSON_DEPTH = 32
+# Most arrays, objects and strings in one JSON message. Each costs Python 50-70 bytes, so 4 MiB
+# of "[]," would take ~140 MB and seconds to parse; a batch of 64 items of tensors or images
+# needs a few thousand.
+MAX_JSON_NODES = 65_536
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 # The images of one message together may declare this many times Pipeline:MaxImagePixels.
 # Decoding costs time per pixel: 64 valid 4096x4096 PNGs fit in 1.5 MB and would hold a
@@ -143,14 +148,15 @@ class Codec:
     # -- JSON -------------------------------------------------------------
 
     def _json(self, payload: bytes) -> Decoded:
-        # Counting brackets is a fast C scan; only a text with enough of them to nest
-        # too deeply pays for the exact depth (strings skipped).
+        # Counting brackets and quotes is a fast C scan; only a text with enough of them
+        # to break a limit pays for the exact shape (brackets inside strings skipped).
         opening = payload.count(b"[") + payload.count(b"{")
-        depth = json_depth(payload) if opening > MAX_JSON_DEPTH else 0
-        if depth > MAX_JSON_DEPTH:
-            raise RequestError(ErrorCode.INVALID_JSON,
-                               f"the JSON nests {depth} levels deep; at most {MAX_JSON_DEPTH} "
-                               "are accepted: flatten the request")
+        if opening > MAX_JSON_DEPTH or opening + payload.count(b'"') // 2 > MAX_JSON_NODES:
+            refusal = json_refusal(payload, MAX_JSON_DEPTH, MAX_JSON_NODES)
+            if refusal is not None:
+                raise RequestError(ErrorCode.INVALID_JSON,
+                                   f"{refusal}: flatten the request, send large tensors as "
+                                   ".npy, or send fewer items per message")
         try:
             # Strict UTF-8 first: json.loads(bytes) would let lone surrogates through.
             body = json.loads(payload.decode("utf-8"))
