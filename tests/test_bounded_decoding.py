@@ -261,3 +261,13 @@ def test_ten_kilobyte_ids_and_oversized_payloads(codec: Codec) -> None:
     over = over[:4 * MB + 1]
     assert len(over) == 4 * MB + 1
     assert refused(codec, over).code == ErrorCode.PAYLOAD_TOO_LARGE.value
+
+
+@pytest.mark.parametrize("ext", [".bmp", ".tiff", ".webp", ".pgm"])
+def test_formats_whose_header_is_not_parsed_are_refused_undecoded(codec: Codec,
+                                                                  ext: str) -> None:
+    ok, data = cv2.imencode(ext, np.zeros((8, 8), np.uint8))
+    assert ok
+    assert refused(codec, bytes(data)).code == ErrorCode.UNSUPPORTED_PAYLOAD.value
+    as_json = json.dumps({"id": "f", "image": base64.b64encode(bytes(data)).decode()})
+    assert refused(codec, as_json.encode()).code == ErrorCode.IMAGE_DECODE_FAILED.value
