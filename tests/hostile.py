@@ -87,6 +87,17 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def jpeg_scan_bomb(width: int, height: int, repeats: int) -> bytes:
+    """A real progressive JPEG whose last scan is repeated: libjpeg only warns about the
+    repeats and makes a pass over every coefficient for each (~15 ms at 4096x4096)."""
+    ok, data = cv2.imencode(".jpg", np.full((height, width), 100, np.uint8),
+                            [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok
+    body = bytes(data)[:-2]  # without EOI
+    last = body.rfind(b"\xff\xda")
+    return body + body[last:] * repeats + b"\xff\xd9"
+
+
 def npy_lying(shape: tuple[int, ...], dtype: str = "<f8") -> bytes:
     """A .npy header declaring ``shape`` followed by only 64 bytes of data."""
     stream = io.BytesIO()

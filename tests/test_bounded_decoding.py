@@ -20,6 +20,7 @@ from tests.hostile import (
     apng_with_frame,
     jpeg,
     jpeg_claiming,
+    jpeg_scan_bomb,
     json_nested,
     json_tensor,
     npy,
@@ -104,6 +105,19 @@ def test_image_bombs_are_refused_before_a_pixel_is_decoded(
         assert "Pipeline:MaxImagePixels" in error.message
     assert calls == []
     assert peak_rss_mb() - before < 100
+
+
+def test_a_jpeg_with_a_thousand_repeated_scans_is_refused_undecoded(
+    codec: Codec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: calls.append(1) or real(*a))
+    error = refused(codec, jpeg_scan_bomb(512, 512, 1000))
+    assert error.code == ErrorCode.IMAGE_DECODE_FAILED.value and "scans" in error.message
+    assert calls == []
+    # An ordinary progressive JPEG (6 scans) still decodes.
+    assert codec.decode(jpeg_scan_bomb(64, 64, 0)).items[0].shape == (1, 8, 8)
 
 
 def test_the_pixel_limit_is_inclusive_and_configurable(digits: Model) -> None:

@@ -25,6 +25,7 @@ from simulator.datasets import digits_split
 from tests.hostile import (
     jpeg,
     jpeg_claiming,
+    jpeg_scan_bomb,
     json_nested,
     json_tensor,
     npy,
@@ -62,6 +63,8 @@ def hostile_cases() -> list[Case]:
         Case("png-header-65000", png_claiming(65000, 65000), "ImageTooLarge"),
         Case("jpeg-bomb-30000", jpeg_claiming(30000, 30000), "ImageTooLarge"),
         Case("jpeg-header-65000", jpeg_claiming(65000, 65000), "ImageTooLarge"),
+        # 1,000 repeated scans: ~15 s of decoding at 4096x4096 in 99 KB.
+        Case("jpeg-scan-bomb-4096", jpeg_scan_bomb(4096, 4096, 1000), "ImageDecodeFailed"),
         Case("jpeg-real-6000", real_6000, "ImageTooLarge"),
         # 64 images claiming 6000x6000 each (2.3 G pixels in all) in one message, and as
         # many real 6000x6000 JPEGs as fit in 4 MB.

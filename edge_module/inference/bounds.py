@@ -6,6 +6,8 @@ before OpenCV or numpy allocate a single pixel or element:
 
 * ``image_dimensions``: width and height from a PNG's IHDR chunk or a JPEG's
   frame header (SOFn marker), the only image formats the codec accepts;
+* ``jpeg_scans``: how many scans a JPEG holds; each costs a pass over all its
+  coefficients, so 1,000 repeated 33-byte scans make a 4096x4096 JPEG take 15 s;
 * ``npy_header``: dtype, shape and data offset of ``.npy`` bytes (numpy's own
   header reader, which parses the header text without touching the data);
 * ``json_refusal``: whether a JSON text nests too deeply or holds too many
@@ -64,6 +66,12 @@ def image_dimensions(data: bytes) -> tuple[int, int]:
     if data.startswith(b"\xff\xd8"):
         return _jpeg_dimensions(data)
     raise MalformedHeader("the image is not a JPEG or PNG")
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS markers) a JPEG holds. Entropy-coded data stuffs every 0xFF
+    with 0x00, so 0xFFDA occurs only as a marker (or inside an embedded thumbnail)."""
+    return data.count(b"\xff\xda")
 
 
 def _png_dimensions(data: bytes) -> tuple[int, int]:

@@ -20,10 +20,10 @@ checked against ``Pipeline:MaxImagePixels`` before OpenCV sees it
 ``MAX_JSON_NODES`` before it is parsed (``InvalidJson``). In a batch every image
 header is checked before the first image is decoded, and the images together
 may declare at most ``MESSAGE_PIXELS_PER_IMAGE_LIMIT`` (4) times the per-image
-limit. OpenCV's own limit (2^30 pixels, ``OPENCV_IO_MAX_IMAGE_PIXELS``) stays
-behind ours as a backstop; its errors map to ``ImageDecodeFailed``. NaN and
-infinite values are refused with ``TensorValueInvalid``: no model here gives a
-meaningful answer to them.
+limit; a JPEG may hold at most ``MAX_JPEG_SCANS`` scans. OpenCV's own limit
+(2^30 pixels, ``OPENCV_IO_MAX_IMAGE_PIXELS``) stays behind ours as a backstop;
+its errors map to ``ImageDecodeFailed``. NaN and infinite values are refused
+with ``TensorValueInvalid``: no model here gives a meaningful answer to them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ import cv2
 import numpy as np
 
 from edge_module.exceptions import PayloadError
-from edge_module.inference.bounds import MalformedHeader, image_dimensions, json_refusal, npy_header
+from edge_module.inference.bounds import (
+    MalformedHeader,
+    image_dimensions,
+    jpeg_scans,
+    json_refusal,
+    npy_header,
+)
 from edge_module.inference.models import ImageInput, Model
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -59,6 +65,9 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 # Decoding costs time per pixel: 64 valid 4096x4096 PNGs fit in 1.5 MB and would hold a
 # decode worker for seconds; 4 MiB of real photos (~10 pixels per byte) stays far below.
 MESSAGE_PIXELS_PER_IMAGE_LIMIT = 4
+# Most scans in one JPEG. libjpeg's progressive scripts use at most 10; every further scan
+# (even a repeated one, which libjpeg only warns about) costs a pass over the whole image.
+MAX_JPEG_SCANS = 64
 DEFAULT_MAX_TENSOR_ELEMENTS = 16 * 1024 * 1024
 REQUEST_FIELDS = {"id", "image", "tensor", "items"}
 ITEM_FIELDS = {"image", "tensor"}
@@ -273,6 +282,11 @@ class Codec:
             width, height = image_dimensions(data)
         except MalformedHeader as exc:
             raise RequestError(ErrorCode.IMAGE_DECODE_FAILED, f"{where}: {exc}") from None
+        scans = jpeg_scans(data) if data.startswith(JPEG_MAGIC) else 0
+        if scans > MAX_JPEG_SCANS:
+            raise RequestError(ErrorCode.IMAGE_DECODE_FAILED,
+                               f"{where}: the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} "
+                               "are accepted (a progressive JPEG needs about 10): re-encode it")
         limit = self.limits.max_image_pixels
         if width * height > limit:
             raise RequestError(
