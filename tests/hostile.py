@@ -19,6 +19,15 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def zeros_zlib(block: int, repeats: int) -> bytes:
+    """A zlib stream of ``block * repeats`` zero bytes, compressed once and repeated."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = compressor.compress(bytes(block)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    total = block * repeats
+    return (b"\x78\xda" + deflated * repeats + b"\x03\x00"
+            + struct.pack(">I", ((total % 65521) << 16) | 1))
+
+
 def png_ihdr(width: int, height: int) -> bytes:
     return _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
 
@@ -34,11 +43,8 @@ def png_bomb(width: int, height: int) -> bytes:
     rows = 100
     while height % rows:
         rows -= 1
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-    block = compressor.compress(bytes((width + 1) * rows)) + compressor.flush(zlib.Z_FULL_FLUSH)
-    total = (width + 1) * height  # every row starts with its filter byte (0)
-    stream = (b"\x78\xda" + block * (height // rows) + b"\x03\x00"
-              + struct.pack(">I", ((total % 65521) << 16) | 1))
+    # Every row starts with its filter byte (0), so the data is all zeros.
+    stream = zeros_zlib((width + 1) * rows, height // rows)
     return (b"\x89PNG\r\n\x1a\n" + png_ihdr(width, height) + _chunk(b"IDAT", stream)
             + _chunk(b"IEND", b""))
 
@@ -61,6 +67,14 @@ def apng_with_frame(width: int, height: int) -> bytes:
             + _chunk(b"acTL", struct.pack(">II", 2, 0)) + frame_control(0, 8, 8)
             + _chunk(b"IDAT", small) + frame_control(1, width, height)
             + _chunk(b"fdAT", struct.pack(">I", 2) + big) + _chunk(b"IEND", b""))
+
+
+def png_with_chunk_bomb(kind: bytes) -> bytes:
+    """An 8x8 PNG carrying a zTXt or iCCP chunk that inflates to 400 MB (400 KB on the wire)."""
+    bomb = zeros_zlib(1 << 20, 400)
+    prefix = b"Comment\x00\x00" if kind == b"zTXt" else b"icc\x00\x00"
+    real = png_bomb(8, 8)
+    return real[:33] + _chunk(kind, prefix + bomb) + real[33:]
 
 
 def png_lying_small(width: int, height: int, data_rows: int, data_width: int) -> bytes:
