@@ -197,7 +197,7 @@ class Codec:
                 )
             if present[0] == "items":
                 return Decoded(request_id, self._items(body["items"]))
-            return Decoded(request_id, self._decode_parts([self._item(body, "image")]))
+            return Decoded(request_id, self._decode_parts([self._item(body, present[0])]))
         except RequestError as exc:
             exc.request_id = request_id
             raise
