@@ -31,10 +31,12 @@ class ErrorCode(StrEnum):
     REQUEST_TIMEOUT = "RequestTimeout"
     INVALID_BASE64 = "InvalidBase64"
     IMAGE_DECODE_FAILED = "ImageDecodeFailed"
+    IMAGE_TOO_LARGE = "ImageTooLarge"
     INPUT_KIND_MISMATCH = "InputKindMismatch"
     TENSOR_SHAPE_MISMATCH = "TensorShapeMismatch"
     TENSOR_DTYPE_INVALID = "TensorDtypeInvalid"
     TENSOR_VALUE_INVALID = "TensorValueInvalid"
+    TENSOR_TOO_LARGE = "TensorTooLarge"
     BATCH_TOO_LARGE = "BatchTooLarge"
     INFERENCE_FAILED = "InferenceFailed"
     OUTPUT_TOPIC_LOOP = "OutputTopicLoop"
@@ -72,7 +74,9 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         "not JPEG, PNG, `.npy` or a JSON object; or a corrupt `.npy`",
         "use one of the input forms"),
     ErrorCode.INVALID_JSON: ErrorInfo(
-        "JSON that does not parse, or is not an object", "fix the JSON"),
+        "JSON that does not parse (invalid UTF-8 included), is not an object, nests deeper "
+        "than 32 levels, or holds more than 65,536 arrays, objects and strings in all",
+        "fix the JSON"),
     ErrorCode.UNKNOWN_FIELD: ErrorInfo(
         "a field other than `id`, `image`, `tensor`, `items` (or, in an item, `image`, "
         "`tensor`)", "remove or rename it"),
@@ -92,15 +96,26 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
     ErrorCode.INVALID_BASE64: ErrorInfo(
         "`image` is not base64", "encode the bytes with standard base64"),
     ErrorCode.IMAGE_DECODE_FAILED: ErrorInfo(
-        "corrupt or truncated JPEG/PNG", "resend the whole file"),
+        "corrupt or truncated JPEG/PNG, a header that cannot be read, or a JPEG of more "
+        "than 64 scans (each costs a pass over the whole image)", "resend the whole file"),
+    ErrorCode.IMAGE_TOO_LARGE: ErrorInfo(
+        "the image's header declares more than `Pipeline:MaxImagePixels` pixels (width x "
+        "height; 4096x4096 by default), or the images of one message together declare more "
+        "than 4 times that; refused before any pixel is decoded",
+        "send a smaller image or raise the limit", http_status=413),
     ErrorCode.INPUT_KIND_MISMATCH: ErrorInfo(
         "an image sent to a tensor model", "send a tensor"),
     ErrorCode.TENSOR_SHAPE_MISMATCH: ErrorInfo(
-        "wrong or ragged shape", "match the model's item shape (table above)"),
+        "wrong or ragged shape (for a `.npy`, the shape its header declares)",
+        "match the model's item shape (table above)"),
     ErrorCode.TENSOR_DTYPE_INVALID: ErrorInfo(
         "non-numeric values, or an object `.npy`", "send numbers"),
     ErrorCode.TENSOR_VALUE_INVALID: ErrorInfo(
-        "NaN or infinity", "send finite numbers"),
+        "NaN or infinity (also JSON `NaN`, `Infinity`, `1e999`)", "send finite numbers"),
+    ErrorCode.TENSOR_TOO_LARGE: ErrorInfo(
+        "a tensor (a `.npy` by its header, before its data is read) with more than "
+        "`Pipeline:MaxTensorElements` elements", "send fewer rows per message or raise the "
+        "limit", http_status=413),
     ErrorCode.BATCH_TOO_LARGE: ErrorInfo(
         "more items than `Pipeline:MaxBatchItems`", "split the batch"),
     ErrorCode.INFERENCE_FAILED: ErrorInfo(

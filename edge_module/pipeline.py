@@ -176,7 +176,8 @@ class Pipeline:
         metering = model.descriptor.metering
         return Serving(
             model=model,
-            codec=Codec(model, Limits(settings.max_payload_bytes, settings.max_batch_items)),
+            codec=Codec(model, Limits(settings.max_payload_bytes, settings.max_batch_items,
+                                     settings.max_image_pixels, settings.max_tensor_elements)),
             top_k=top_k,
             score_threshold=score_threshold,
             max_batch=min(settings.max_batch_size, model.descriptor.maxBatch or

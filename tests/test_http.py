@@ -24,7 +24,7 @@ from pathlib import Path
 from edge_module.api.http import HttpApi
 from edge_module.api.router import HttpError, Request, Response
 from edge_module.config import HttpSettings
-from edge_module.inference.codecs import ErrorCode
+from edge_module.errors import ErrorCode
 from tests.support import Module, wait_until
 
 TRACEBACK_MARKERS = ("Traceback", "BrokenPipe", "ConnectionResetError", "Exception in ASGI")

@@ -285,6 +285,24 @@ class PipelineSettings(Section):
         ge=1,
         description="Most items one `{\"items\": [...]}` message may carry (`BatchTooLarge`).",
     )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        alias="MaxImagePixels",
+        ge=1,
+        description="Largest image (width x height, read from its header before decoding) "
+        "accepted; larger ones are refused with `ImageTooLarge` before any pixel is decoded. "
+        "The images of one message together may declare 4 times this. The default takes 4K "
+        "frames; decoding one costs about 2 bytes per pixel of memory for grey models and 6 "
+        "for colour ones, per decode worker (100 MB for a 4096x4096 colour image).",
+    )
+    max_tensor_elements: int = Field(
+        16 * 1024 * 1024,
+        alias="MaxTensorElements",
+        ge=1,
+        description="Most elements one tensor message (`.npy` or JSON, all rows together) may "
+        "hold; a `.npy` whose header declares more is refused with `TensorTooLarge` before "
+        "its data is allocated.",
+    )
     intake_queue: int = Field(
         256,
         alias="IntakeQueue",

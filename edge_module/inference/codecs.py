@@ -11,14 +11,27 @@ Every way a payload can be wrong maps to one stable error code (``ErrorCode``),
 so that clients can branch on it. Images are decoded and normalised with
 OpenCV (``imdecode`` + ``resize`` + ``blobFromImage``), which is faster than
 numpy arithmetic and releases the GIL while it works.
+
+Bounded decoding (``bounds.py`` reads the headers): an image's declared size is
+checked against ``Pipeline:MaxImagePixels`` before OpenCV sees it
+(``ImageTooLarge``), a ``.npy``'s declared shape against the model and
+``Pipeline:MaxTensorElements`` before numpy allocates (``TensorShapeMismatch``,
+``TensorTooLarge``), and JSON nesting and size against ``MAX_JSON_DEPTH`` and
+``MAX_JSON_NODES`` before it is parsed (``InvalidJson``). In a batch every image
+header is checked before the first image is decoded, and the images together
+may declare at most ``MESSAGE_PIXELS_PER_IMAGE_LIMIT`` (4) times the per-image
+limit; a JPEG may hold at most ``MAX_JPEG_SCANS`` scans. OpenCV's own limit
+(2^30 pixels, ``OPENCV_IO_MAX_IMAGE_PIXELS``) stays behind ours as a backstop;
+its errors map to ``ImageDecodeFailed``. NaN and infinite values are refused
+with ``TensorValueInvalid``: no model here gives a meaningful answer to them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +40,35 @@ import numpy as np
 
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import PayloadError
+from edge_module.inference.bounds import (
+    MalformedHeader,
+    image_dimensions,
+    jpeg_scans,
+    json_refusal,
+    npy_header,
+)
 from edge_module.inference.models import ImageInput, Model
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NPY_MAGIC = b"\x93NUMPY"
 MAX_ID_LENGTH = 256
+# Deepest JSON nesting accepted: a batch of 5-D tensors needs 8; anything deeper is an attack
+# or a bug, refused before parsing (Python's parser would hit its recursion limit).
+MAX_JSON_DEPTH = 32
+# Most arrays, objects and strings in one JSON message. Each costs Python 50-70 bytes, so 4 MiB
+# of "[]," would take ~140 MB and seconds to parse; a batch of 64 items of tensors or images
+# needs a few thousand.
+MAX_JSON_NODES = 65_536
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# The images of one message together may declare this many times Pipeline:MaxImagePixels.
+# Decoding costs time per pixel: 64 valid 4096x4096 PNGs fit in 1.5 MB and would hold a
+# decode worker for seconds; 4 MiB of real photos (~10 pixels per byte) stays far below.
+MESSAGE_PIXELS_PER_IMAGE_LIMIT = 4
+# Most scans in one JPEG. libjpeg's progressive scripts use at most 10; every further scan
+# (even a repeated one, which libjpeg only warns about) costs a pass over the whole image.
+MAX_JPEG_SCANS = 64
+DEFAULT_MAX_TENSOR_ELEMENTS = 16 * 1024 * 1024
 REQUEST_FIELDS = {"id", "image", "tensor", "items"}
 ITEM_FIELDS = {"image", "tensor"}
 
@@ -41,6 +77,8 @@ ITEM_FIELDS = {"image", "tensor"}
 class Limits:
     max_payload_bytes: int
     max_batch_items: int
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS
 
 
 @dataclass
@@ -79,9 +117,10 @@ class Codec:
                 f"{self.limits.max_payload_bytes} (Pipeline:MaxPayloadBytes)",
             )
         if payload.startswith(JPEG_MAGIC) or payload.startswith(PNG_MAGIC):
+            self._check_image(payload, "the message")
             return Decoded(None, [self._image(payload)])
         if payload.startswith(NPY_MAGIC):
-            return Decoded(None, self._tensor(_load_npy(payload)))
+            return Decoded(None, self._tensor(self._load_npy(payload)))
         if payload.lstrip()[:1] == b"{":
             return self._json(payload)
         raise RequestError(
@@ -92,11 +131,27 @@ class Codec:
     # -- JSON -------------------------------------------------------------
 
     def _json(self, payload: bytes) -> Decoded:
+        # Counting brackets and quotes is a fast C scan; only a text with enough of them
+        # to break a limit pays for the exact shape (brackets inside strings skipped).
+        opening = payload.count(b"[") + payload.count(b"{")
+        if opening > MAX_JSON_DEPTH or opening + payload.count(b'"') // 2 > MAX_JSON_NODES:
+            refusal = json_refusal(payload, MAX_JSON_DEPTH, MAX_JSON_NODES)
+            if refusal is not None:
+                raise RequestError(ErrorCode.INVALID_JSON,
+                                   f"{refusal}: flatten the request, send large tensors as "
+                                   ".npy, or send fewer items per message")
         try:
-            body = json.loads(payload)
-        except (UnicodeDecodeError, ValueError) as exc:
+            # Strict UTF-8 first: json.loads(bytes) would let lone surrogates through.
+            body = json.loads(payload.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RequestError(ErrorCode.INVALID_JSON,
+                               f"the message is not valid UTF-8: {exc}") from None
+        except ValueError as exc:
             raise RequestError(ErrorCode.INVALID_JSON,
                                f"the message is not valid JSON: {exc}") from None
+        except RecursionError:  # unreachable past the depth check; kept as a backstop
+            raise RequestError(ErrorCode.INVALID_JSON,
+                               "the JSON nests too deeply: flatten the request") from None
         if not isinstance(body, dict):
             raise RequestError(ErrorCode.INVALID_JSON, "the JSON message must be an object")
         request_id = _request_id(body)
@@ -116,7 +171,7 @@ class Codec:
                 )
             if present[0] == "items":
                 return Decoded(request_id, self._items(body["items"]))
-            return Decoded(request_id, self._item(body, "request"))
+            return Decoded(request_id, self._decode_parts([self._item(body, present[0])]))
         except RequestError as exc:
             exc.request_id = request_id
             raise
@@ -130,7 +185,7 @@ class Codec:
                 f"{len(items)} items; at most {self.limits.max_batch_items} per message "
                 "(Pipeline:MaxBatchItems)",
             )
-        decoded: list[np.ndarray] = []
+        parts: list[bytes | list[np.ndarray]] = []
         for index, item in enumerate(items):
             where = f"items[{index}]"
             if not isinstance(item, dict):
@@ -143,24 +198,49 @@ class Codec:
             if len(item) != 1:
                 raise RequestError(ErrorCode.INVALID_REQUEST,
                                    f"{where} must carry exactly one of image or tensor")
-            decoded.extend(self._item(item, where))
-        if len(decoded) > self.limits.max_batch_items:
+            parts.append(self._item(item, where))
+        count = sum(1 if isinstance(part, bytes) else len(part) for part in parts)
+        if count > self.limits.max_batch_items:
             raise RequestError(
                 ErrorCode.BATCH_TOO_LARGE,
-                f"{len(decoded)} items; at most {self.limits.max_batch_items} per message",
+                f"{count} items; at most {self.limits.max_batch_items} per message",
             )
-        return decoded
+        pixels = sum(math.prod(image_dimensions(part)) for part in parts
+                     if isinstance(part, bytes))
+        budget = MESSAGE_PIXELS_PER_IMAGE_LIMIT * self.limits.max_image_pixels
+        if pixels > budget:
+            raise RequestError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"the message's images declare {pixels:,} pixels in all; one message may "
+                f"carry at most {budget:,} ({MESSAGE_PIXELS_PER_IMAGE_LIMIT} x "
+                "Pipeline:MaxImagePixels): send fewer or smaller images per message",
+            )
+        return self._decode_parts(parts)
 
-    def _item(self, body: dict[str, Any], where: str) -> list[np.ndarray]:
+    def _item(self, body: dict[str, Any], where: str) -> bytes | list[np.ndarray]:
+        """One item, checked but not decoded yet: image bytes whose header passed the
+        limits, or the tensor rows."""
         if "image" in body:
-            return [self._image(_b64(body["image"], where))]
-        return self._tensor(_json_tensor(body["tensor"], where))
+            data = _b64(body["image"], where)
+            self._check_image(data, where)
+            return data
+        return self._tensor(_json_tensor(body["tensor"], where), where)
+
+    def _decode_parts(self, parts: list[bytes | list[np.ndarray]]) -> list[np.ndarray]:
+        """Decode images only once every item of the message passed its checks."""
+        decoded: list[np.ndarray] = []
+        for part in parts:
+            if isinstance(part, bytes):
+                decoded.append(self._image(part))
+            else:
+                decoded.extend(part)
+        return decoded
 
     # -- images and tensors -----------------------------------------------
 
-    def _image(self, data: bytes) -> np.ndarray:
-        spec = self.spec
-        if not isinstance(spec, ImageInput):
+    def _check_image(self, data: bytes, where: str) -> None:
+        """Refuse an image before decoding: wrong model, corrupt header, too many pixels."""
+        if not isinstance(self.spec, ImageInput):
             raise RequestError(
                 ErrorCode.INPUT_KIND_MISMATCH,
                 f"model {self.model.descriptor.name} takes tensors of shape "
@@ -168,41 +248,99 @@ class Codec:
             )
         if data.startswith(JPEG_MAGIC) and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
             raise RequestError(ErrorCode.IMAGE_DECODE_FAILED,
-                               "the JPEG is truncated (no end-of-image marker)")
+                               f"{where}: the JPEG is truncated (no end-of-image marker)")
         if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
-            raise RequestError(ErrorCode.IMAGE_DECODE_FAILED, "the image is not a JPEG or PNG")
+            raise RequestError(ErrorCode.IMAGE_DECODE_FAILED,
+                               f"{where}: the image is not a JPEG or PNG")
+        try:
+            width, height = image_dimensions(data)
+        except MalformedHeader as exc:
+            raise RequestError(ErrorCode.IMAGE_DECODE_FAILED, f"{where}: {exc}") from None
+        scans = jpeg_scans(data) if data.startswith(JPEG_MAGIC) else 0
+        if scans > MAX_JPEG_SCANS:
+            raise RequestError(ErrorCode.IMAGE_DECODE_FAILED,
+                               f"{where}: the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} "
+                               "are accepted (a progressive JPEG needs about 10): re-encode it")
+        limit = self.limits.max_image_pixels
+        if width * height > limit:
+            raise RequestError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"{where}: the image is {width}x{height} ({width * height:,} pixels); the "
+                f"limit is {limit:,} (Pipeline:MaxImagePixels): send a smaller image",
+            )
+
+    def _image(self, data: bytes) -> np.ndarray:
+        """Decode an image that passed ``_check_image``."""
+        spec = self.spec
+        assert isinstance(spec, ImageInput)
         flag = cv2.IMREAD_GRAYSCALE if spec.channels == 1 else cv2.IMREAD_COLOR
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+        try:
+            image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+        except cv2.error as exc:  # OpenCV's own limits and decoder failures
+            raise RequestError(ErrorCode.IMAGE_DECODE_FAILED,
+                               f"OpenCV cannot decode the image: {str(exc).strip()}") from None
         if image is None or image.size == 0:
             raise RequestError(ErrorCode.IMAGE_DECODE_FAILED,
                                "the image is corrupt and cannot be decoded")
         return preprocess(image, spec)
 
-    def _tensor(self, array: np.ndarray) -> list[np.ndarray]:
-        if array.dtype.kind not in "fiu":
+    def _check_tensor(self, dtype: np.dtype[Any], shape: tuple[int, ...], where: str) -> None:
+        """Refuse a tensor by its dtype and shape alone, before its data is allocated."""
+        if dtype.kind not in "fiu":
             raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
-                               f"tensor dtype {array.dtype} is not numeric; send numbers")
-        shape = tuple(array.shape)
+                               f"{where}: tensor dtype {dtype} is not numeric; send numbers")
+        elements = math.prod(shape)
+        limit = self.limits.max_tensor_elements
+        if elements > limit:
+            raise RequestError(
+                ErrorCode.TENSOR_TOO_LARGE,
+                f"{where}: tensor shape {list(shape)} has {elements:,} elements; the limit is "
+                f"{limit:,} (Pipeline:MaxTensorElements): send fewer rows per message",
+            )
         expected = self.item_shape
-        if shape == expected:
-            items = [array]
-        elif shape[1:] == expected and shape[0] >= 1:
-            items = list(array)
-        else:
+        if shape != expected and not (shape[1:] == expected and shape[0] >= 1):
             raise RequestError(
                 ErrorCode.TENSOR_SHAPE_MISMATCH,
                 f"tensor shape {list(shape)} does not fit model {self.model.descriptor.name}: "
                 f"expected {list(expected)} or [k, {', '.join(map(str, expected))}]",
             )
-        if len(items) > self.limits.max_batch_items:
+        rows = 1 if shape == expected else shape[0]
+        if rows > self.limits.max_batch_items:
             raise RequestError(ErrorCode.BATCH_TOO_LARGE,
-                               f"{len(items)} rows; at most {self.limits.max_batch_items} "
+                               f"{rows} rows; at most {self.limits.max_batch_items} "
                                "per message (Pipeline:MaxBatchItems)")
+
+    def _tensor(self, array: np.ndarray, where: str = "the message") -> list[np.ndarray]:
+        self._check_tensor(array.dtype, tuple(array.shape), where)
+        items = [array] if tuple(array.shape) == self.item_shape else list(array)
         out = [np.ascontiguousarray(item, dtype=np.float32) for item in items]
         if not all(np.isfinite(item).all() for item in out):
             raise RequestError(ErrorCode.TENSOR_VALUE_INVALID,
                                "tensor holds NaN or infinite values")
         return out
+
+    def _load_npy(self, payload: bytes) -> np.ndarray:
+        """The array of ``.npy`` bytes, checked from its header before any allocation."""
+        try:
+            header = npy_header(payload)
+        except MalformedHeader as exc:
+            raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, f"the .npy is corrupt: {exc}") \
+                from None
+        if header.dtype.hasobject:
+            raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
+                               "the .npy holds Python objects; send a numeric array")
+        self._check_tensor(header.dtype, header.shape, "the .npy")
+        needed = header.elements * header.dtype.itemsize
+        carried = len(payload) - header.data_offset
+        if carried != needed:
+            raise RequestError(
+                ErrorCode.UNSUPPORTED_PAYLOAD,
+                f"the .npy is corrupt: its header declares shape {list(header.shape)} "
+                f"({needed:,} bytes of data) but the message carries {carried:,}",
+            )
+        array = np.frombuffer(payload, dtype=header.dtype, count=header.elements,
+                              offset=header.data_offset)
+        return array.reshape(header.shape, order="F" if header.fortran_order else "C")
 
 
 def preprocess(image: np.ndarray, spec: ImageInput) -> np.ndarray:
@@ -231,6 +369,11 @@ def _request_id(body: dict[str, Any]) -> str | None:
     if not text or len(text) > MAX_ID_LENGTH:
         raise RequestError(ErrorCode.INVALID_REQUEST,
                            f"id must have 1 to {MAX_ID_LENGTH} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate written as a \ud800 escape
+        raise RequestError(ErrorCode.INVALID_REQUEST,
+                           "id must be valid Unicode text (no lone surrogates)") from None
     return text
 
 
@@ -261,19 +404,4 @@ def _json_tensor(value: Any, where: str) -> np.ndarray:
     if array.dtype.kind not in "fiu":
         raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                            f"{where}: tensor holds {array.dtype.kind!r}-kind values; send numbers")
-    return array
-
-
-def _load_npy(payload: bytes) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(payload), allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
-                               "the .npy holds Python objects; send a numeric array") from exc
-        raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, f"the .npy is corrupt: {exc}") from exc
-    except (OSError, EOFError) as exc:
-        raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, f"the .npy is corrupt: {exc}") from exc
-    if not isinstance(array, np.ndarray):
-        raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, "the .npy holds no array")
     return array

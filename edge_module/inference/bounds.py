@@ -1,0 +1,186 @@
+"""Sizes read from payload headers before anything is decoded or allocated.
+
+The codec (``codecs.py``, run by the pipeline's decode threads) asks this module
+how big an input *claims* to be, so that it can refuse a decompression bomb
+before OpenCV or numpy allocate a single pixel or element:
+
+* ``image_dimensions``: width and height from a PNG's IHDR chunk or a JPEG's
+  frame header (SOFn marker), the only image formats the codec accepts;
+* ``jpeg_scans``: how many scans a JPEG holds; each costs a pass over all its
+  coefficients, so 1,000 repeated 33-byte scans make a 4096x4096 JPEG take 15 s;
+* ``npy_header``: dtype, shape and data offset of ``.npy`` bytes (numpy's own
+  header reader, which parses the header text without touching the data);
+* ``json_refusal``: whether a JSON text nests too deeply or holds too many
+  arrays, objects and strings, counted without recursion or parsing, so that
+  100,000 nested brackets cannot exhaust the Python stack and 4 MiB of ``[],``
+  cannot cost 140 MB of Python objects.
+
+Nothing here allocates more than a small multiple of the payload. A header
+that cannot be read raises ``MalformedHeader`` with a sentence saying why.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+PNG_IHDR = b"\x00\x00\x00\x0dIHDR"
+# Start-of-frame markers: baseline, extended, progressive, lossless, hierarchical, arithmetic.
+# 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) share the range but are not frame headers.
+JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
+                      0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+# Markers that stand alone (no length field): TEM, RST0..7, SOI.
+JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
+NPY_MAX_HEADER = 10_000
+# An escape pair inside a JSON string (\" or \\ among them).
+_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+class MalformedHeader(ValueError):
+    """The header cannot be read; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    dtype: np.dtype[np.generic]
+    shape: tuple[int, ...]
+    fortran_order: bool
+    data_offset: int
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+def image_dimensions(data: bytes) -> tuple[int, int]:
+    """(width, height) that a PNG or JPEG declares, read from its header only."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _png_dimensions(data)
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_dimensions(data)
+    raise MalformedHeader("the image is not a JPEG or PNG")
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS markers) a JPEG holds. Entropy-coded data stuffs every 0xFF
+    with 0x00, so 0xFFDA occurs only as a marker (or inside an embedded thumbnail)."""
+    return data.count(b"\xff\xda")
+
+
+def _png_dimensions(data: bytes) -> tuple[int, int]:
+    if len(data) < 24 or data[8:16] != PNG_IHDR:
+        raise MalformedHeader("the PNG does not start with an IHDR chunk")
+    width, height = struct.unpack(">II", data[16:24])
+    if width == 0 or height == 0:
+        raise MalformedHeader(f"the PNG declares an empty image ({width}x{height})")
+    return width, height
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int]:
+    pos, end = 2, len(data)
+    while pos < end:
+        if data[pos] != 0xFF:
+            raise MalformedHeader(f"the JPEG has no marker at byte {pos} before its frame "
+                                  "header")
+        while pos < end and data[pos] == 0xFF:  # fill bytes may pad a marker
+            pos += 1
+        if pos >= end:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker in JPEG_STANDALONE:
+            continue
+        if marker in (JPEG_SOS, JPEG_EOI):
+            raise MalformedHeader("the JPEG has no frame header (SOF) before its image data")
+        if pos + 2 > end:
+            break
+        (length,) = struct.unpack(">H", data[pos:pos + 2])
+        if length < 2:
+            raise MalformedHeader(f"the JPEG has a segment of length {length}")
+        if marker in JPEG_SOF:
+            if length < 8 or pos + 7 > end:
+                break
+            height, width = struct.unpack(">HH", data[pos + 3:pos + 7])
+            if width == 0 or height == 0:
+                raise MalformedHeader(f"the JPEG declares a {width}x{height} frame (a height "
+                                      "given later by a DNL marker is not supported)")
+            return width, height
+        pos += length
+    raise MalformedHeader("the JPEG ends before its frame header (SOF)")
+
+
+def npy_header(data: bytes) -> NpyHeader:
+    """The dtype, shape and data offset of ``.npy`` bytes; the data is not read."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(
+                stream, max_header_size=NPY_MAX_HEADER)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(
+                stream, max_header_size=NPY_MAX_HEADER)
+        else:
+            raise MalformedHeader(f".npy format version {version[0]}.{version[1]} is not "
+                                  "supported; numpy.save writes 1.0")
+    except MalformedHeader:
+        raise
+    except (ValueError, TypeError, EOFError, OSError, SyntaxError, RecursionError,
+            MemoryError) as exc:
+        raise MalformedHeader(f"the .npy header cannot be read: {exc}") from None
+    if any(not isinstance(n, int) or n < 0 for n in shape):
+        raise MalformedHeader(f"the .npy header declares an invalid shape {shape!r}")
+    return NpyHeader(dtype, tuple(shape), bool(fortran), stream.tell())
+
+
+def json_refusal(payload: bytes, max_depth: int, max_nodes: int) -> str | None:
+    """Why a JSON text nests too deeply or holds too many values to parse; None if fine.
+
+    ``max_nodes`` bounds arrays, objects and strings (keys included) together: each
+    costs Python 50-70 bytes when parsed. Linear in the payload, iterative (100,000
+    nested ``[`` cost no recursion) and bounded in memory: escape pairs are dropped,
+    after which every quote delimits a string, so the text outside strings is every
+    other piece between quotes, split only once the string count is known to be
+    small. In invalid JSON the counts may be off; such a text is refused anyway.
+    """
+    if b"\\" in payload:
+        payload = _JSON_ESCAPE.sub(b"", payload)
+    strings = payload.count(b'"') // 2
+    if strings > max_nodes:
+        return (f"the JSON holds {strings:,} strings; at most {max_nodes:,} arrays, objects "
+                "and strings in all are accepted")
+    brackets = b"".join(payload.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+    depth = _deepest(brackets)
+    if depth > max_depth:
+        return f"the JSON nests {depth:,} levels deep; at most {max_depth} are accepted"
+    containers = brackets.count(b"[") + brackets.count(b"{")
+    if containers + strings > max_nodes:
+        return (f"the JSON holds {containers:,} arrays and objects and {strings:,} strings; "
+                f"at most {max_nodes:,} in all are accepted")
+    return None
+
+
+def json_depth(payload: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text (strings are skipped)."""
+    if b"\\" in payload:
+        payload = _JSON_ESCAPE.sub(b"", payload)
+    return _deepest(b"".join(payload.split(b'"')[::2]).translate(None, _NOT_BRACKETS))
+
+
+def _deepest(brackets: bytes, chunk: int = 65_536) -> int:
+    """The deepest nesting of a string of brackets, summed a chunk at a time."""
+    depth = deepest = 0
+    for start in range(0, len(brackets), chunk):
+        codes = np.frombuffer(brackets, dtype=np.uint8, offset=start,
+                              count=min(chunk, len(brackets) - start))
+        running = np.cumsum(np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)) + depth
+        deepest = max(deepest, int(running.max()))
+        depth = int(running[-1])
+    return deepest
