@@ -102,6 +102,11 @@ class Module:
         self.http_port = free_port()
         self.prefix = prefix
         self.log_path = workdir / f"module-{self.http_port}.log"
+        trust: list[str] = []
+        if public_key:  # the simulator's key, trusted through the development switch
+            key_file = workdir / f"trusted-key-{self.http_port}.b64"
+            key_file.write_text(public_key + "\n")
+            trust = [f"Development:TrustedKeyFile={key_file}"]
         self.args = [
             "Eula=accept", *([f"Billing={billing}", f"ApiKey={api_key}"] if billing else []),
             f"Mqtt:Port={broker_port}", f"Http:Port={self.http_port}",
@@ -109,7 +114,7 @@ class Module:
             f"Mqtt:InputTopic={prefix}/in/#", f"Mqtt:ResultTopic={prefix}/results",
             f"Mqtt:ErrorTopic={prefix}/errors", f"Mqtt:AvailabilityTopic={prefix}/status",
             "Mqtt:ReconnectMaxDelay=1",
-            *([f"Billing:PublicKey={public_key}"] if public_key else []), *extra,
+            *trust, *extra,
         ]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None

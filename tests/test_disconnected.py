@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_module.licensing.signing import sign
+from edge_module.trust.signing import sign
 from simulator.billing import BillingSimulator, KeyInfo
 from tests.support import API_KEY, Collector, Module, wait_until
 

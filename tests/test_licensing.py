@@ -15,8 +15,8 @@ from edge_module.exceptions import Refusal
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import LeaseStore
 from edge_module.licensing.service import GraceState, Licensing
-from edge_module.licensing.signing import load_public_key
 from edge_module.metering.records import Identity
+from edge_module.trust.signing import load_public_key
 from simulator.billing import BillingSimulator, KeyInfo
 from simulator.faultproxy import FaultProxy
 from tests.support import API_KEY, Collector, Module, wait_until
