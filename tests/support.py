@@ -19,6 +19,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
+from edge_module.trust.keys import TrustedKey, TrustedKeys
+from edge_module.trust.signing import load_public_key
 from simulator.broker import Broker, BrokerMissing, free_port
 from simulator.datasets import digit_image
 
@@ -200,3 +202,8 @@ class Module:
 
 def digit_png(pixels: np.ndarray, fmt: str = ".png") -> bytes:
     return digit_image(pixels, fmt)
+
+
+def simulator_keys(public_key_b64: str) -> TrustedKeys:
+    """What a development build with ``Development:TrustedKeyFile`` trusts: one key."""
+    return TrustedKeys([TrustedKey.of(load_public_key(public_key_b64))])

@@ -44,6 +44,7 @@ RELEASE = "release"
 DEVELOPMENT = "development"
 DEV_SWITCH = "Development:TrustedKeyFile"
 LEGACY_KEY = "Billing:PublicKey"
+_warned: set[str] = set()  # each development switch is logged once per process start
 
 
 @dataclass(frozen=True)
@@ -170,15 +171,21 @@ def trusted_keys(dev_key_file: Path | None, legacy_key: str | None,
     keys = parse_key_set(info, "build.json") if info.get("keys") else []
     if dev_key_file is not None:
         keys += load_key_file(dev_key_file)
-        log.warning("development_trust_key", setting=DEV_SWITCH, path=str(dev_key_file),
-                    effect="this development build trusts a key from a setting: anyone "
-                    "holding its private half can grant licences",
-                    fix="never ship this; customers run release images, which refuse it")
+        if DEV_SWITCH not in _warned:
+            _warned.add(DEV_SWITCH)
+            log.warning("development_trust_key", setting=DEV_SWITCH, path=str(dev_key_file),
+                            effect="this development build trusts a key from a setting: "
+                            "anyone holding its private half can grant licences",
+                            fix="never ship this; customers run release images, which "
+                            "refuse it")
     if legacy_key is not None:
         keys.append(TrustedKey.of(load_public_key(legacy_key, LEGACY_KEY)))
-        log.warning("development_trust_key", setting=LEGACY_KEY,
-                    effect="this development build trusts a key from a setting",
-                    fix=f"use {DEV_SWITCH} in development; release images refuse both")
+        if LEGACY_KEY not in _warned:
+            _warned.add(LEGACY_KEY)
+            log.warning("development_trust_key", setting=LEGACY_KEY,
+                            effect="this development build trusts a key from a setting",
+                            fix=f"use {DEV_SWITCH} in development; release images refuse "
+                            "both")
     return TrustedKeys(keys, DEVELOPMENT)
 
 
