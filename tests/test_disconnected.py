@@ -97,7 +97,8 @@ def test_disconnected_run_end_to_end_with_signed_usage_logs(
 def test_missing_license_mount_gives_the_azure_message(tmp_path: Path,
                                                       billing: BillingSimulator) -> None:
     proc = edge("run", "Eula=accept", f"Mounts:License={tmp_path / 'nothing-here'}",
-                f"Development:TrustedKeyFile={billing.public_key_path}", f"Data:Path={tmp_path / 'd'}",
+                f"Development:TrustedKeyFile={billing.public_key_path}",
+                f"Data:Path={tmp_path / 'd'}",
                 "Http:Port=0")
     assert proc.returncode == 2
     assert "LicenseNotFound: The provided license path was not found. Please ensure a volume " \
@@ -113,7 +114,8 @@ def test_tampered_foreign_and_expired_licences_are_refused(
 ) -> None:
     lic = download(tmp_path, billing)
     base = ["run", "Eula=accept", f"Mounts:License={tmp_path / 'license'}",
-            f"Development:TrustedKeyFile={billing.public_key_path}", f"Data:Path={tmp_path / 'data'}",
+            f"Development:TrustedKeyFile={billing.public_key_path}",
+            f"Data:Path={tmp_path / 'data'}",
             "Http:Port=0"]
     original = json.loads(lic.read_text())
     edited = {**original, "expiresAt": original["expiresAt"] + 10 * 365 * 86400_000}
