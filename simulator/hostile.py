@@ -70,7 +70,8 @@ class HostileBilling:
     def answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The correctly shaped answer, signed or not as the mode says."""
         now = int(time.time() * 1000)
-        records = body.get("records") if isinstance(body.get("records"), list) else []
+        found = body.get("records")
+        records: list[Any] = found if isinstance(found, list) else []
         first = records[0] if records and isinstance(records[0], dict) else {}
         container = str(body.get("containerId") or first.get("containerId") or "")
         if self.mode == "other":
