@@ -278,9 +278,12 @@ class BillingClient:
 
 
 def proxy_for(scheme: str, host: str) -> SplitResult | None:
-    """The proxy (from HTTPS_PROXY/HTTP_PROXY, honouring NO_PROXY) for a host, if any."""
-    if host in ("localhost", "::1") or host.startswith("127.") or \
-            urllib.request.proxy_bypass(host):
+    """The proxy (from HTTPS_PROXY/HTTP_PROXY, honouring NO_PROXY) for a host, if any.
+
+    The usual loopback names never go through a proxy; other 127.0.0.0/8 addresses
+    follow NO_PROXY like any host (the proxy tests use 127.0.0.2 as the endpoint).
+    """
+    if host in ("localhost", "::1", "127.0.0.1") or urllib.request.proxy_bypass(host):
         return None
     url = urllib.request.getproxies().get(scheme)
     if not url:
