@@ -50,7 +50,7 @@ proxy-tools:
 
 # The container image (docker when a daemon runs, buildah otherwise); see docs/iot-edge.md.
 image:
-	deployment/build-image.sh
+	deployment/build-image.sh $(if $(VENDOR_KEYS),--vendor-keys $(VENDOR_KEYS))
 
 run: install
 	$(BIN)/python -m simulator.demo
