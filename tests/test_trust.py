@@ -336,3 +336,22 @@ def test_a_release_build_trusts_its_built_in_key_and_rotates(
                 module.stop()
         finally:
             sim.stop()
+
+
+def test_messages_agree_with_the_state_and_a_broken_lease_file_is_logged(
+    tmp_path: Path, billing: BillingSimulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeWall()
+    (tmp_path / "lease.json").write_text("{not json")
+    lic = licensing(tmp_path, "http://127.0.0.1:9", billing, fake)  # nothing listens there
+    assert "stored_lease_unreadable" in capsys.readouterr().out
+    lic.check()
+    gated = lic.decide()
+    assert gated.state is GraceState.GATED and gated.status == "CouldNotConnect"
+    assert "serves within" not in gated.remedy and "refuses work" in gated.remedy
+    lic.client = BillingClient(billing.url, API_KEY, 2)
+    lic.check()
+    lic.client = BillingClient("http://127.0.0.1:9", API_KEY, 2)
+    lic.check()
+    grace = lic.decide()
+    assert grace.state is GraceState.GRACE and "serves within its offline grace" in grace.remedy
