@@ -8,6 +8,7 @@ the source tree).
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import edge_module
+from edge_module import logs
 from edge_module.billing_api import ApiStatus, BillingClient
 from edge_module.config import LicensingSettings, MeteringSettings
 from edge_module.licensing.clock import TrustedClock
@@ -339,12 +341,17 @@ def test_a_release_build_trusts_its_built_in_key_and_rotates(
 
 
 def test_messages_agree_with_the_state_and_a_broken_lease_file_is_logged(
-    tmp_path: Path, billing: BillingSimulator, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, billing: BillingSimulator
 ) -> None:
     fake = FakeWall()
     (tmp_path / "lease.json").write_text("{not json")
-    lic = licensing(tmp_path, "http://127.0.0.1:9", billing, fake)  # nothing listens there
-    assert "stored_lease_unreadable" in capsys.readouterr().out
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    try:
+        lic = licensing(tmp_path, "http://127.0.0.1:9", billing, fake)  # nothing listens
+    finally:
+        logs.configure("debug", "console", stream=sys.stdout)
+    assert "stored_lease_unreadable" in out.getvalue()
     lic.check()
     gated = lic.decide()
     assert gated.state is GraceState.GATED and gated.status == "CouldNotConnect"
