@@ -362,3 +362,19 @@ def test_messages_agree_with_the_state_and_a_broken_lease_file_is_logged(
     lic.check()
     grace = lic.decide()
     assert grace.state is GraceState.GRACE and "serves within its offline grace" in grace.remedy
+
+
+def test_the_image_build_refuses_a_private_key_as_vendor_key(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    private = tmp_path / "vendor.pem"
+    private.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    script = Path(edge_module.__file__).parent.parent / "deployment" / "build-image.sh"
+    done = subprocess.run([str(script), "--vendor-keys", str(private)], capture_output=True,
+                          text=True, timeout=30, env={"PATH": "/usr/bin:/bin",
+                                                      "BUILDER": "none"})
+    assert done.returncode == 2 and "private key" in done.stderr and "fix:" in done.stderr
+    copied = script.parent / "vendor-keys" / "current"
+    assert not copied.exists() or "PRIVATE KEY" not in copied.read_text()

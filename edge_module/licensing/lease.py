@@ -29,6 +29,8 @@ from edge_module.trust.keys import TrustedKeys
 
 log = get_logger("lease")
 
+MAX_STATEMENT_AGE_MS = 86400_000  # a signed status older than this in trusted time is stale
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -84,6 +86,8 @@ def verify_status(body: dict[str, Any], keys: TrustedKeys, identity: Identity, n
         return None, "the signed answer carries another call's nonce (a replay)"
     if held is not None and lease.issued_at < held.issued_at:
         return None, "the signed answer was issued before the lease already held"
+    if lease.issued_at < now_ms - MAX_STATEMENT_AGE_MS:
+        return None, "the signed answer was issued more than a day before trusted time (stale)"
     return lease, None
 
 
