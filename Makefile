@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: install mosquitto container-tools run test test-fast lint models lock bench bench-quick profile clean docs manifest image
+.PHONY: install mosquitto container-tools proxy-tools run test test-fast lint models lock bench bench-quick profile clean docs manifest image
 
 install: $(STAMP) mosquitto container-tools
 
@@ -38,14 +38,24 @@ container-tools:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null; \
 	else echo "buildah and debootstrap are missing: install them with your package manager (the image test needs them)"; exit 1; fi
 
+# The proxy the billing-client tests put between the module and the simulator
+# (tests/test_billing_proxy.py). Installed with apt-get when missing.
+proxy-tools:
+	@if command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing tinyproxy with apt-get"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy >/dev/null; \
+	else echo "tinyproxy is missing: install it with your package manager (the proxy tests need it)"; exit 1; fi
+
 # The container image (docker when a daemon runs, buildah otherwise); see docs/iot-edge.md.
 image:
-	deployment/build-image.sh
+	deployment/build-image.sh $(if $(VENDOR_KEYS),--vendor-keys $(VENDOR_KEYS))
 
 run: install
 	$(BIN)/python -m simulator.demo
 
-test: install lint
+test: install lint proxy-tools
 	$(BIN)/python -m pytest
 
 # The in-process tier alone (seconds): pipeline and ledger rules, back-off, the edgeHub

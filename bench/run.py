@@ -412,7 +412,10 @@ def drain(workdir: Path, billing_url: str, records: int) -> dict[str, Any]:
     chunk = [Usage(1)] * 10_000
     for _ in range(records // len(chunk)):
         ledger.append(meter, chunk)
-    drainer = Drainer(ledger, BillingClient(billing_url, "bench-key", 30), settings)
+    from edge_module.trust.keys import TrustedKeys, load_key_file
+
+    keys = TrustedKeys(load_key_file(workdir / "billing" / "billing-public-key.b64"))
+    drainer = Drainer(ledger, BillingClient(billing_url, "bench-key", 30), settings, keys=keys)
     started = time.perf_counter()
     outcome = drainer.drain_all(time.monotonic() + 600)
     seconds = time.perf_counter() - started

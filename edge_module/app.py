@@ -30,7 +30,6 @@ from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import LeaseStore
 from edge_module.licensing.license_file import LicenseFileSource, load_license
 from edge_module.licensing.service import Licensing
-from edge_module.licensing.signing import load_public_key
 from edge_module.logs import get_logger
 from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger, MeteringError
@@ -42,6 +41,7 @@ from edge_module.state import ensure_data_dir, module_signing_key
 from edge_module.supervisor import Supervisor
 from edge_module.transport.base import Transport
 from edge_module.transport.mqtt import MqttTransport
+from edge_module.trust.keys import DEV_SWITCH, TrustedKeys, keys_for
 
 if TYPE_CHECKING:  # the SDK is imported only when Transport=edgehub
     from edge_module.transport.edgehub import EdgeHubTransport
@@ -54,6 +54,8 @@ class App:
         self.settings = settings
         self.stopping = threading.Event()
         self.stop_signal: int | None = None
+        # First: a release build refuses development switches before touching anything.
+        self.trusted_keys = keys_for(settings)
         self.data_path = ensure_data_dir(settings.data.path)
         self.identity = installation_identity(self.data_path)
         self.container_id = self.identity.container_id
@@ -66,7 +68,7 @@ class App:
             raise ConfigError("Data:Path", str(exc)) from exc
         # The licence is checked before the model is loaded: a bad licence fails fast.
         self.licensing = build_licensing(settings, self.identity, self.data_path,
-                                         self.ledger)
+                                         self.ledger, self.trusted_keys)
         self.ledger.clock_ms = self.licensing.clock.now_ms  # requestTime in trusted time
         self.model = self._load_model()
         log.info("model_loaded", **self.model.provenance.as_dict(),
@@ -74,11 +76,11 @@ class App:
         self.drainer: Drainer | None = None
         self.billing: BillingClient | None = None
         if settings.billing.url is not None:
-            self.billing = BillingClient(settings.billing_url, settings.key,
-                                         timeout=settings.metering.timeout_seconds,
-                                         ca_file=_ca(settings))
+            self.billing = BillingClient.from_settings(
+                settings, timeout=settings.metering.timeout_seconds)
             self.drainer = Drainer(self.ledger, self.billing, settings.metering, self.metrics,
-                                   on_answer=self.licensing.observe)
+                                   on_answer=self.licensing.observe,
+                                   keys=self.trusted_keys)
             self.licensing.on_online.append(self.drainer.wake)
         self.usage_log: UsageLog | None = None
         if settings.mounts.output is not None:
@@ -272,33 +274,27 @@ class App:
         return 0
 
 
-def _ca(settings: Settings) -> str | None:
-    return str(settings.billing.ca_file) if settings.billing.ca_file else None
-
-
 def build_licensing(settings: Settings, identity: Identity, data_path: Path,
-                    ledger: Ledger) -> Licensing:
+                    ledger: Ledger, keys: TrustedKeys) -> Licensing:
     """The licence gate for the settings: connected (leases) or disconnected (file)."""
-    public_key = load_public_key(settings.billing.public_key) \
-        if settings.billing.public_key else None
     clock = TrustedClock(data_path / "trusted-clock.json", (ledger.newest_request_ms(),))
     source = None
     if settings.disconnected:
-        if public_key is None:
-            raise ConfigError("Billing:PublicKey", "is required to verify the licence file; "
-                              "fix: pass the vendor's key as Billing:PublicKey=<base64>")
+        if not keys:
+            raise ConfigError(DEV_SWITCH, "this development build trusts no key, so the "
+                              "licence file cannot be verified; fix: set "
+                              f"{DEV_SWITCH}=<the vendor's or simulator's public key file>")
         assert settings.mounts.license is not None
-        lic = load_license(settings.mounts.license, public_key, identity, clock.now_ms())
+        lic = load_license(settings.mounts.license, keys, identity, clock.now_ms())
         clock.raise_floor(lic.issued_at)
         base = ledger.quantity_since(lic.issued_at)
         source = LicenseFileSource(lic, lambda: base + ledger.quantity_added)
     client = None
     if settings.billing.url is not None:
-        client = BillingClient(settings.billing_url, settings.key,
-                               timeout=settings.licensing.status_timeout_seconds,
-                               ca_file=_ca(settings))
+        client = BillingClient.from_settings(
+            settings, timeout=settings.licensing.status_timeout_seconds)
     licensing = Licensing(identity, settings.licensing, clock,
-                          LeaseStore(data_path / "lease.json"), public_key, client, source)
+                          LeaseStore(data_path / "lease.json"), keys, client, source)
     if clock.rollback_detected_ms > 60_000:
         log.warning("clock_behind_trusted_time", behind_s=clock.rollback_detected_ms / 1000,
                     effect="trusted time continues from the high-water mark; a clock set "

@@ -10,6 +10,7 @@ earlier one it depends on failed. Exit code 0 when nothing failed, 1 otherwise.
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import ssl
 import sys
@@ -23,10 +24,10 @@ from edge_module import CONTAINER_TYPE, __version__
 from edge_module.billing_api import ApiStatus, BillingClient, proxy_for
 from edge_module.config import Settings
 from edge_module.identity import Identity
-from edge_module.licensing.lease import parse_lease
-from edge_module.licensing.signing import load_public_key
+from edge_module.licensing.lease import parse_lease, verify_status
 from edge_module.licensing.statuses import explain
 from edge_module.state import installation_id
+from edge_module.trust.keys import DEV_SWITCH, keys_for
 
 MAX_SKEW_S = 300
 CERT_WARN_DAYS = 14
@@ -144,11 +145,10 @@ class Diagnosis:
 
     def _status(self) -> None:
         identity = Identity(CONTAINER_TYPE, __version__, _container_id(self.settings))
-        ca = self.settings.billing.ca_file
-        client = BillingClient(self.settings.billing_url, self.settings.key,
-                               timeout=self.timeout, ca_file=str(ca) if ca else None)
+        client = BillingClient.from_settings(self.settings, timeout=self.timeout)
         started = time.time()
-        answer = client.status(identity.as_dict())
+        nonce = secrets.token_urlsafe(18)
+        answer = client.status(identity.as_dict(), nonce)
         client.close()
         if answer.http_status is None:
             self.add("http", "FAIL", f"no HTTP answer: {answer.error}",
@@ -164,7 +164,7 @@ class Diagnosis:
         else:
             self.add("key", "FAIL", f"{answer.status}: {answer.error or explanation.message}",
                      explanation.remedy)
-        self._lease(answer.body.get("lease"), identity)
+        self._lease(answer.body, identity, nonce if answer.ok else None)
         if answer.server_date is None:
             self.add("clock", "WARN", "the endpoint sent no Date header; skew unknown")
         else:
@@ -186,21 +186,27 @@ class Diagnosis:
         else:
             self.add("retry-after", "PASS", "no Retry-After: the endpoint takes calls now")
 
-    def _lease(self, lease_obj: Any, identity: Identity) -> None:
+    def _lease(self, body: dict[str, Any], identity: Identity, nonce: str | None) -> None:
+        lease_obj = body.get("lease")
         if lease_obj is None:
             self.add("lease", "WARN", "the answer carries no lease: no offline grace is granted",
                      "ask the vendor for an endpoint that grants leases")
             return
-        if not self.settings.billing.public_key:
-            self.add("lease", "WARN", "a lease came, but Billing:PublicKey is not set, so it "
-                     "cannot be verified and grants no grace",
-                     "set Billing:PublicKey to the vendor's key")
+        keys = keys_for(self.settings)
+        if not keys:
+            self.add("lease", "WARN", "a lease came, but this development build trusts no "
+                     "key, so it cannot be verified and grants no grace",
+                     f"set {DEV_SWITCH} to the simulator's public key, or run a release image")
             return
-        lease, problem = parse_lease(lease_obj, load_public_key(self.settings.billing.public_key),
-                                     identity)
+        if nonce is not None:
+            lease, problem = verify_status(body, keys, identity, nonce, int(time.time() * 1000),
+                                           None)
+        else:
+            lease, problem = parse_lease(lease_obj, keys, identity)
         if lease is None:
             self.add("lease", "FAIL", f"the lease is not accepted: {problem}",
-                     "check Billing:PublicKey against the vendor's published key")
+                     "check that Billing points at the vendor's endpoint and that this image "
+                     "carries the vendor's current key")
             return
         self.add("lease", "PASS", f"signed lease verifies; grants {lease.grace_ms / 1000:.0f} s "
                  "of offline grace")

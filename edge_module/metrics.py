@@ -93,6 +93,10 @@ class Metrics:
                                         "counted as delivered).", registry=r)
         self.drain_quarantined = Counter("edge_module_drain_quarantined_records",
                                          "Usage records rejected for good.", registry=r)
+        self.drain_unverified = Counter(
+            "edge_module_drain_unverified_answers",
+            "Upload answers whose signed receipt did not verify (unsigned, foreign key, other "
+            "installation): nothing they name is settled.", registry=r)
         self.drain_failures = Counter("edge_module_drain_failures",
                                       "Failed uploads, by status.", ["status"], registry=r)
         self.drain_seconds = Histogram("edge_module_drain_batch_seconds",

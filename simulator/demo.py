@@ -50,7 +50,7 @@ def main() -> int:
         [sys.executable, "-m", "edge_module", "run", "Eula=accept",
          f"Billing={billing.url}", "ApiKey=demo-key", f"Mqtt:Port={broker.port}",
          f"Http:Port={http_port}", f"Data:Path={RUN_DIR / 'data'}", "Log:Format=console",
-         "Metering:MaxDelaySeconds=2", f"Billing:PublicKey={billing.public_key_b64}"],
+         "Metering:MaxDelaySeconds=2", f"Development:TrustedKeyFile={billing.public_key_path}"],
         stdout=module_log, stderr=subprocess.STDOUT,
         start_new_session=True,  # Ctrl-C reaches us only; we stop the module in order
     )

@@ -23,6 +23,8 @@ from edge_module import CONTAINER_TYPE, __version__
 from edge_module.config import MeteringSettings
 from edge_module.identity import Identity
 from edge_module.metering.ledger import Ledger
+from edge_module.trust.keys import TrustedKey, TrustedKeys
+from edge_module.trust.signing import load_public_key
 from simulator.broker import Broker, BrokerMissing, free_port
 from simulator.datasets import digit_image
 
@@ -113,6 +115,11 @@ class Module:
         self.http_port = free_port()
         self.prefix = prefix
         self.log_path = workdir / f"module-{self.http_port}.log"
+        trust: list[str] = []
+        if public_key:  # the simulator's key, trusted through the development switch
+            key_file = workdir / f"trusted-key-{self.http_port}.b64"
+            key_file.write_text(public_key + "\n")
+            trust = [f"Development:TrustedKeyFile={key_file}"]
         self.args = [
             "Eula=accept", *([f"Billing={billing}", f"ApiKey={api_key}"] if billing else []),
             f"Mqtt:Port={broker_port}", f"Http:Port={self.http_port}",
@@ -120,7 +127,7 @@ class Module:
             f"Mqtt:InputTopic={prefix}/in/#", f"Mqtt:ResultTopic={prefix}/results",
             f"Mqtt:ErrorTopic={prefix}/errors", f"Mqtt:AvailabilityTopic={prefix}/status",
             "Mqtt:ReconnectMaxDelay=1",
-            *([f"Billing:PublicKey={public_key}"] if public_key else []), *extra,
+            *trust, *extra,
         ]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
@@ -206,3 +213,8 @@ class Module:
 
 def digit_png(pixels: np.ndarray, fmt: str = ".png") -> bytes:
     return digit_image(pixels, fmt)
+
+
+def simulator_keys(public_key_b64: str) -> TrustedKeys:
+    """What a development build with ``Development:TrustedKeyFile`` trusts: one key."""
+    return TrustedKeys([TrustedKey.of(load_public_key(public_key_b64))])

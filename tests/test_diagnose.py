@@ -27,7 +27,7 @@ def diagnose(*settings: str) -> tuple[int, dict[str, dict[str, Any]], str]:
 
 def test_healthy_endpoint_passes_every_check(billing: BillingSimulator) -> None:
     code, checks, text = diagnose(f"Billing={billing.url}", f"ApiKey={API_KEY}",
-                                  f"Billing:PublicKey={billing.public_key_b64}")
+                                  f"Development:TrustedKeyFile={billing.public_key_path}")
     assert code == 0
     for name in ("dns", "tcp", "http", "key", "lease", "clock", "retry-after", "proxy"):
         assert checks[name]["result"] == "PASS", checks[name]

@@ -16,10 +16,9 @@ from edge_module.identity import Identity
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import LeaseStore
 from edge_module.licensing.service import GraceState, Licensing
-from edge_module.licensing.signing import load_public_key
 from simulator.billing import BillingSimulator, KeyInfo
 from simulator.faultproxy import FaultProxy
-from tests.support import API_KEY, Collector, Module, wait_until
+from tests.support import API_KEY, Collector, Module, simulator_keys, wait_until
 
 RESULTS, ERRORS = "em/results", "em/errors"
 TENSOR = json.dumps({"id": "t1", "tensor": [[[0.0] * 8] * 8]}).encode()
@@ -48,7 +47,7 @@ def make_licensing(tmp: Path, billing: BillingSimulator, url: str, fake: FakeClo
     clock = TrustedClock(tmp / "trusted-clock.json", (), wall=fake.wall,
                          monotonic=fake.monotonic)
     return Licensing(identity, LicensingSettings(), clock, LeaseStore(tmp / "lease.json"),
-                     load_public_key(billing.public_key_b64), BillingClient(url, key, 3))
+                     simulator_keys(billing.public_key_b64), BillingClient(url, key, 3))
 
 
 @pytest.fixture
@@ -207,10 +206,11 @@ def test_tampered_or_foreign_leases_grant_no_grace(
     fake = FakeClock(wall=time.time())
     lic = make_licensing(tmp_path, billing, proxy.url, fake, identity)
     lic.check()
-    assert lic.decide().state is GraceState.ONLINE  # the status is still Valid...
+    # A Valid whose signed statement does not verify proves nothing: Unknown, no grace.
+    assert lic.decide().state is GraceState.GATED and lic.decide().status == "Unknown"
     proxy.cut()
     lic.check()
-    assert lic.decide().state is GraceState.GATED  # ...but the forged lease grants nothing
+    assert lic.decide().state is GraceState.GATED  # the forged lease grants nothing
     assert not (tmp_path / "lease.json").exists()
     # A good lease, then edited on disk to last a year: refused when loaded.
     billing.state.lease.tamper = False
@@ -219,10 +219,10 @@ def test_tampered_or_foreign_leases_grant_no_grace(
     stored = json.loads((tmp_path / "lease.json").read_text())
     stored["expiresAt"] += 365 * 24 * 3600 * 1000
     (tmp_path / "lease.json").write_text(json.dumps(stored))
-    assert LeaseStore(tmp_path / "lease.json").load(lic.public_key, identity) is None
+    assert LeaseStore(tmp_path / "lease.json").load(lic.keys, identity) is None
     # A lease issued to another installation does not count here.
     other = Identity("edge-module", "0.1.0", "99999999-2222-3333-4444-555555555555")
-    assert LeaseStore(tmp_path / "lease.json").load(lic.public_key, other) is None
+    assert LeaseStore(tmp_path / "lease.json").load(lic.keys, other) is None
 
 
 def test_status_endpoint_reports_key_grace_and_backlog(

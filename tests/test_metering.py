@@ -12,7 +12,7 @@ from pathlib import Path
 
 from simulator.billing import BillingSimulator
 from simulator.faultproxy import FaultProxy
-from tests.support import API_KEY, Collector, Module, make_ledger, wait_until
+from tests.support import API_KEY, Collector, Module, make_ledger, simulator_keys, wait_until
 
 RESULTS, ERRORS = "em/results", "em/errors"
 FAST_DRAIN = ("Metering:MaxDelaySeconds=0.2", "Metering:MaxBackoffSeconds=1",
@@ -259,7 +259,8 @@ def test_quarantine_and_poison_records_never_block_the_rest(
     poison = ledger.append(MeterSpec("good.meter", "t"), [Usage(2)])
     billing.state.reject_meters["bad.meter"] = "UnknownMeter"
     billing.state.bad_request_ids.add(poison[0])
-    drainer = Drainer(ledger, BillingClient(billing.url, API_KEY, timeout=5), settings)
+    drainer = Drainer(ledger, BillingClient(billing.url, API_KEY, timeout=5), settings,
+                      keys=simulator_keys(billing.public_key_b64))
     outcome = drainer.drain_all(time.monotonic() + 30)
     assert ledger.pending == 0
     stats = ledger.stats()
@@ -300,7 +301,8 @@ def test_ledger_cli_shows_the_backlog_and_drains_it(
     assert refused["remaining"] == 1200 and billed(billing) == 0
     assert "not-the-right-key-0000" not in wrong.stdout + wrong.stderr
     drained = subprocess.run([*base, "--drain", "--json", "Eula=accept",
-                              f"Billing={billing.url}", f"ApiKey={API_KEY}"],
+                              f"Billing={billing.url}", f"ApiKey={API_KEY}",
+                              f"Development:TrustedKeyFile={billing.public_key_path}"],
                              capture_output=True, text=True, timeout=60)
     assert drained.returncode == 0, drained.stderr
     report = json.loads(drained.stdout)

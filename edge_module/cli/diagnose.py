@@ -14,6 +14,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
     if settings.billing.url is None:
         raise ConfigError("Billing", "is required to diagnose; fix: pass Billing=<url>")
     logs.register_secrets(settings.secrets())
+    logs.configure("warning", "console")  # warnings to stderr; the report owns stdout
     from edge_module.diagnose import Diagnosis, report
 
     return report(Diagnosis(settings, timeout=args.timeout).run(), args.json)

@@ -18,6 +18,7 @@ from edge_module.config import Settings
 from edge_module.identity import installation_identity
 from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger, MeteringError
+from edge_module.trust.keys import keys_for
 
 PLACEHOLDERS = ("Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused")
 
@@ -60,11 +61,8 @@ def ledger_command(args: argparse.Namespace) -> int:
 
 
 def _drain(args: argparse.Namespace, settings: Settings, ledger: Ledger) -> int:
-    client = BillingClient(settings.billing_url, settings.key,
-                           timeout=settings.metering.timeout_seconds,
-                           ca_file=str(settings.billing.ca_file) if settings.billing.ca_file
-                           else None)
-    drainer = Drainer(ledger, client, settings.metering)
+    client = BillingClient.from_settings(settings, timeout=settings.metering.timeout_seconds)
+    drainer = Drainer(ledger, client, settings.metering, keys=keys_for(settings))
     started = time.monotonic()
     bar = ProgressBar(sys.stderr)
     outcome = drainer.drain_all(deadline=time.monotonic() + 24 * 3600, progress=bar.update)

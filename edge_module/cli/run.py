@@ -17,7 +17,9 @@ def run_command(assignments: list[str], config_file: Path | None) -> int:
     logs.configure(settings.log.level, settings.log.format)
     from edge_module.app import App  # heavy imports (onnxruntime, cv2) after validation
     from edge_module.licensing.license_file import LicenseError
+    from edge_module.trust.keys import keys_for
 
+    keys_for(settings)  # a release build refuses development switches in every command
     if settings.download_license:
         return _download_license(settings)
     if settings.replicas > 1:
@@ -44,14 +46,13 @@ def _download_license(settings: Settings) -> int:
     from edge_module.billing_api import BillingClient
     from edge_module.identity import installation_identity
     from edge_module.licensing.license_file import LicenseError, download_license
-    from edge_module.licensing.signing import raw_public
     from edge_module.state import ensure_data_dir, module_signing_key
+    from edge_module.trust.signing import raw_public
 
     data = ensure_data_dir(settings.data.path)
     identity = installation_identity(data)
     module_key = base64.b64encode(raw_public(module_signing_key(data).public_key())).decode()
-    ca = str(settings.billing.ca_file) if settings.billing.ca_file else None
-    client = BillingClient(settings.billing_url, settings.key, timeout=30, ca_file=ca)
+    client = BillingClient.from_settings(settings, timeout=30)
     assert settings.mounts.license is not None
     try:
         path = download_license(client, identity, module_key, settings.mounts.license)

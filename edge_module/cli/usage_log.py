@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_module.billing_api import BillingClient
 from edge_module.cli.common import EXIT_CONFIG, fail, tool_settings
 from edge_module.exceptions import ConfigError
-from edge_module.licensing.signing import load_public_key
 from edge_module.metering.usage_log import read_entries, verify_entries
+from edge_module.trust.signing import load_public_key
 
 
 def _module_key(args: argparse.Namespace) -> Ed25519PublicKey:
@@ -58,8 +58,7 @@ def reconcile_command(args: argparse.Namespace) -> int:
     if not entries:
         fail(f"no usage log entries under {settings.mounts.output}")
         return EXIT_CONFIG
-    ca = str(settings.billing.ca_file) if settings.billing.ca_file else None
-    client = BillingClient(settings.billing_url, settings.key, timeout=30, ca_file=ca)
+    client = BillingClient.from_settings(settings, timeout=30)
     answer = client.post("/billing/v1/reconcile", {"entries": entries})
     client.close()
     print(json.dumps({"status": str(answer.status), "http": answer.http_status,

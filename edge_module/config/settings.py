@@ -392,9 +392,10 @@ class BillingSettings(Section):
     public_key: str | None = Field(
         None,
         alias="PublicKey",
-        description="The vendor's Ed25519 public key that signs leases and licence files: "
-        "base64 of the raw 32 bytes, or the path of a PEM file. Without it no lease can be "
-        "verified, so the module has no offline grace.",
+        description="Development builds only (deprecated; use "
+        "`Development:TrustedKeyFile`): an extra Ed25519 key to trust, base64 of the raw 32 "
+        "bytes or a PEM path. A release image trusts only the vendor keys built into it and "
+        "exits with code 2 when this is set.",
     )
     ca_file: Path | None = Field(
         None,
@@ -409,6 +410,17 @@ class BillingSettings(Section):
         if path is not None and not path.is_file():
             raise ValueError(f"file {path} does not exist")
         return path
+
+
+class DevelopmentSettings(Section):
+    trusted_key_file: Path | None = Field(
+        None,
+        alias="TrustedKeyFile",
+        description="Development builds only: trust the key in this file (the billing "
+        "simulator's `billing-public-key.b64`, or a key set) for leases, status answers, "
+        "receipts and licence files. Logged as a warning at every start; a release image "
+        "exits with code 2 when this is set (docs/licensing.md).",
+    )
 
 
 class LicensingSettings(Section):
@@ -620,6 +632,8 @@ class Settings(Section):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings, alias="Pipeline")
     metering: MeteringSettings = Field(default_factory=MeteringSettings, alias="Metering")
     licensing: LicensingSettings = Field(default_factory=LicensingSettings, alias="Licensing")
+    development: DevelopmentSettings = Field(default_factory=DevelopmentSettings,
+                                             alias="Development")
     mounts: MountsSettings = Field(default_factory=MountsSettings, alias="Mounts")
     http: HttpSettings = Field(default_factory=HttpSettings, alias="Http")
     data: DataSettings = Field(default_factory=DataSettings, alias="Data")

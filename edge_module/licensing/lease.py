@@ -1,30 +1,37 @@
-"""Leases: the offline grace the billing endpoint grants, signed with the vendor's key.
+"""Leases and signed status answers: the grace the billing endpoint grants (no thread).
 
-``{"containerId", "containerType", "status", "issuedAt", "expiresAt", "keyId",
-"signature"}``; times are server epoch milliseconds and ``expiresAt -
-issuedAt`` is the grace. A lease counts only when its signature verifies with
-``Billing:PublicKey`` and it names this installation and container type, so
-it can neither be forged, edited, nor copied from another device. The last
-good lease is kept in ``Data:Path/lease.json`` and verified again on load; a
-write that fails (a full disk) is logged and the lease kept in memory.
+A lease is ``{"containerId", "containerType", "status", "issuedAt",
+"expiresAt", "keyId", "signature", ...}``; times are server epoch milliseconds
+and ``expiresAt - issuedAt`` is the grace. It counts only when a key this build
+trusts (edge_module/trust/) signed it and it names this installation and
+container type, so it can neither be forged, edited, nor copied from another
+device. The last good lease is kept in ``Data:Path/lease.json`` and verified
+again on load; a write that fails (a full disk) is logged and the lease kept
+in memory.
+
+The answer to a status call carries its lease with the ``nonce`` the module
+sent: ``verify_status`` accepts it as proof of ``Valid`` only when it is
+signed, names this installation, carries this call's nonce (so an old answer
+cannot be replayed) and was issued no earlier than the lease the module holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_module.identity import Identity
-from edge_module.licensing.signing import verify
 from edge_module.logs import get_logger
+from edge_module.trust.keys import TrustedKeys
 
 log = get_logger("lease")
+
+MAX_STATEMENT_AGE_MS = 86400_000  # a signed status older than this in trusted time is stale
 
 
 @dataclass(frozen=True)
@@ -42,15 +49,14 @@ class Lease:
         return self.expires_at - self.issued_at
 
 
-def parse_lease(obj: Any, public_key: Ed25519PublicKey | None,
-                identity: Identity) -> tuple[Lease | None, str | None]:
-    """The lease, or None with the reason it does not count."""
+def parse_lease(obj: Any, keys: TrustedKeys, identity: Identity,
+                now_ms: int | None = None) -> tuple[Lease | None, str | None]:
+    """The lease, or None with the reason it does not count (None, None: there was none)."""
     if obj is None:
         return None, None
-    if public_key is None:
-        return None, "Billing:PublicKey is not set, so leases cannot be verified"
-    if not verify(obj, public_key):
-        return None, "the lease signature does not verify"
+    problem = keys.check(obj, now_ms)
+    if problem is not None:
+        return None, f"the lease is not trusted: {problem}"
     try:
         lease = Lease(str(obj["containerId"]), str(obj["containerType"]), str(obj["status"]),
                       int(obj["issuedAt"]), int(obj["expiresAt"]), str(obj["keyId"]), dict(obj))
@@ -60,8 +66,30 @@ def parse_lease(obj: Any, public_key: Ed25519PublicKey | None,
         return None, "the lease names another installation"
     if lease.container_type != identity.container_type:
         return None, "the lease names another container type"
+    if lease.status != "Valid":
+        return None, f"the lease says {lease.status[:40]!r}, not Valid"
     if lease.expires_at < lease.issued_at:
         return None, "the lease expires before it was issued"
+    return lease, None
+
+
+def verify_status(body: dict[str, Any], keys: TrustedKeys, identity: Identity, nonce: str,
+                  now_ms: int, held: Lease | None) -> tuple[Lease | None, str | None]:
+    """The signed lease that proves a 200 status answer Valid, or None and why not."""
+    if body.get("status") != "Valid":
+        return None, "the answer does not say status Valid"
+    statement = body.get("lease")
+    if statement is None:
+        return None, "the answer carries no signed statement (lease)"
+    lease, problem = parse_lease(statement, keys, identity, now_ms)
+    if lease is None:
+        return None, problem
+    if not hmac.compare_digest(str(statement.get("nonce", "")), nonce):
+        return None, "the signed answer carries another call's nonce (a replay)"
+    if held is not None and lease.issued_at < held.issued_at:
+        return None, "the signed answer was issued before the lease already held"
+    if lease.issued_at < now_ms - MAX_STATEMENT_AGE_MS:
+        return None, "the signed answer was issued more than a day before trusted time (stale)"
     return lease, None
 
 
@@ -69,15 +97,22 @@ class LeaseStore:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self, public_key: Ed25519PublicKey | None, identity: Identity) -> Lease | None:
+    def load(self, keys: TrustedKeys, identity: Identity) -> Lease | None:
         try:
             obj = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return None
-        lease, problem = parse_lease(obj, public_key, identity)
+        except (OSError, ValueError) as exc:
+            log.warning("stored_lease_unreadable", path=str(self.path), reason=str(exc)[:200],
+                        effect="no offline grace until the next successful check",
+                        fix="nothing to do: the next Valid answer rewrites the file; do not "
+                        "edit it")
+            return None
+        lease, problem = parse_lease(obj, keys, identity)
         if problem is not None:
             log.warning("stored_lease_rejected", reason=problem,
-                        effect="no offline grace until the next successful check")
+                        effect="no offline grace until the next successful check",
+                        fix="nothing to do: the next Valid answer brings a new lease")
         return lease
 
     def save(self, lease: Lease) -> bool:

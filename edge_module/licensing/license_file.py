@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_module.billing_api import BillingClient
 from edge_module.exceptions import EdgeModuleError
 from edge_module.identity import Identity
-from edge_module.licensing.signing import verify
 from edge_module.licensing.statuses import LicenseFileStatus, explain
+from edge_module.trust.keys import TrustedKeys
 
 LICENSE_FILE = "edge-module.license"
 
@@ -60,7 +58,7 @@ def license_path(folder: Path) -> Path:
     return folder / LICENSE_FILE
 
 
-def load_license(folder: Path, public_key: Ed25519PublicKey, identity: Identity,
+def load_license(folder: Path, keys: TrustedKeys, identity: Identity,
                  now_ms: int) -> License:
     """Read and verify the licence; raise LicenseError with the status otherwise."""
     if not folder.is_dir():
@@ -73,8 +71,9 @@ def load_license(folder: Path, public_key: Ed25519PublicKey, identity: Identity,
             from None
     except (OSError, ValueError) as exc:
         raise LicenseError(LicenseFileStatus.INVALID, f"unreadable: {exc}") from exc
-    if not verify(obj, public_key):
-        raise LicenseError(LicenseFileStatus.INVALID, "the signature does not verify")
+    problem = keys.check(obj)
+    if problem is not None:
+        raise LicenseError(LicenseFileStatus.INVALID, f"not accepted: {problem}")
     try:
         lic = License(str(obj["licenseId"]), str(obj["containerType"]),
                       str(obj["containerId"]), int(obj["issuedAt"]), int(obj["expiresAt"]),

@@ -2,7 +2,10 @@
 
 States:
 
-* ``online``: the last answer of the billing endpoint was Valid. Serve.
+* ``online``: the last answer of the billing endpoint was a proven Valid: a
+  status answer whose signed statement carries this call's nonce, or a usage
+  answer whose signed receipt the uploader verified. Serve. A 200 that proves
+  nothing counts as ``Unknown``.
 * ``grace``: the endpoint cannot be reached (CouldNotConnect), is busy, or
   answered something unexpected (Unknown), and the last signed lease has not
   expired in trusted time. Serve; the time remaining is in ``/status``.
@@ -25,6 +28,7 @@ is not used up.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -33,18 +37,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_module.billing_api import Answer, ApiStatus, BillingClient
 from edge_module.config import LicensingSettings
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import Refusal
 from edge_module.identity import Identity
 from edge_module.licensing.clock import TrustedClock
-from edge_module.licensing.lease import Lease, LeaseStore, parse_lease
+from edge_module.licensing.lease import Lease, LeaseStore, parse_lease, verify_status
 from edge_module.licensing.statuses import explain
 from edge_module.logs import get_logger
 from edge_module.supervisor import Spawn, start_thread
+from edge_module.trust.keys import DEV_SWITCH, TrustedKeys
 
 log = get_logger("licensing")
 
@@ -86,17 +89,17 @@ class LicenseSource(Protocol):
 
 class Licensing:
     def __init__(self, identity: Identity, settings: LicensingSettings, clock: TrustedClock,
-                 lease_store: LeaseStore, public_key: Ed25519PublicKey | None,
+                 lease_store: LeaseStore, keys: TrustedKeys,
                  client: BillingClient | None, license_source: LicenseSource | None = None
                  ) -> None:
         self.identity = identity
         self.settings = settings
         self.clock = clock
         self.lease_store = lease_store
-        self.public_key = public_key
+        self.keys = keys
         self.client = client
         self.license_source = license_source
-        self.lease: Lease | None = lease_store.load(public_key, identity)
+        self.lease: Lease | None = lease_store.load(keys, identity)
         if self.lease is not None:
             clock.raise_floor(self.lease.issued_at)  # time never runs before a lease we hold
         self.status: ApiStatus = ApiStatus.UNKNOWN
@@ -108,12 +111,15 @@ class Licensing:
         self._last_checked = 0.0
         self._state: GraceState | None = None
         self._lock = threading.Lock()
+        self._checking = threading.Lock()  # one status call in flight, however many probes
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if public_key is None and license_source is None:
-            log.warning("no_vendor_public_key", effect="leases cannot be verified, so the "
-                        "module has no offline grace", fix="set Billing:PublicKey")
+        if not keys and license_source is None:
+            log.warning("no_trusted_key", effect="no answer can be verified, so the module "
+                        "is never Valid and has no offline grace",
+                        fix=f"development: set {DEV_SWITCH} to the simulator's public key; "
+                        "customers: run the vendor's release image")
 
     @property
     def disconnected(self) -> bool:
@@ -121,9 +127,24 @@ class Licensing:
 
     # -- answers ----------------------------------------------------------
 
-    def observe(self, answer: Answer) -> None:
-        """Take in any answer of the billing endpoint (status check or upload)."""
-        lease, problem = parse_lease(answer.body.get("lease"), self.public_key, self.identity)
+    def observe(self, answer: Answer, nonce: str | None = None) -> None:
+        """Take in any answer of the billing endpoint (status check with its ``nonce``, or
+        upload). A 200 counts as Valid only when proven; otherwise it is Unknown."""
+        now = self.clock.now_ms()
+        if answer.ok and nonce is not None:
+            lease, problem = verify_status(answer.body, self.keys, self.identity, nonce, now,
+                                           self.lease)
+        else:
+            lease, problem = parse_lease(answer.body.get("lease"), self.keys, self.identity)
+        if answer.ok and (lease is None if nonce is not None else not answer.proven):
+            why = problem or "the upload answer's receipt did not verify"
+            log.warning("valid_not_proven", reason=why, effect="taken as Unknown: the module "
+                        "serves only within a grace it already holds",
+                        fix="check that Billing points at the vendor's endpoint (not a proxy "
+                        "or look-alike that answers for it) and that this image is current")
+            answer = Answer(ApiStatus.UNKNOWN, answer.http_status, answer.body,
+                            answer.retry_after, f"a 200 answer that proves nothing: {why}",
+                            answer.server_date, answer.elapsed)
         with self._lock:
             if lease is not None:
                 self.clock.adopt(lease.issued_at)
@@ -131,7 +152,7 @@ class Licensing:
                         lease.issued_at >= self.lease.issued_at:
                     self.lease = lease
                     self.lease_store.save(lease)
-            elif problem is not None and answer.ok:
+            elif problem is not None and answer.ok and nonce is None:
                 log.warning("lease_ignored", reason=problem, effect="this answer grants no "
                             "grace")
             self.status = answer.status
@@ -154,9 +175,15 @@ class Licensing:
         if max_age and self._last_answer is not None and \
                 now - self._last_checked < max_age:
             return self._last_answer
-        answer = self.client.status(self.identity.as_dict())
-        self._last_answer, self._last_checked = answer, time.monotonic()
-        self.observe(answer)
+        if not self._checking.acquire(blocking=not max_age):
+            return self._last_answer  # a probe while a call is in flight: report, don't pile up
+        try:
+            nonce = secrets.token_urlsafe(18)
+            answer = self.client.status(self.identity.as_dict(), nonce)
+            self._last_answer, self._last_checked = answer, time.monotonic()
+            self.observe(answer, nonce)
+        finally:
+            self._checking.release()
         return answer
 
     # -- the decision -----------------------------------------------------
@@ -181,13 +208,15 @@ class Licensing:
             return Decision(False, GraceState.GATED, status, message, remedy, retry_after,
                             expires, remaining)
         if expires is not None and now < expires:
-            return Decision(True, GraceState.GRACE, status, message, remedy, None, expires,
-                            remaining)
+            return Decision(True, GraceState.GRACE, status, message,
+                            f"{remedy} The module serves within its offline grace meanwhile "
+                            f"({remaining:.0f} s left).", None, expires, remaining)
         why = "the offline grace has expired" if expires is not None else \
             "no lease was ever granted, so there is no offline grace"
         wait = retry_after if retry_after is not None else self.settings.retry_seconds
-        return Decision(False, GraceState.GATED, status, f"{message} ({why})", remedy, wait,
-                        expires, remaining)
+        return Decision(False, GraceState.GATED, status, f"{message} ({why})",
+                        f"{remedy} The module refuses work until a Valid answer arrives.",
+                        wait, expires, remaining)
 
     def _decide_from_license(self, now: int) -> Decision:
         assert self.license_source is not None

@@ -33,21 +33,21 @@ EXPLANATIONS: dict[str, Explanation] = {
     "CouldNotConnect": Explanation(
         "The billing endpoint could not be reached.",
         "Check the network path to Billing (DNS, firewall, proxy); run "
-        "`edge-module diagnose` for each check and its fix. The module serves within its "
-        "offline grace meanwhile."),
+        "`edge-module diagnose` for each check and its fix."),
     "OutOfQuota": Explanation(
         "The quota of this key is used up.",
         "Raise the quota or wait for the period to renew; the module checks again after "
         "Retry-After."),
     "BillingEndpointBusy": Explanation(
         "The billing endpoint is busy.",
-        "Nothing to do: the module retries after Retry-After and serves within its grace."),
+        "Nothing to do: the module retries after Retry-After."),
     "ContainerUseUnauthorized": Explanation(
         "The ApiKey may not run this container.",
         "Ask the vendor to authorise container use for your resource."),
     "Unknown": Explanation(
-        "The billing endpoint gave an unexpected answer.",
-        "Retry later; if it persists, run `edge-module diagnose` and contact the vendor."),
+        "The billing endpoint gave an unexpected or unverifiable answer.",
+        "Check that Billing points at the vendor's endpoint and that no proxy rewrites its "
+        "answers; run `edge-module diagnose`; if it persists, contact the vendor."),
     LicenseFileStatus.NOT_FOUND: Explanation(
         "The provided license path was not found. Please ensure a volume is mounted and a "
         "directory exists at the location specified by Mounts:License",

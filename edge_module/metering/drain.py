@@ -3,6 +3,10 @@
 * Uploads when a full batch is pending or the oldest pending record is older
   than ``Metering:MaxDelaySeconds``; after a success it continues at once
   while records remain, so a backlog drains at full speed.
+* A record settles only under a signed receipt that verifies
+  (metering/receipts.py); the receipt is kept with it in the ledger. An
+  unsigned or foreign "Accepted" settles nothing (counted in
+  ``edge_module_drain_unverified_answers``): the records are offered again.
 * ``Accepted`` and ``Duplicate`` both mean delivered: the endpoint
   deduplicates by record id, so a resend after a crash or a lost answer never
   bills twice. ``Rejected`` is quarantined with its reason unless the result
@@ -35,8 +39,10 @@ from edge_module.billing_api import Answer, ApiStatus, BillingClient
 from edge_module.config import MeteringSettings
 from edge_module.logs import get_logger
 from edge_module.metering.ledger import ACCEPTED, DUPLICATE, Ledger, PendingRecord
+from edge_module.metering.receipts import Receipt, check_receipt
 from edge_module.metrics import Metrics
 from edge_module.supervisor import Spawn, start_thread
+from edge_module.trust.keys import TrustedKeys
 
 log = get_logger("drain")
 
@@ -78,8 +84,10 @@ class Backoff:
 class Drainer:
     def __init__(self, ledger: Ledger, client: BillingClient, settings: MeteringSettings,
                  metrics: Metrics | None = None,
-                 on_answer: Callable[[Answer], None] | None = None) -> None:
+                 on_answer: Callable[[Answer], None] | None = None,
+                 keys: TrustedKeys | None = None) -> None:
         self.ledger = ledger
+        self.keys = keys if keys is not None else TrustedKeys()
         self.client = client
         self.settings = settings
         self.metrics = metrics
@@ -203,6 +211,9 @@ class Drainer:
     def _upload(self, batch: list[PendingRecord]) -> BatchOutcome:
         started = time.perf_counter()
         answer = self.client.post_raw_usage([r.body for r in batch])
+        receipt: Receipt | None = None
+        if answer.http_status in (200, 400):
+            answer, receipt = self._verify(answer)
         self.last_answer = answer
         if self.on_answer is not None:
             self.on_answer(answer)
@@ -218,7 +229,12 @@ class Drainer:
                                 first.quarantined + second.quarantined,
                                 second.answer if first.ok else first.answer)
         if answer.http_status == 400:
-            reason = f"HTTP 400: {answer.error}"
+            if receipt is None or batch[0].id not in receipt.rejected:
+                return BatchOutcome(answer=Answer(  # an unsigned 400 may not discard a record
+                    ApiStatus.UNKNOWN, 400, answer.body,
+                    error=f"HTTP 400 without a signed rejection: {answer.error}"))
+            reason = f"HTTP 400: {receipt.rejected[batch[0].id]}"
+            self.ledger.keep_receipt(receipt.raw, [batch[0].seq])
             self.ledger.settle([], quarantined=[(batch[0].seq, reason)])
             self._count_quarantine(batch[0].id, reason)
             return BatchOutcome(quarantined=1, answer=Answer(ApiStatus.VALID))
@@ -226,33 +242,50 @@ class Drainer:
             if self.metrics is not None:
                 self.metrics.drain_failures.labels(status=str(answer.status)).inc()
             return BatchOutcome(answer=answer)
-        return self._apply(batch, answer)
+        assert receipt is not None  # answer.ok: _verify proved it
+        return self._apply(batch, answer, receipt)
 
-    def _apply(self, batch: list[PendingRecord], answer: Answer) -> BatchOutcome:
-        results = answer.body.get("results")
-        if not isinstance(results, list):
-            bad = Answer(ApiStatus.UNKNOWN, answer.http_status, answer.body,
-                         error="200 without a results list")
-            return BatchOutcome(answer=bad)
-        by_id = {str(r.get("id")): r for r in results if isinstance(r, dict)}
+    def _verify(self, answer: Answer) -> tuple[Answer, Receipt | None]:
+        """The answer marked proven with its verified receipt, or downgraded to Unknown."""
+        receipt, problem = check_receipt(answer.body, self.keys,
+                                         self.ledger.identity.container_id,
+                                         int(time.time() * 1000))
+        if receipt is not None:
+            answer.proven = answer.ok
+            return answer, receipt
+        if answer.http_status == 400:
+            return answer, None
+        if self.metrics is not None:
+            self.metrics.drain_unverified.inc()
+        log.warning("usage_receipt_rejected", reason=problem, effect="nothing settles; the "
+                    "records stay pending and are offered again",
+                    fix="check that Billing points at the vendor's endpoint (not a look-alike "
+                    "or a proxy that answers for it)")
+        return Answer(ApiStatus.UNKNOWN, answer.http_status, answer.body, answer.retry_after,
+                      f"a 200 upload answer without a valid receipt: {problem}",
+                      answer.server_date, answer.elapsed), None
+
+    def _apply(self, batch: list[PendingRecord], answer: Answer,
+               receipt: Receipt) -> BatchOutcome:
         delivered: list[tuple[int, int]] = []
         quarantined: list[tuple[int, str]] = []
         retried: list[int] = []
         duplicates = 0
         for record in batch:
-            result = by_id.get(record.id)
-            status = result.get("status") if result else None
-            if status == "Accepted":
+            if record.id in receipt.accepted:
                 delivered.append((record.seq, ACCEPTED))
-            elif status == "Duplicate":
+            elif record.id in receipt.duplicate:
                 delivered.append((record.seq, DUPLICATE))
                 duplicates += 1
-            elif status == "Rejected" and not (result or {}).get("retryable", False):
-                reason = str((result or {}).get("reason") or "Rejected without a reason")
+            elif record.id in receipt.rejected:
+                reason = receipt.rejected[record.id]
                 quarantined.append((record.seq, reason))
                 self._count_quarantine(record.id, reason)
-            else:
+            else:  # unanswered, or Rejected with retryable: offered again
                 retried.append(record.seq)
+        if delivered or quarantined:
+            self.ledger.keep_receipt(receipt.raw, [seq for seq, _ in delivered] +
+                                     [seq for seq, _ in quarantined])
         self.ledger.settle(delivered, quarantined, retried)
         self.backoff.reset()
         if self.metrics is not None:

@@ -32,6 +32,7 @@ Schema changes are migrations, applied in order and recorded in the
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -94,6 +95,17 @@ MIGRATIONS: list[tuple[str, str]] = [
             record_id TEXT NOT NULL
         );
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """),
+    # Signed usage receipts (metering/receipts.py): a record settles only under one, and
+    # keeps it for the retention period, so an audit can prove delivery.
+    ("0002_receipts", """
+        CREATE TABLE receipts (
+            receipt_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            received_at INTEGER NOT NULL,
+            key_id TEXT NOT NULL,
+            body TEXT NOT NULL
+        );
+        ALTER TABLE records ADD COLUMN receipt_id INTEGER;
     """),
 ]
 
@@ -489,6 +501,31 @@ class Ledger:
             # draining a large backlog quadratic.
             self._pending -= left_pending
 
+    def keep_receipt(self, receipt: dict[str, Any], seqs: Sequence[int]) -> None:
+        """Store a verified receipt and link the records it settles (before ``settle``)."""
+        body = json.dumps(receipt, separators=(",", ":"), sort_keys=True)
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = conn.execute(
+                    "INSERT INTO receipts (received_at, key_id, body) VALUES (?, ?, ?)",
+                    (int(time.time() * 1000), str(receipt.get("keyId")), body))
+                conn.executemany("UPDATE records SET receipt_id = ? WHERE seq = ?",
+                                 [(cursor.lastrowid, seq) for seq in seqs])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def receipt_of(self, record_id: str) -> dict[str, Any] | None:
+        """The signed receipt that settled a record (audits), if it is still kept."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT r.body FROM records JOIN receipts r USING (receipt_id) "
+                "WHERE records.id = ?", (record_id,)).fetchone()
+        return dict(json.loads(row[0])) if row else None
+
     def prune(self) -> int:
         """Delete acknowledged records older than the retention; return how many."""
         cutoff = int((time.time() - self.settings.retention_hours * 3600) * 1000)
@@ -501,6 +538,8 @@ class Ledger:
             cursor = conn.execute(
                 "DELETE FROM records WHERE state IN (1, 2) AND settled_at < ?", (cutoff,))
             removed = cursor.rowcount
+            self._conn.execute("DELETE FROM receipts WHERE receipt_id NOT IN (SELECT "
+                               "receipt_id FROM records WHERE receipt_id IS NOT NULL)")
         if removed:
             log.info("ledger_pruned", removed=removed)
         return int(removed)

@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from edge_module.identity import Identity
-from edge_module.licensing.signing import canonical, raw_public, sign, verify
 from edge_module.metering.ledger import Ledger
+from edge_module.trust.signing import canonical, raw_public, sign, verify
 
 GENESIS = "0" * 64
 

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser_grace = args.grace_seconds
     sim.state.lease.grace_seconds = parser_grace
     print(f"billing simulator on {sim.url} (admin API under {sim.url}/admin/)", flush=True)
-    print(f"lease public key (Billing:PublicKey): {sim.public_key_b64}", flush=True)
+    print(f"signing public key (development builds: Development:TrustedKeyFile="
+          f"{sim.public_key_path}): {sim.public_key_b64}", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

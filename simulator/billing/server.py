@@ -29,9 +29,13 @@ Admin API: ``POST /admin/fault {"mode", "retryAfter", "delaySeconds"}``,
 "licenseDays"}``, ``POST /admin/model-keys {"<model>": "<base64 key>"}`` (granted
 in leases and licences, for encrypted models).
 
-Leases are signed with an Ed25519 key made at first start
-(``billing-signing-key.pem`` beside the database); its public key is written
-to ``billing-public-key.b64`` for the module's ``Billing:PublicKey``.
+Signatures (docs/billing-api.openapi.json): a Valid status answer carries a
+lease signed together with the caller's ``nonce``; every usage answer carries
+a ``receipt`` signed over the record ids it accepted, found duplicate or
+rejected for good, and the container id. Refusals are unsigned. The Ed25519
+key is made at first start (``billing-signing-key.pem`` beside the database,
+or ``signing_key=``); its public key is written to ``billing-public-key.b64``,
+which a development build trusts through ``Development:TrustedKeyFile``.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_module.licensing.signing import load_public_key, raw_public, sign
 from edge_module.metering.usage_log import verify_entries
+from edge_module.trust.signing import load_public_key, raw_public, sign
 from simulator.billing.store import UsageStore
 
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
@@ -109,12 +113,16 @@ class State:
 class BillingSimulator:
     def __init__(self, db_path: Path, host: str = "127.0.0.1", port: int = 0,
                  keys: dict[str, KeyInfo] | None = None,
-                 tls: tuple[Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path] | None = None,
+                 signing_key: Ed25519PrivateKey | None = None) -> None:
         self.store = UsageStore(db_path)
         self.state = State(keys=dict(keys or {"demo-key": KeyInfo()}))
-        self.signing_key = load_or_create_signing_key(db_path.parent)
+        self.signing_key = signing_key or load_or_create_signing_key(db_path.parent)
         self._lease_cache: dict[str, dict[str, Any]] = {}
         self.public_key_b64 = base64.b64encode(raw_public(self.signing_key.public_key())).decode()
+        # The file a development build trusts with Development:TrustedKeyFile=<this path>.
+        self.public_key_path = db_path.parent / f"{db_path.stem}-public-key.b64"
+        self.public_key_path.write_text(self.public_key_b64 + "\n")
         handler = _handler(self)
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
@@ -179,26 +187,38 @@ class BillingSimulator:
     def now_ms(self) -> int:
         return int((time.time() + self.state.lease.clock_offset_seconds) * 1000)
 
-    def lease(self, container_id: Any, container_type: Any) -> dict[str, Any] | None:
+    def lease(self, container_id: Any, container_type: Any,
+              nonce: Any = None) -> dict[str, Any] | None:
         policy = self.state.lease
         if not policy.sign or not isinstance(container_id, str):
             return None
         issued = self.now_ms()
         cached = self._lease_cache.get(container_id)
-        if cached is not None and issued - cached["issuedAt"] < 1000 and not policy.tamper:
+        if nonce is None and cached is not None and issued - cached["issuedAt"] < 1000 and \
+                not policy.tamper:
             return cached  # one signature per second and installation is plenty
         body: dict[str, Any] = {"containerId": container_id,
                                 "containerType": str(container_type), "status": "Valid",
                                 "issuedAt": issued,
                                 "expiresAt": issued + int(policy.grace_seconds * 1000)}
+        if isinstance(nonce, str):
+            body["nonce"] = nonce[:200]
         if self.state.model_keys:
             body["modelKeys"] = dict(self.state.model_keys)
         lease = sign(body, self.signing_key)
         if policy.tamper:
             lease["expiresAt"] += 365 * 24 * 3600 * 1000
-        else:
+        elif nonce is None:
             self._lease_cache[container_id] = lease
         return lease
+
+    def receipt(self, container_id: Any, accepted: list[str], duplicate: list[str],
+                rejected: list[dict[str, Any]]) -> dict[str, Any]:
+        """The signed receipt of one usage call (docs/billing-api.openapi.json)."""
+        return sign({"containerId": str(container_id), "issuedAt": self.now_ms(),
+                     "accepted": accepted, "duplicate": duplicate,
+                     "rejected": [r for r in rejected if isinstance(r.get("id"), str)]},
+                    self.signing_key)
 
     def status(self, key: str | None, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         refused = self.authorise(key, body.get("containerType"))
@@ -206,7 +226,8 @@ class BillingSimulator:
             return refused
         answer: dict[str, Any] = {"status": "Valid",
                                   "message": "the key is valid for this container"}
-        lease = self.lease(body.get("containerId"), body.get("containerType"))
+        lease = self.lease(body.get("containerId"), body.get("containerType"),
+                           body.get("nonce"))
         if lease is not None:
             answer["lease"] = lease
         return 200, answer
@@ -266,9 +287,13 @@ class BillingSimulator:
                                  check_quota=False)
         if refused is not None:
             return refused
-        if any(isinstance(r, dict) and r.get("id") in self.state.bad_request_ids
-               for r in records):
-            return 400, {"status": "Unknown", "message": "malformed record in batch"}
+        bad = [r for r in records if isinstance(r, dict) and
+               r.get("id") in self.state.bad_request_ids]
+        if bad:
+            return 400, {"status": "Unknown", "message": "malformed record in batch",
+                         "receipt": self.receipt(
+                             bad[0].get("containerId"), [], [],
+                             [{"id": r["id"], "reason": "malformed record"} for r in bad])}
         info = self.state.keys[key or ""]
         now_ms = int(time.time() * 1000)
         results: list[dict[str, Any]] = []
@@ -291,8 +316,13 @@ class BillingSimulator:
         for record in valid:
             results.append({"id": record["id"],
                             "status": "Accepted" if record["id"] in inserted else "Duplicate"})
-        answer: dict[str, Any] = {"results": results}
         first = records[0] if records and isinstance(records[0], dict) else {}
+        answer: dict[str, Any] = {"results": results, "receipt": self.receipt(
+            first.get("containerId"),
+            [r["id"] for r in results if r["status"] == "Accepted"],
+            [r["id"] for r in results if r["status"] == "Duplicate"],
+            [{"id": r["id"], "reason": r["reason"]} for r in results
+             if r["status"] == "Rejected"])}
         lease = self.lease(first.get("containerId"), first.get("containerType"))
         if lease is not None:
             answer["lease"] = lease

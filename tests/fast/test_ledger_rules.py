@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
 from edge_module.identity import Identity
-from edge_module.metering.ledger import ACCEPTED, DUPLICATE, Ledger
+from edge_module.metering.ledger import ACCEPTED, DUPLICATE, MIGRATIONS, Ledger
 from edge_module.metering.records import RECORD_FIELDS, MeterSpec, RecordWriter, Usage
 from tests.fast.conftest import IDENTITY, make_ledger
 
@@ -134,6 +135,8 @@ def test_a_reopened_ledger_still_recognises_replays(tmp_path: Path) -> None:
     assert reopened.replayed("17", b"digest-a") is None
     assert reopened.replayed("17", b"digest-b") is not None
     assert reopened.pending == 2
+    applied = sqlite3.connect(path).execute("SELECT name FROM _migrations").fetchall()
+    assert applied == [(name,) for name, _ in MIGRATIONS]  # each migration once, in order
     reopened.close()
 
 

@@ -1,8 +1,9 @@
-"""Ed25519 signatures over canonical JSON: leases and licence files.
+"""Ed25519 signatures over canonical JSON: leases, status answers, receipts, licence files.
 
 Canonical JSON: keys sorted, separators ``,`` and ``:``, no whitespace, UTF-8,
 computed over the object without its ``signature`` field. ``keyId`` is the
-first 16 hex digits of the SHA-256 of the raw public key.
+first 16 hex digits of the SHA-256 of the raw public key. Which keys are
+trusted is decided in ``edge_module.trust.keys``; this module only does maths.
 """
 
 from __future__ import annotations
@@ -56,26 +57,29 @@ def verify(obj: Any, public: Ed25519PublicKey) -> bool:
     return True
 
 
-def load_public_key(value: str) -> Ed25519PublicKey:
-    """``Billing:PublicKey``: base64 of the raw 32 bytes, or a PEM file path."""
+def load_public_key(value: str, setting: str = "Billing:PublicKey") -> Ed25519PublicKey:
+    """A public key: base64 of the raw 32 bytes, or PEM text or a PEM file path.
+
+    ``setting`` names where the value came from, for the error message.
+    """
     text = value.strip()
     if text.startswith("-----BEGIN") or Path(text).is_file():
         pem = text.encode() if text.startswith("-----BEGIN") else Path(text).read_bytes()
         try:
             key = serialization.load_pem_public_key(pem)
         except ValueError as exc:
-            raise ConfigError("Billing:PublicKey", f"not a PEM public key ({exc}); fix: "
+            raise ConfigError(setting, f"not a PEM public key ({exc}); fix: "
                               "use the vendor's Ed25519 public key") from exc
         if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError("Billing:PublicKey", "the PEM key is not Ed25519; fix: use the "
+            raise ConfigError(setting, "the PEM key is not Ed25519; fix: use the "
                               "vendor's Ed25519 public key")
         return key
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ConfigError("Billing:PublicKey", "neither base64 nor an existing PEM file; fix: "
+        raise ConfigError(setting, "neither base64 nor an existing PEM file; fix: "
                           "pass the base64 of the raw 32-byte key or a PEM path") from exc
     if len(raw) != 32:
-        raise ConfigError("Billing:PublicKey", f"decodes to {len(raw)} bytes, not 32; fix: pass "
+        raise ConfigError(setting, f"decodes to {len(raw)} bytes, not 32; fix: pass "
                           "the base64 of the raw 32-byte Ed25519 key")
     return Ed25519PublicKey.from_public_bytes(raw)
