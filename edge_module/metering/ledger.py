@@ -504,19 +504,12 @@ class Ledger:
     def keep_receipt(self, receipt: dict[str, Any], seqs: Sequence[int]) -> None:
         """Store a verified receipt and link the records it settles (before ``settle``)."""
         body = json.dumps(receipt, separators=(",", ":"), sort_keys=True)
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = conn.execute(
-                    "INSERT INTO receipts (received_at, key_id, body) VALUES (?, ?, ?)",
-                    (int(time.time() * 1000), str(receipt.get("keyId")), body))
-                conn.executemany("UPDATE records SET receipt_id = ? WHERE seq = ?",
-                                 [(cursor.lastrowid, seq) for seq in seqs])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._write("keep a usage receipt") as conn:
+            cursor = conn.execute(
+                "INSERT INTO receipts (received_at, key_id, body) VALUES (?, ?, ?)",
+                (int(time.time() * 1000), str(receipt.get("keyId")), body))
+            conn.executemany("UPDATE records SET receipt_id = ? WHERE seq = ?",
+                             [(cursor.lastrowid, seq) for seq in seqs])
 
     def receipt_of(self, record_id: str) -> dict[str, Any] | None:
         """The signed receipt that settled a record (audits), if it is still kept."""

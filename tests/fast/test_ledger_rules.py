@@ -152,3 +152,13 @@ def test_salvage_copies_only_pending_records_and_never_twice(tmp_path: Path) -> 
     assert {r.id for r in fresh.pending_batch(100)} == set(ids[3:])
     assert fresh.salvage(tmp_path / "old.db") == (0, 0)
     fresh.close()
+
+
+def test_every_ledger_write_goes_through_the_transaction_helper() -> None:
+    """A hand-written BEGIN/ROLLBACK is how admission leaked and a rollback's error hid
+    a full disk: only metering/transaction.py may spell them."""
+    root = Path(__file__).resolve().parents[2] / "edge_module"
+    offenders = [str(path.relative_to(root)) for path in root.rglob("*.py")
+                 if path.name != "transaction.py" and any(
+                     word in path.read_text() for word in ('"BEGIN', '"ROLLBACK', '"COMMIT'))]
+    assert offenders == []
