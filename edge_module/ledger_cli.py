@@ -17,7 +17,7 @@ from edge_module.metering.ledger import Ledger, MeteringError
 from edge_module.metering.records import Identity
 from edge_module.state import installation_id
 
-PLACEHOLDERS = ("Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused")
+PLACEHOLDERS = ("Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused-placeholder-key")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -88,6 +88,8 @@ def _print(args: argparse.Namespace, data: dict[str, Any]) -> None:
         print(json.dumps(data, indent=2))
         return
     for key, value in data.items():
+        if key == "lastSuccessfulDrain":
+            continue  # epoch milliseconds: people read lastSuccessfulDrainAt (ISO 8601)
         if isinstance(value, list):
             print(f"{key}: {len(value)}")
             for item in value:

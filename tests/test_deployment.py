@@ -106,7 +106,7 @@ def test_the_desired_properties_in_the_manifests_are_accepted_by_the_module(
 
     base = rendered[mf.MANIFEST]
     live = LiveSettings(load_settings(["Eula=accept", "Billing=http://127.0.0.1:9/",
-                                       "ApiKey=k"], environ={}))
+                                       "ApiKey=k-test-key-0123456"], environ={}))
     desired = base["modulesContent"]["edge-module"]["properties.desired"]
     assert live.update(desired, full=True).rejected == {}
     for path, layer in rendered.items():
