@@ -1,0 +1,73 @@
+"""A broker that cannot be reached is logged at each back-off step: where, why, what to do."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from pathlib import Path
+
+from edge_module.transport.mqtt import connect_failure
+from simulator.billing import BillingSimulator
+from simulator.certs import make_server_cert
+from tests.support import Broker, Module, free_port, wait_until
+
+
+def _unreachable_lines(module: Module) -> list[dict[str, object]]:
+    out = []
+    for line in module.log_text().splitlines():
+        if '"mqtt_unreachable"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def test_refused_and_tls_failures_are_logged_with_host_port_reason_and_fix(
+    tmp_path: Path, broker: Broker, billing: BillingSimulator
+) -> None:
+    certs = make_server_cert(tmp_path / "tls", ["127.0.0.1"])
+    closed_port = free_port()  # nothing listens here
+    refused = Module(tmp_path / "refused", closed_port, billing=billing.url,
+                     public_key=billing.public_key_b64)
+    # TLS towards the plain listener: the handshake fails.
+    tls = Module(tmp_path / "tls-module", broker.port, f"Mqtt:Tls:CaFile={certs.ca}",
+                 billing=billing.url, public_key=billing.public_key_b64)
+    for module in (refused, tls):
+        module.workdir.mkdir(parents=True, exist_ok=True)
+        module.start(wait_ready=False)
+    try:
+        wait_until(lambda: len([r for r in _unreachable_lines(refused)
+                                if r["client"] == "intake"]) >= 3, 30,
+                   f"three refused attempts logged; log:\n{refused.log_tail()}")
+        lines = [r for r in _unreachable_lines(refused) if r["client"] == "intake"]
+        first = lines[0]
+        assert first["host"] == "127.0.0.1" and first["port"] == closed_port
+        assert first["reason"] == "refused" and first["level"] == "warning"
+        assert "Mqtt:Port" in str(first["fix"]) and "ConnectionRefusedError" in str(
+            first["detail"])
+        delays = [float(str(r["retry_in_seconds"])) for r in lines]
+        assert delays[0] == 0.5 and max(delays) <= 1.0  # Module sets ReconnectMaxDelay=1
+        assert refused.http("/ready")[0] == 503
+
+        wait_until(lambda: any(r["reason"] == "tls" for r in _unreachable_lines(tls)), 30,
+                   f"a TLS failure logged; log:\n{tls.log_tail()}")
+        line = next(r for r in _unreachable_lines(tls) if r["reason"] == "tls")
+        assert line["port"] == broker.port and "TLS listener" in str(line["fix"])
+    finally:
+        refused.stop()
+        tls.stop()
+
+
+def test_each_cause_gets_its_own_reason_and_fix() -> None:
+    cases: list[tuple[BaseException | None, str, str]] = [
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "dns", "Mqtt:Host"),
+        (ConnectionRefusedError(111, "Connection refused"), "refused", "Mqtt:Port"),
+        (ssl.SSLCertVerificationError("certificate verify failed"), "tls", "Mqtt:Tls:CaFile"),
+        (ssl.SSLError("wrong version number"), "tls", "TLS listener"),
+        (TimeoutError("timed out"), "timeout", "firewalls"),
+        (OSError(101, "Network is unreachable"), "network", "network path"),
+        (None, "network", "network path"),
+    ]
+    for exc, reason, hint in cases:
+        got, fix = connect_failure(exc, "broker.local", 8883, tls=True)
+        assert got == reason, exc
+        assert hint in fix and "8883" in fix or reason == "dns" and "'broker.local'" in fix
