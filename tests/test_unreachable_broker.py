@@ -70,4 +70,4 @@ def test_each_cause_gets_its_own_reason_and_fix() -> None:
     for exc, reason, hint in cases:
         got, fix = connect_failure(exc, "broker.local", 8883, tls=True)
         assert got == reason, exc
-        assert hint in fix and "8883" in fix or reason == "dns" and "'broker.local'" in fix
+        assert (hint in fix and "8883" in fix) or (reason == "dns" and "'broker.local'" in fix)
