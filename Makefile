@@ -8,7 +8,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u
 
 .PHONY: install mosquitto container-tools run test lint models lock bench bench-quick profile clean docs manifest image
 
-install: $(STAMP) mosquitto container-tools
+# What `make run` needs: the venv and mosquitto. buildah/debootstrap only come with
+# `make test` (the image test) and `make image`.
+install: $(STAMP) mosquitto
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edge-module needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
@@ -39,13 +41,16 @@ container-tools:
 	else echo "buildah and debootstrap are missing: install them with your package manager (the image test needs them)"; exit 1; fi
 
 # The container image (docker when a daemon runs, buildah otherwise); see docs/iot-edge.md.
-image:
+image: $(if $(shell docker info >/dev/null 2>&1 && echo docker),,container-tools)
 	deployment/build-image.sh
 
+# exec: the demo is make's own child, so it sees make being stopped (simulator/lifecycle.py).
+# RUN_ARGS: e.g. --http-port 5001 --rate 50 (python -m simulator.demo --help).
+RUN_ARGS ?=
 run: install
-	$(BIN)/python -m simulator.demo
+	exec $(BIN)/python -m simulator.demo $(RUN_ARGS)
 
-test: install lint
+test: install container-tools lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -28,6 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from simulator import lifecycle
+
 INSTALL_HINT = (
     "mosquitto is not installed. Install it with 'make install' (it uses apt-get) or "
     "'sudo apt-get install mosquitto' (Fedora: 'dnf install mosquitto', macOS: "
@@ -102,11 +104,13 @@ class Broker:
         )
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10) -> Broker:
+    def start(self, timeout: float = 10, die_with_parent: bool = False) -> Broker:
+        """``die_with_parent``: the kernel stops mosquitto if this process dies (Linux)."""
         self.process = subprocess.Popen(
             [mosquitto_binary(), "-c", str(self.conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C meant for its owner must not kill it first
+            preexec_fn=lifecycle.die_with_parent() if die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while not self._accepts():
