@@ -60,11 +60,13 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/edge-module config-reference > docs/configuration.md
 
-# The ready-to-apply IoT Edge deployment manifest.json (and the fleet layers in
-# deployment/generated/) from deployment/: values from the environment,
-# deployment/.env or deployment/manifest.env (see docs/iot-edge.md).
+# The ready-to-apply IoT Edge deployment manifest, deployment/config/manifest.json (and
+# the fleet layers in deployment/generated/; both ignored by git: they hold your keys),
+# from deployment/: values from the environment, deployment/.env or
+# deployment/manifest.env, checked with the module's own settings validation
+# (see docs/iot-edge.md). The example manifest.json in git: ARGS=--allow-placeholders.
 manifest: $(STAMP)
-	$(BIN)/python -m tools.manifest
+	$(BIN)/python -m tools.manifest $(ARGS)
 
 # Re-train the default models; the .onnx files come out byte-identical.
 models: $(STAMP)
