@@ -38,7 +38,6 @@ from simulator.datasets import (
     telemetry_dataset,
 )
 
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SHOWN_FILES = 20  # answers listed per file in the report
 
