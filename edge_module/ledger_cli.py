@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from edge_module import CONTAINER_TYPE, __version__, logs
@@ -93,9 +94,15 @@ def _print(args: argparse.Namespace, data: dict[str, Any]) -> None:
         if isinstance(value, list):
             print(f"{key}: {len(value)}")
             for item in value:
+                if isinstance(item, dict) and isinstance(item.get("at"), int):
+                    item = {**item, "at": _iso(item["at"])}  # epoch ms: people read ISO
                 print("  " + json.dumps(item))
         else:
             print(f"{key:>24}: {'-' if value is None else value}")
+
+
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat()
 
 
 class ProgressBar:
