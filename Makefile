@@ -41,7 +41,8 @@ container-tools:
 	else echo "buildah and debootstrap are missing: install them with your package manager (the image test needs them)"; exit 1; fi
 
 # The container image (docker when a daemon runs, buildah otherwise); see docs/iot-edge.md.
-image: $(if $(shell docker info >/dev/null 2>&1 && echo docker),,container-tools)
+image:
+	@docker info >/dev/null 2>&1 || $(MAKE) --no-print-directory container-tools
 	deployment/build-image.sh
 
 # exec: the demo is make's own child, so it sees make being stopped (simulator/lifecycle.py).

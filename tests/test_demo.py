@@ -179,3 +179,16 @@ def test_children_stop_when_the_demo_dies(tmp_path: Path) -> None:
     demo.process.wait(10)
     ports.remove(ports[2])  # the billing simulator was a thread of the demo: gone with it
     assert_all_gone(children, ports, 40, demo)
+
+
+def test_make_run_needs_only_what_it_runs() -> None:
+    def dry(target: str) -> str:
+        proc = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), target],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    run = dry("run")
+    assert "mosquitto" in run and "simulator.demo" in run
+    assert "buildah" not in run and "debootstrap" not in run
+    assert "buildah" in dry("test")  # the image test runs in make test
