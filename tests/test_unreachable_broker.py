@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import ssl
@@ -71,3 +72,34 @@ def test_each_cause_gets_its_own_reason_and_fix() -> None:
         got, fix = connect_failure(exc, "broker.local", 8883, tls=True)
         assert got == reason, exc
         assert (hint in fix and "8883" in fix) or (reason == "dns" and "'broker.local'" in fix)
+
+
+
+def test_a_subscription_the_broker_refuses_is_logged_and_keeps_the_transport_unready(
+) -> None:
+    """mosquitto 2.0 grants every well-formed filter (its ACL is applied per message), so
+    the SUBACK a stricter broker sends is fed to the transport's handler directly."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCodes
+
+    from edge_module import logs
+    from edge_module.config import MqttSettings
+    from edge_module.metrics import Metrics
+    from edge_module.transport.mqtt import MqttTransport
+
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+    settings = MqttSettings(InputTopic=["em/in/#", "em/other/#"])
+    transport = MqttTransport(settings, "subscribe-test", Metrics())
+    granted = ReasonCodes(PacketTypes.SUBACK, identifier=0)
+    refused = ReasonCodes(PacketTypes.SUBACK, identifier=0x87)  # not authorised
+    transport._on_subscribe(None, None, 1, [refused, refused], None)
+    assert transport._subscribed is False
+    line = json.loads(stream.getvalue().splitlines()[-1])
+    assert line["event"] == "mqtt_subscribe_refused" and line["level"] == "error"
+    assert line["filters"] == ["em/in/#", "em/other/#"] and "ACL" in line["fix"]
+    transport._on_subscribe(None, None, 2, [granted, refused], None)
+    assert transport._subscribed is True  # one filter serves; the other is logged
+    assert json.loads(stream.getvalue().splitlines()[-1])["filters"] == ["em/other/#"]
+    transport._on_subscribe(None, None, 3, [1, 1])  # MQTT 3.1.1: granted QoS values
+    assert transport._subscribed is True

@@ -95,12 +95,14 @@ class MqttTransport:
         self._pending: dict[int, Callable[[], None]] = {}  # output mid -> settle callback
         self._early: set[int] = set()  # output mids acknowledged before we registered them
         self._receive_maximum = max(1, min(receive_maximum, 65535))
+        self._subscribed = False  # the broker acknowledged the intake's subscriptions
         self._intake = self._client(f"{client_id}-in", DeferredAckClient)
         self._output = self._client(f"{client_id}-out", ReportingClient)
         self._intake.on_connect = self._on_intake_connect
         self._intake.on_message = self._on_message
         self._intake.on_disconnect = self._on_disconnect("intake")
         self._intake.on_connect_fail = self._on_connect_fail("intake")
+        self._intake.on_subscribe = self._on_subscribe
         self._output.on_connect = self._on_output_connect
         self._output.on_publish = self._on_publish
         self._output.on_disconnect = self._on_disconnect("output")
@@ -156,7 +158,10 @@ class MqttTransport:
 
     @property
     def connected(self) -> bool:
-        return bool(self._intake.is_connected() and self._output.is_connected())
+        """Both connections up and the input subscriptions acknowledged by the broker
+        (an input published before the SUBACK would not reach us)."""
+        return bool(self._intake.is_connected() and self._output.is_connected()
+                    and self._subscribed)
 
     def stop_intake(self) -> None:
         """Take no more messages; those not taken stay with the broker."""
@@ -230,10 +235,24 @@ class MqttTransport:
                 self._taken.clear()
         qos = self.settings.qos
         _no_delay(client)
+        self._subscribed = False
         client.subscribe([(topic_filter, qos) for topic_filter in self.settings.input_topic])
         self._update_connected()
         log.info("mqtt_connected", client="intake", session_resumed=resumed,
                  subscribed=self.settings.input_topic)
+
+    def _on_subscribe(self, client: mqtt.Client, _: Any, mid: int, granted: Any,
+                      *__: Any) -> None:
+        codes = [int(getattr(g, "value", g)) for g in (granted or [])]
+        refused = [f for f, code in zip(self.settings.input_topic, codes, strict=False)
+                   if code >= 0x80]
+        if refused:
+            log.error("mqtt_subscribe_refused", host=self.settings.host,
+                      port=self.settings.port, filters=refused,
+                      fix="allow this client to subscribe to Mqtt:InputTopic in the "
+                      "broker's ACL, or correct Mqtt:InputTopic")
+        self._subscribed = len(refused) < len(self.settings.input_topic)
+        self._update_connected()
 
     def _on_disconnect(self, name: str) -> Callable[..., None]:
         def handler(client: mqtt.Client, _: Any, rc: Any, *__: Any) -> None:
