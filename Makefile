@@ -8,7 +8,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u
 
 .PHONY: install mosquitto container-tools proxy-tools run test test-fast lint models lock bench bench-quick profile clean docs manifest image
 
-install: $(STAMP) mosquitto container-tools
+# What `make run` needs: the venv and mosquitto. buildah/debootstrap only come with
+# `make test` (the image test) and `make image`.
+install: $(STAMP) mosquitto
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edge-module needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
@@ -50,12 +52,16 @@ proxy-tools:
 
 # The container image (docker when a daemon runs, buildah otherwise); see docs/iot-edge.md.
 image:
+	@docker info >/dev/null 2>&1 || $(MAKE) --no-print-directory container-tools
 	deployment/build-image.sh $(if $(VENDOR_KEYS),--vendor-keys $(VENDOR_KEYS))
 
+# exec: the demo is make's own child, so it sees make being stopped (simulator/lifecycle.py).
+# RUN_ARGS: e.g. --http-port 5001 --rate 50 (python -m simulator.demo --help).
+RUN_ARGS ?=
 run: install
-	$(BIN)/python -m simulator.demo
+	exec $(BIN)/python -m simulator.demo $(RUN_ARGS)
 
-test: install lint proxy-tools
+test: install container-tools proxy-tools lint
 	$(BIN)/python -m pytest
 
 # The in-process tier alone (seconds): pipeline and ledger rules, back-off, the edgeHub
@@ -71,11 +77,13 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m tools.docs
 
-# The ready-to-apply IoT Edge deployment manifest.json (and the fleet layers in
-# deployment/generated/) from deployment/: values from the environment,
-# deployment/.env or deployment/manifest.env (see docs/iot-edge.md).
+# The ready-to-apply IoT Edge deployment manifest, deployment/config/manifest.json (and
+# the fleet layers in deployment/generated/; both ignored by git: they hold your keys),
+# from deployment/: values from the environment, deployment/.env or
+# deployment/manifest.env, checked with the module's own settings validation
+# (see docs/iot-edge.md). The example manifest.json in git: ARGS=--allow-placeholders.
 manifest: $(STAMP)
-	$(BIN)/python -m tools.manifest
+	$(BIN)/python -m tools.manifest $(ARGS)
 
 # Re-train the default models; the .onnx files come out byte-identical.
 models: $(STAMP)

@@ -88,7 +88,7 @@ def edgehub_bench(work: Path, billing: str, public_key: str, payloads: list[byte
         env = {**os.environ, **hub.module_env()}
         process = subprocess.Popen(
             [sys.executable, "-m", "edge_module", "run", "Eula=accept", f"Billing={billing}",
-             "ApiKey=bench-key", f"Billing:PublicKey={public_key}", "Transport=edgehub",
+             "ApiKey=bench-key-0123456789", f"Billing:PublicKey={public_key}", "Transport=edgehub",
              f"Http:Port={http}", f"Data:Path={work / 'data-edgehub'}",
              "Metering:MaxDelaySeconds=1", "Log:Level=warning", "EdgeHub:IntakeQueue=1024"],
             stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     (work / "billing").mkdir()
     port = free_port()
     billing = subprocess.Popen([sys.executable, "-m", "simulator.billing", "--port", str(port),
-                                "--db", str(work / "billing" / "b.db"), "--key", "bench-key"],
+                                "--db", str(work / "billing" / "b.db"),
+                                "--key", "bench-key-0123456789"],
                                cwd=REPO, stdout=subprocess.DEVNULL)
     time.sleep(1.5)
     key = (work / "billing" / "billing-public-key.b64").read_text().strip()

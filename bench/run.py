@@ -285,7 +285,7 @@ class Module:
         self.log = open(workdir / f"module-{self.http}.log", "wb")  # noqa: SIM115
         entry = ["-m", "edge_module", "run"] if metering else ["-m", "bench.module_runner"]
         args = [sys.executable, *entry, "Eula=accept", f"Billing={billing}",
-                "ApiKey=bench-key", f"Billing:PublicKey={public_key}",
+                "ApiKey=bench-key-0123456789", f"Billing:PublicKey={public_key}",
                 f"Mqtt:Port={broker_port}", f"Http:Port={self.http}",
                 f"Data:Path={workdir / ('data-' + uuid.uuid4().hex[:6])}",
                 "Mqtt:InputTopic=bench/in", "Mqtt:ResultTopic=bench/out",
@@ -415,7 +415,8 @@ def drain(workdir: Path, billing_url: str, records: int) -> dict[str, Any]:
     from edge_module.trust.keys import TrustedKeys, load_key_file
 
     keys = TrustedKeys(load_key_file(workdir / "billing" / "billing-public-key.b64"))
-    drainer = Drainer(ledger, BillingClient(billing_url, "bench-key", 30), settings, keys=keys)
+    client = BillingClient(billing_url, "bench-key-0123456789", 30)
+    drainer = Drainer(ledger, client, settings, keys=keys)
     started = time.perf_counter()
     outcome = drainer.drain_all(time.monotonic() + 600)
     seconds = time.perf_counter() - started
@@ -436,7 +437,7 @@ def run(quick: bool) -> dict[str, Any]:
     billing_dir.mkdir()
     billing = subprocess.Popen(
         [sys.executable, "-m", "simulator.billing", "--port", str(port := free_port()),
-         "--db", str(billing_dir / "billing.db"), "--key", "bench-key"], cwd=REPO,
+         "--db", str(billing_dir / "billing.db"), "--key", "bench-key-0123456789"], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     billing_url = f"http://127.0.0.1:{port}"
     time.sleep(1.5)

@@ -6,7 +6,12 @@ direct method filter on) and ``console`` (for people at a terminal).
 
 Redaction runs last before rendering, on every event: fields whose name looks
 secret are masked, and the literal values of the configured secrets are
-replaced wherever they appear, including inside exception text.
+replaced wherever they appear as a whole value (not glued to letters or
+digits), including inside exception text. Values shorter than
+``MIN_SCRUB_LENGTH`` are not scrubbed by value: a two-letter "secret" would
+turn ordinary words into ``pro***y``; such values are still masked in fields
+whose name looks secret, and ``ApiKey`` itself must be at least
+``config.MIN_API_KEY_LENGTH`` characters long.
 """
 
 from __future__ import annotations
@@ -25,22 +30,32 @@ SYSLOG_SEVERITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
 
+MIN_SCRUB_LENGTH = 8
+
 _secrets: list[str] = []
+_pattern: re.Pattern[str] | None = None
 
 
 def register_secrets(values: Iterable[str]) -> None:
-    """Remember secret values so that they are scrubbed from every later log line."""
+    """Remember secret values so that they are scrubbed from every later log line.
+
+    Values shorter than ``MIN_SCRUB_LENGTH`` are ignored (see the module docstring).
+    """
+    global _pattern
     for value in values:
-        if value and value not in _secrets:
+        if len(value) >= MIN_SCRUB_LENGTH and value not in _secrets:
             _secrets.append(value)
-    _secrets.sort(key=len, reverse=True)
+    _secrets.sort(key=len, reverse=True)  # the longest first, so overlaps mask entirely
+    if _secrets:
+        alternatives = "|".join(re.escape(s) for s in _secrets)
+        _pattern = re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
 
 
 def scrub(text: str) -> str:
-    """Replace every registered secret inside ``text``."""
-    for secret in _secrets:
-        text = text.replace(secret, REDACTED)
-    return text
+    """Replace every whole occurrence of a registered secret inside ``text``."""
+    if _pattern is None:
+        return text
+    return _pattern.sub(REDACTED, text)
 
 
 def _scrub_value(value: Any) -> Any:

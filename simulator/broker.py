@@ -1,8 +1,21 @@
 """A local mosquitto on a free loopback port, for tests, `make run` and benchmarks.
 
-Persistence is on (sessions and queued QoS 1 messages survive a restart of the
-broker) and the per-client queue limits are lifted, as a production broker
-feeding this module should be configured.
+The configuration is the one a production broker feeding this module should
+have (docs/mqtt-topics.md, "Broker configuration"):
+
+* ``persistence true``: sessions and queued QoS 1 messages survive a restart.
+* ``autosave_on_changes true`` with ``autosave_interval 1``: the in-memory
+  database is written after every change instead of every 30 minutes (the
+  default), so a broker killed with SIGKILL (a crash, the OOM killer) comes back
+  with the inputs it had acknowledged. With the default, a kill -9 under load
+  loses every input acknowledged since the last save (all 2,000 of 2,000 queued
+  inputs in our measurement; 351 of 2,000 with the module consuming).
+* ``max_queued_messages 0``: no per-client queue limit. A limit makes mosquitto
+  drop inputs for a module that is down or slow after it acknowledged them to
+  the sender.
+
+``durable=False`` keeps mosquitto's default autosave (every 1800 s) for a
+measurement of the broker's cost.
 """
 
 from __future__ import annotations
@@ -15,10 +28,21 @@ import subprocess
 import time
 from pathlib import Path
 
+from simulator import lifecycle
+
 INSTALL_HINT = (
     "mosquitto is not installed. Install it with 'make install' (it uses apt-get) or "
     "'sudo apt-get install mosquitto' (Fedora: 'dnf install mosquitto', macOS: "
     "'brew install mosquitto')."
+)
+
+
+# mosquitto.conf lines that keep acknowledged QoS 1 messages over a kill -9 (see above).
+DURABLE = (
+    "autosave_on_changes true\n"
+    "autosave_interval 1\n"
+    "max_queued_messages 0\n"
+    "log_type error\nlog_type warning\nlog_type notice\n"  # not a line per save
 )
 
 
@@ -44,7 +68,8 @@ def mosquitto_binary() -> str:
 class Broker:
     def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1",
                  tls: tuple[Path, Path] | None = None,
-                 users: dict[str, str] | None = None, extra: str = "") -> None:
+                 users: dict[str, str] | None = None, extra: str = "",
+                 durable: bool = True) -> None:
         """``tls``: (certificate chain, key) for a TLS listener; ``users``: name -> password
         (anonymous access is then refused); ``extra``: more mosquitto.conf lines."""
         self.workdir = workdir
@@ -71,7 +96,7 @@ class Broker:
             + security +
             "persistence true\n"
             f"persistence_location {workdir / 'persist'}/\n"
-            "max_queued_messages 100000\n"
+            + (DURABLE if durable else "max_queued_messages 100000\n") +
             "max_inflight_messages 0\n"
             "set_tcp_nodelay true\n"
             f"log_dest file {self.log}\n"
@@ -79,11 +104,13 @@ class Broker:
         )
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10) -> Broker:
+    def start(self, timeout: float = 10, die_with_parent: bool = False) -> Broker:
+        """``die_with_parent``: the kernel stops mosquitto if this process dies (Linux)."""
         self.process = subprocess.Popen(
             [mosquitto_binary(), "-c", str(self.conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C meant for its owner must not kill it first
+            preexec_fn=lifecycle.die_with_parent() if die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while not self._accepts():

@@ -13,18 +13,19 @@ from edge_module.config import all_keys, load_settings, reference_markdown
 from edge_module.exceptions import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = ["Eula=accept", "Billing=https://billing.example.test/", "ApiKey=k-123"]
+BASE = ["Eula=accept", "Billing=https://billing.example.test/", "ApiKey=k-123-test-key-456"]
 
 
 def test_keys_are_case_insensitive_and_nested_with_colons() -> None:
-    s = load_settings(["eula=ACCEPT", "BILLING=https://b.test", "apikey=x", "mqtt:HOST=h",
+    s = load_settings(["eula=ACCEPT", "BILLING=https://b.test", "apikey=x-test-key-0123456",
+                       "mqtt:HOST=h",
                        "Mqtt:Tls:Insecure=true"], environ={})
     assert s.eula == "accept" and s.mqtt.host == "h" and s.mqtt.tls.insecure is True
 
 
 def test_environment_uses_double_underscores_and_ignores_foreign_variables() -> None:
     env = {"Mqtt__Port": "1999", "EULA": "accept", "Billing": "https://b.test",
-           "ApiKey": "x", "PATH": "/bin", "HOME": "/root", "MODEL": "not ours"}
+           "ApiKey": "x-test-key-0123456", "PATH": "/bin", "HOME": "/root", "MODEL": "not ours"}
     s = load_settings([], environ=env)
     assert s.mqtt.port == 1999
 
@@ -42,7 +43,7 @@ def test_precedence_command_line_over_environment_over_file(tmp_path: Path) -> N
 
 def test_toml_config_file(tmp_path: Path) -> None:
     file = tmp_path / "settings.toml"
-    file.write_text('Eula = "accept"\nBilling = "https://b.test"\nApiKey = "k"\n'
+    file.write_text('Eula = "accept"\nBilling = "https://b.test"\nApiKey = "k-test-key-0123456"\n'
                     '[Mqtt]\nInputTopic = "a/#,b/+"\n')
     s = load_settings([], environ={}, config_file=file)
     assert s.mqtt.input_topic == ["a/#", "b/+"]
@@ -82,20 +83,20 @@ def test_secret_values_are_never_echoed_in_errors() -> None:
         load_settings([*BASE[:2], "ApiKey=   "], environ={})
     assert info.value.key == "ApiKey"
     s = load_settings([*BASE, "Mqtt:Password=hunter2"], environ={})
-    assert "hunter2" not in repr(s) and "k-123" not in repr(s)
+    assert "hunter2" not in repr(s) and "k-123-test-key-456" not in repr(s)
     assert "hunter2" not in json.dumps(s.model_dump(mode="json"))
 
 
 def test_cli_bad_config_prints_one_line_and_exits_2() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_module", "run", "Eula=accept", "ApiKey=sekrit-value",
+        [sys.executable, "-m", "edge_module", "run", "Eula=accept", "ApiKey=sekrit-value-0123456",
          "Billing=ftp://x"], capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("configuration error: Billing:")
-    assert "sekrit-value" not in proc.stderr + proc.stdout
+    assert "sekrit-value-0123456" not in proc.stderr + proc.stdout
 
 
 def test_cli_accepts_settings_without_the_run_word() -> None:
@@ -120,3 +121,28 @@ def test_argument_errors_never_echo_secret_values() -> None:
     assert proc.returncode == 2
     assert "unrecognized arguments" in proc.stderr
     assert "very-secret" not in proc.stderr + proc.stdout
+
+
+def test_a_short_api_key_is_refused_with_the_minimum_and_exit_2() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings([*BASE[:2], "ApiKey=short-key"], environ={})
+    assert info.value.key == "ApiKey"
+    assert "9 characters" in str(info.value) and "at least 16" in str(info.value)
+    assert "short-key" not in str(info.value)
+    load_settings([*BASE[:2], "ApiKey=" + "k" * 16], environ={})  # the minimum is accepted
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_module", "run", "Eula=accept", "ApiKey=x",
+         "Billing=https://billing.example.test/"], capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("configuration error: ApiKey: is 1 characters long")
+
+
+def test_run_help_lists_the_required_settings_and_points_to_the_reference() -> None:
+    proc = subprocess.run([sys.executable, "-m", "edge_module", "run", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for required in ("Eula=accept", "Billing=<url>", "ApiKey=<key>", "Mounts:License",
+                     "edge-module config-reference", "docs/configuration.md"):
+        assert required in proc.stdout, required

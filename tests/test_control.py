@@ -23,7 +23,7 @@ from edge_module.envelope import result_envelope
 from edge_module.inference.models import Provenance
 from edge_module.transport.paho_fix import apply as apply_paho_fix
 
-BASE = ["Eula=accept", "Billing=http://127.0.0.1:9/", "ApiKey=k"]
+BASE = ["Eula=accept", "Billing=http://127.0.0.1:9/", "ApiKey=k-test-key-0123456"]
 
 
 def live() -> LiveSettings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ def errors(schemas: dict[str, Any], name: str, document: dict[str, Any]) -> list
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[Path, dict[str, Any]]:
-    return mf.render_all(mf.variables())
+    """What `python -m tools.manifest --allow-placeholders` renders: the example in git."""
+    return mf.render_all(mf.variables(example=True), example=True)
 
 
 def test_the_template_matches_the_template_schema(schemas: dict[str, Any]) -> None:
@@ -64,7 +66,8 @@ def test_the_template_matches_the_template_schema(schemas: dict[str, Any]) -> No
 def test_manifest_json_is_valid_and_up_to_date(schemas: dict[str, Any],
                                               rendered: dict[Path, dict[str, Any]]) -> None:
     committed = json.loads(mf.MANIFEST.read_text())
-    assert committed == rendered[mf.MANIFEST], "manifest.json is stale: run make manifest"
+    assert committed == rendered[mf.MANIFEST], \
+        "manifest.json is stale: run python -m tools.manifest --allow-placeholders"
     assert errors(schemas, "azure-iot-edge-deployment-2.0.json", committed) == []
     assert mf.check(committed) == []
     module = committed["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"][
@@ -106,7 +109,7 @@ def test_the_desired_properties_in_the_manifests_are_accepted_by_the_module(
 
     base = rendered[mf.MANIFEST]
     live = LiveSettings(load_settings(["Eula=accept", "Billing=http://127.0.0.1:9/",
-                                       "ApiKey=k"], environ={}))
+                                       "ApiKey=k-test-key-0123456"], environ={}))
     desired = base["modulesContent"]["edge-module"]["properties.desired"]
     assert live.update(desired, full=True).rejected == {}
     for path, layer in rendered.items():
@@ -167,3 +170,68 @@ def test_layered_deployments_need_a_tag_condition_and_a_priority(
     layer["priority"] = -1
     problems = "\n".join(mf.check(layer, layered=True))
     assert "targetCondition" in problems and "priority" in problems
+
+
+GOOD = {"BILLING_URL": "https://billing.contoso.test/", "API_KEY": "a-real-looking-key-0123456789",
+        "BILLING_PUBLIC_KEY": "", "CONTAINER_REGISTRY_USERNAME": "",
+        "CONTAINER_REGISTRY_PASSWORD": ""}
+
+
+def _make_manifest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                   capsys: pytest.CaptureFixture[str], *args: str,
+                   **values: str) -> tuple[int, str]:
+    """`make manifest` with these values in the environment, writing under tmp_path."""
+    monkeypatch.setattr(mf, "RENDERED", tmp_path / "config" / "manifest.json")
+    monkeypatch.setattr(mf, "GENERATED", tmp_path / "generated")
+    for name, value in {**GOOD, **values}.items():
+        monkeypatch.setenv(name, value)
+    code = mf.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_make_manifest_refuses_placeholders_and_bad_values_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = mf.read_env_file(mf.DEPLOYMENT / "manifest.env")
+    cases = [
+        ({"API_KEY": example["API_KEY"], "BILLING_URL": example["BILLING_URL"]},
+         ["API_KEY is still the example value", "BILLING_URL is still the example value"]),
+        ({"BILLING_URL": "not-a-url"}, ["BILLING_URL (the module's Billing): "]),
+        ({"API_KEY": ""}, ["API_KEY (the module's ApiKey): is required"]),
+        ({"API_KEY": "short-key"}, ["API_KEY (the module's ApiKey): is 9 characters"]),
+        ({"CONTAINER_REGISTRY_USERNAME": "bob"}, ["CONTAINER_REGISTRY_PASSWORD is empty"]),
+    ]
+    for values, expected in cases:
+        code, err = _make_manifest(monkeypatch, tmp_path, capsys, **values)
+        assert code == 2, values
+        for text in expected:
+            assert text in err, (values, err)
+        assert "nothing written" in err and not (tmp_path / "config").exists()
+        assert "short-key" not in err
+
+
+def test_make_manifest_writes_real_values_only_where_git_ignores_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _make_manifest(monkeypatch, tmp_path, capsys)
+    assert code == 0, err
+    written = (tmp_path / "config" / "manifest.json").read_text()
+    assert GOOD["API_KEY"] in written and mf.check(json.loads(written)) == []
+    assert GOOD["API_KEY"] not in mf.MANIFEST.read_text()
+    # The real paths the tool writes to are ignored by git; the example is tracked.
+    paths = ["deployment/config/manifest.json", "deployment/generated/edge-module.layered.json"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=mf.ROOT,
+                             capture_output=True, text=True)
+    assert ignored.stdout.split() == paths, ignored.stderr
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "manifest.json"],
+                             cwd=mf.ROOT, capture_output=True)
+    assert tracked.returncode == 0
+
+
+def test_the_example_in_git_takes_no_value_from_the_environment() -> None:
+    example = mf.variables({"API_KEY": "a-real-looking-key-0123456789"}, example=True)
+    assert example["API_KEY"] == mf.read_env_file(mf.DEPLOYMENT / "manifest.env")["API_KEY"]
+    assert mf.secrets_in_example(example) == []
+    problems = mf.secrets_in_example({"API_KEY": "a-real-looking-key-0123456789",
+                                      "CONTAINER_REGISTRY_PASSWORD": "hunter2-registry"})
+    assert len(problems) == 2 and "deployment/.env" in problems[0]

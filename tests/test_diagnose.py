@@ -36,7 +36,8 @@ def test_healthy_endpoint_passes_every_check(billing: BillingSimulator) -> None:
 
 
 def test_endpoint_down_fails_tcp_with_a_fix() -> None:
-    code, checks, _ = diagnose(f"Billing=http://127.0.0.1:{free_port()}", "ApiKey=k")
+    code, checks, _ = diagnose(f"Billing=http://127.0.0.1:{free_port()}",
+                               "ApiKey=k-test-key-0123456")
     assert code == 1
     assert checks["tcp"]["result"] == "FAIL" and "refused" in checks["tcp"]["detail"]
     assert checks["tcp"]["fix"]
@@ -53,7 +54,7 @@ def test_busy_endpoint_reports_retry_after(billing: BillingSimulator) -> None:
 
 
 def test_wrong_key_fails_the_key_check_with_the_remedy(billing: BillingSimulator) -> None:
-    code, checks, text = diagnose(f"Billing={billing.url}", "ApiKey=not-the-key")
+    code, checks, text = diagnose(f"Billing={billing.url}", "ApiKey=not-the-key-0123456789")
     assert code == 1
     assert checks["key"]["result"] == "FAIL" and checks["key"]["detail"].startswith("Invalid")
     assert "ApiKey=<key>" in checks["key"]["fix"]

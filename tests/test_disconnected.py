@@ -140,8 +140,8 @@ def test_licence_quota_gates_when_used_up(
     start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator,
     tmp_path: Path,
 ) -> None:
-    billing.state.keys["small"] = KeyInfo(quota=3)
-    download(tmp_path, billing, key="small")
+    billing.state.keys["small-quota-key-0123"] = KeyInfo(quota=3)
+    download(tmp_path, billing, key="small-quota-key-0123")
     module = disconnected(start_module, tmp_path, billing)
     for i in range(5):
         collector.publish("em/in/x", tensor(i))

@@ -58,10 +58,10 @@ def identity() -> Identity:
 @pytest.mark.parametrize(
     ("key", "setup", "status"),
     [
-        ("unknown-key", None, "Invalid"),
-        ("other-type-key", None, "Mismatch"),
-        ("revoked-key", {"revoked": True}, "ContainerUseUnauthorized"),
-        ("spent-key", {"quota": 0}, "OutOfQuota"),
+        ("unknown-key-0123456789", None, "Invalid"),
+        ("other-type-key-0123456", {"type": "speech"}, "Mismatch"),
+        ("revoked-key-0123456789", {"revoked": True}, "ContainerUseUnauthorized"),
+        ("spent-key-0123456789", {"quota": 0}, "OutOfQuota"),
     ],
 )
 def test_refusing_statuses_gate_the_module_with_an_unlicensed_envelope(
@@ -69,7 +69,8 @@ def test_refusing_statuses_gate_the_module_with_an_unlicensed_envelope(
     key: str, setup: dict[str, object] | None, status: str,
 ) -> None:
     if setup is not None:
-        billing.state.keys[key] = KeyInfo(quota=setup.get("quota"),  # type: ignore[arg-type]
+        billing.state.keys[key] = KeyInfo(str(setup.get("type", "edge-module")),
+                                          quota=setup.get("quota"),  # type: ignore[arg-type]
                                           revoked=bool(setup.get("revoked")))
     module = start_module(api_key=key, wait_ready=False)
     module.wait_serving_or_gated()
@@ -89,7 +90,7 @@ def test_refusing_statuses_gate_the_module_with_an_unlicensed_envelope(
     assert module.metric("edge_module_errors_total", 'code="Unlicensed"') == 1
     assert module.metric("edge_module_licence_state", 'state="gated"') == 1
     assert '"licence_gated"' in module.log_text()
-    assert key not in module.log_text() or key == "unknown-key"
+    assert key not in module.log_text() or key == "unknown-key-0123456789"
 
 
 def test_module_that_never_reached_its_endpoint_has_no_grace(

@@ -52,3 +52,17 @@ def test_running_module_never_logs_or_serves_its_secrets(
         assert "test-api-key-1234567890" not in text
         assert "broker-pass-987" not in text
     assert '"module_started"' in module.log_text()
+
+
+def test_scrubbing_masks_whole_secret_values_and_leaves_words_alone() -> None:
+    stream = io.StringIO()
+    logs.register_secrets(["x", "fi", "pro", "Zq9-long-enough-secret"])  # short ones ignored
+    logs.configure("info", "json", stream)
+    log = logs.get_logger("t")
+    log.info("proxy_file_fix", detail="proxy file fix exit",
+             url="https://u:Zq9-long-enough-secret@host/", glued="aZq9-long-enough-secretb")
+    record = json.loads(stream.getvalue())
+    assert record["detail"] == "proxy file fix exit"  # not pro***y, ***le, ***
+    assert record["url"] == "https://u:***@host/"
+    assert record["glued"] == "aZq9-long-enough-secretb"  # part of another value: not it
+    assert logs.scrub("x fi pro") == "x fi pro"

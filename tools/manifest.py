@@ -1,8 +1,10 @@
 """Deployment manifests: render the templates under deployment/ and check them.
 
 ``python -m tools.manifest`` (``make manifest``) writes the ready-to-apply
-``manifest.json`` from ``deployment/deployment.template.json`` and the fleet
-(layered) deployments into ``deployment/generated/``, the way iotedgedev does:
+``deployment/config/manifest.json`` from ``deployment/deployment.template.json``
+and the fleet (layered) deployments into ``deployment/generated/``, the way
+iotedgedev does. Both folders are ignored by git: they hold the real API key and
+registry password.
 
 * ``${NAME}`` and ``$NAME`` take their value from the environment, else
   ``deployment/.env`` (not in git, for real keys), else ``deployment/manifest.env``;
@@ -14,7 +16,15 @@
 
 ``check`` adds what the JSON schemas cannot say: schema versions, leftover
 placeholders, createOptions chunks, and routes naming outputs and inputs that
-the module really has.
+the module really has. ``validate`` runs the module's own settings validation
+on the environment each manifest gives the module (a bad URL, an empty or short
+key is an error naming the variable), and a value left as a placeholder
+(``replace-with-...``, an ``example.com`` address) is an error too.
+
+``--allow-placeholders`` renders the example ``manifest.json`` kept in git, from
+``deployment/manifest.env`` alone (the environment and ``deployment/.env`` are
+not read, and a secret variable there must be a placeholder or empty), so no
+real key can reach a tracked file.
 """
 
 from __future__ import annotations
@@ -34,7 +44,11 @@ DEPLOYMENT = ROOT / "deployment"
 TEMPLATE = DEPLOYMENT / "deployment.template.json"
 LAYERED = DEPLOYMENT / "layered"
 GENERATED = DEPLOYMENT / "generated"
-MANIFEST = ROOT / "manifest.json"
+MANIFEST = ROOT / "manifest.json"  # the example in git: placeholders, no secrets
+RENDERED = DEPLOYMENT / "config" / "manifest.json"  # real values; ignored by git
+SECRET_VARIABLES = ("API_KEY", "CONTAINER_REGISTRY_PASSWORD")
+PLACEHOLDER_VALUE = re.compile(r"replace-with|(?:^|[./@])example\.(?:com|org|net)\b",
+                               re.IGNORECASE)
 MODULE = "edge-module"
 CHUNK = 512
 MAX_CHUNKS = 8  # createOptions plus createOptions01..07
@@ -62,12 +76,17 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Values for placeholders: environment > deployment/.env > deployment/manifest.env."""
+def variables(environ: Mapping[str, str] | None = None, example: bool = False
+              ) -> dict[str, str]:
+    """Values for placeholders: environment > deployment/.env > deployment/manifest.env.
+
+    ``example``: deployment/manifest.env alone (the example manifest kept in git).
+    """
     environ = os.environ if environ is None else environ
     values = read_env_file(DEPLOYMENT / "manifest.env")
-    values.update(read_env_file(DEPLOYMENT / ".env"))
-    values.update({k: v for k, v in environ.items() if k in values})
+    if not example:
+        values.update(read_env_file(DEPLOYMENT / ".env"))
+        values.update({k: v for k, v in environ.items() if k in values})
     module = json.loads((DEPLOYMENT / "module.json").read_text())["image"]
     repository = _substitute(module["repository"], values)
     for platform in module["tag"]["platforms"]:
@@ -247,12 +266,91 @@ def module_endpoints(module: dict[str, Any] | None,
     return outputs, inputs
 
 
-def render_all(values: Mapping[str, str]) -> dict[Path, dict[str, Any]]:
-    """Every manifest this repository ships, rendered: {output path: manifest}."""
-    out = {MANIFEST: render(json.loads(TEMPLATE.read_text()), values)}
+def templates() -> dict[Path, Path]:
+    """{template: where its rendering goes}; the base manifest under the RENDERED name."""
+    out = {TEMPLATE: RENDERED}
     for path in sorted(LAYERED.glob("*.json")):
-        out[GENERATED / path.name] = render(json.loads(path.read_text()), values)
+        out[path] = GENERATED / path.name
     return out
+
+
+def render_all(values: Mapping[str, str], example: bool = False
+               ) -> dict[Path, dict[str, Any]]:
+    """Every manifest this repository ships, rendered: {output path: manifest}.
+
+    ``example``: the base manifest goes to MANIFEST (the example in git), not RENDERED.
+    """
+    out = {}
+    for template, target in templates().items():
+        path = MANIFEST if example and target == RENDERED else target
+        out[path] = render(json.loads(template.read_text()), values)
+    return out
+
+
+def _module_env(manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The edge-module entry's env of a manifest or layered deployment (and its parent)."""
+    content = manifest["content"]["modulesContent"] if "content" in manifest \
+        else manifest["modulesContent"]
+    agent = content.get("$edgeAgent", {})
+    module = agent.get(f"properties.desired.modules.{MODULE}") or \
+        agent.get("properties.desired", {}).get("modules", {}).get(MODULE)
+    if not isinstance(module, dict) or not isinstance(module.get("env"), dict):
+        return None
+    return module["env"], module
+
+
+def setting_variables(template: dict[str, Any]) -> dict[str, str]:
+    """Module setting (``ApiKey``, ``Billing:PublicKey``) -> the variable that fills it."""
+    found = _module_env(template)
+    out: dict[str, str] = {}
+    if found is None:
+        return out
+    for name, entry in found[0].items():
+        match = PLACEHOLDER.fullmatch(str(entry.get("value", ""))) \
+            if isinstance(entry, dict) else None
+        if match:
+            out[name.replace("__", ":").lower()] = match.group(1) or match.group(2)
+    return out
+
+
+def validate(manifest: dict[str, Any], template: dict[str, Any]) -> list[str]:
+    """The module's own settings validation on the env this manifest gives it."""
+    from edge_module.config import load_settings
+    from edge_module.exceptions import ConfigError
+
+    found = _module_env(manifest)
+    if found is None:
+        return []
+    env = {name: str(entry.get("value", "")) for name, entry in found[0].items()
+           if isinstance(entry, dict)}
+    try:
+        load_settings([], environ=env)
+    except ConfigError as exc:
+        variable = setting_variables(template).get(exc.key.lower())
+        reason = exc.message.split("; fix:")[0]
+        if variable is None:
+            return [f"module setting {exc.key}: {exc.message}"]
+        return [f"{variable} (the module's {exc.key}): {reason}; fix: set {variable}=<value> "
+                "in deployment/.env (ignored by git) or in the environment"]
+    return []
+
+
+def placeholders(values: Mapping[str, str], used: set[str]) -> list[str]:
+    """Variables a template uses whose value is still an example."""
+    return sorted(name for name in used if PLACEHOLDER_VALUE.search(values.get(name, "")))
+
+
+def used_variables(text: str) -> set[str]:
+    return {m.group(1) or m.group(2) for m in PLACEHOLDER.finditer(text)} - KEEP
+
+
+def secrets_in_example(values: Mapping[str, str]) -> list[str]:
+    """Secret variables of deployment/manifest.env that hold something real."""
+    return [f"{name} in deployment/manifest.env (tracked by git) holds a value that is not "
+            f"a placeholder; fix: move it to deployment/.env (ignored by git) and put "
+            f"{name}=replace-with-... or nothing in manifest.env"
+            for name in SECRET_VARIABLES
+            if values.get(name) and not PLACEHOLDER_VALUE.search(values[name])]
 
 
 def dumps(manifest: dict[str, Any]) -> str:
@@ -262,22 +360,58 @@ def dumps(manifest: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.manifest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+    parser.add_argument("--allow-placeholders", action="store_true",
+                        help="render the example manifest.json kept in git from "
+                        "deployment/manifest.env alone, placeholders allowed")
+    args = parser.parse_args(argv)
+    example = bool(args.allow_placeholders)
+    values = variables(example=example)
+    problems: list[str] = secrets_in_example(values) if example else []
+    if values.get("CONTAINER_REGISTRY_USERNAME") and not values.get(
+            "CONTAINER_REGISTRY_PASSWORD") and not example:
+        problems.append("CONTAINER_REGISTRY_USERNAME is set but CONTAINER_REGISTRY_PASSWORD "
+                        "is empty; fix: set CONTAINER_REGISTRY_PASSWORD in deployment/.env "
+                        "(ignored by git), or empty both for a registry without login")
     try:
-        rendered = render_all(variables())
+        rendered = render_all(values, example=example)
     except ManifestError as exc:
         print(f"manifest: {exc}", file=sys.stderr)
         return 2
-    status = 0
+    sources = {target: template for template, target in templates().items()}
+    left: set[str] = set()
     for path, manifest in rendered.items():
-        problems = check(manifest, layered=path.parent == GENERATED)
-        for problem in problems:
-            print(f"{path.relative_to(ROOT)}: {problem}", file=sys.stderr)
-            status = 2
+        template_text = sources[RENDERED if path == MANIFEST else path].read_text()
+        where = _shown(path)
+        problems += [f"{where}: {p}" for p in check(manifest, layered=path.parent == GENERATED)]
+        # The same variable feeds several manifests: name it once, not once per file.
+        problems += validate(manifest, json.loads(template_text))
+        left |= set(placeholders(values, used_variables(template_text)))
+    if example and left:
+        print(f"note: left as placeholders, as asked: {', '.join(sorted(left))}",
+              file=sys.stderr)
+    elif left:
+        problems += [f"{name} is still the example value {values[name]!r}; fix: set "
+                     f"{name}=<your value> in deployment/.env (ignored by git) or in the "
+                     "environment (--allow-placeholders renders the example in git)"
+                     for name in sorted(left)]
+    if problems:
+        for problem in dict.fromkeys(problems):
+            print(f"manifest: {problem}", file=sys.stderr)
+        print("manifest: nothing written", file=sys.stderr)
+        return 2
+    for path, manifest in rendered.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dumps(manifest))
-        print(f"wrote {path.relative_to(ROOT)}")
-    return status
+        print(f"wrote {_shown(path)}")
+    if not example:
+        print(f"apply {_shown(RENDERED)} (it holds your keys; git ignores it): "
+              f"az iot edge set-modules --hub-name <hub> --device-id <device> --content "
+              f"{_shown(RENDERED)}")
+    return 0
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,33 @@ from edge_module.exceptions import ConfigError
 
 __all__ = ["main"]
 
+RUN_DESCRIPTION = """\
+Serve the model: take input from MQTT (or edgeHub), answer it, meter every answer
+and upload the metering records to the billing endpoint.
+
+Required settings:
+  Eula=accept        you accept the licence terms
+  Billing=<url>      base URL of the billing endpoint (https://...)
+  ApiKey=<key>       the key for the billing endpoint (at least 16 characters)
+                     (without Billing and ApiKey: Mounts:License=<folder> runs
+                     disconnected under a licence file)
+
+Often set too:
+  Mqtt:Host=<host> Mqtt:Port=<port>   the broker (default 127.0.0.1:1883)
+  Model:Name=<name> | Model:Path=<file.onnx>
+  Data:Path=<folder>                  where the metering ledger lives
+  Http:Port=<port>                    /health, /ready, /status, /metrics
+"""
+
+RUN_EPILOG = """\
+Settings are Key=Value on the command line, Section__Key=value in the environment
+(Mqtt__Port=1883) or a JSON/TOML file given with --config; names are
+case-insensitive. Every setting, its default and meaning:
+  edge-module config-reference   (also docs/configuration.md)
+A bad or missing setting stops the module with one line naming it and the fix,
+exit code 2.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(
@@ -30,8 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edge-module {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    run = sub.add_parser("run", help="run the module: edge-module run Eula=accept "
-                         "Billing=<url> ApiKey=<key> [Key=Value ...]")
+    run = sub.add_parser(
+        "run", help="run the module: edge-module run Eula=accept "
+        "Billing=<url> ApiKey=<key> [Key=Value ...]",
+        description=RUN_DESCRIPTION, epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     settings_arguments(run)
     sub.add_parser("config-reference", help="print the configuration reference (markdown)")
     ledger = sub.add_parser(

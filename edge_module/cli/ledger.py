@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from edge_module import logs
@@ -20,7 +21,7 @@ from edge_module.metering.drain import Drainer
 from edge_module.metering.ledger import Ledger, MeteringError
 from edge_module.trust.keys import keys_for
 
-PLACEHOLDERS = ("Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused")
+PLACEHOLDERS = ("Eula=accept", "Billing=http://billing.invalid/", "ApiKey=unused-placeholder-key")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -89,12 +90,20 @@ def _print(args: argparse.Namespace, data: dict[str, Any]) -> None:
         print(json.dumps(data, indent=2))
         return
     for key, value in data.items():
+        if key == "lastSuccessfulDrain":
+            continue  # epoch milliseconds: people read lastSuccessfulDrainAt (ISO 8601)
         if isinstance(value, list):
             print(f"{key}: {len(value)}")
             for item in value:
+                if isinstance(item, dict) and isinstance(item.get("at"), int):
+                    item = {**item, "at": _iso(item["at"])}  # epoch ms: people read ISO
                 print("  " + json.dumps(item))
         else:
             print(f"{key:>24}: {'-' if value is None else value}")
+
+
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat()
 
 
 class ProgressBar:

@@ -33,6 +33,9 @@ from pydantic import (
     model_validator,
 )
 
+# Billing keys are issued as 32 characters; a key shorter than this is a typo or a test
+# value, and scrubbing so short a value from logs would mangle ordinary words (logs.py).
+MIN_API_KEY_LENGTH = 16
 BUILTIN_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -610,8 +613,8 @@ class Settings(Section):
     billing: BillingSettings = Field(default_factory=BillingSettings, alias="Billing")
     api_key: SecretStr | None = Field(
         None, alias="ApiKey",
-        description="Key for the billing endpoint. Required unless the module runs "
-        "disconnected. Never logged or returned.",
+        description="Key for the billing endpoint, at least 16 characters. Required unless "
+        "the module runs disconnected. Never logged or returned.",
     )
     replicas: int = Field(
         1, alias="Replicas", ge=1, le=64,
@@ -649,6 +652,10 @@ class Settings(Section):
     def _non_empty(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("must not be empty")
+        if value is not None and len(value.get_secret_value()) < MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"is {len(value.get_secret_value())} characters long; a real billing key "
+                f"has at least {MIN_API_KEY_LENGTH} (this looks like a typo or a test value)")
         return value
 
     @model_validator(mode="after")
@@ -699,7 +706,8 @@ FIXES: dict[str, str] = {
     "Eula": "pass Eula=accept to accept the licence terms",
     "Billing": "pass Billing=https://<your billing endpoint>",
     "Billing:Url": "pass Billing=https://<your billing endpoint>",
-    "ApiKey": "pass ApiKey=<your key> (or set the ApiKey environment variable)",
+    "ApiKey": "pass ApiKey=<the whole key your billing provider issued> (or set the ApiKey "
+    "environment variable)",
     "Model:Path": "point Model:Path at an existing .onnx file with its .json descriptor beside it",
     "Model:Name": "use a built-in model name or set Model:Path",
 }

@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,9 @@ class Stats:
             "accepted": self.accepted,
             "duplicates": self.duplicates,
             "quarantined": self.quarantined,
-            "lastSuccessfulDrain": self.last_drain_ms,
+            "lastSuccessfulDrain": self.last_drain_ms,  # epoch ms, for machines
+            "lastSuccessfulDrainAt": None if self.last_drain_ms is None  # ISO, for people
+            else datetime.fromtimestamp(self.last_drain_ms / 1000, UTC).isoformat(),
             "ledgerBytes": self.file_bytes,
         }
 

@@ -44,7 +44,26 @@ apply_paho_fix()
 log = get_logger("mqtt")
 
 
-class DeferredAckClient(mqtt.Client):  # type: ignore[misc]
+class ReportingClient(mqtt.Client):  # type: ignore[misc]
+    """A paho 1.6 client that keeps why its last connection attempt failed.
+
+    paho's network thread swallows the exception of a failed (re)connect and only
+    calls ``on_connect_fail(client, userdata)``; this keeps the exception for it.
+    """
+
+    last_connect_error: BaseException | None = None
+
+    def reconnect(self) -> int:
+        try:
+            result = int(mqtt.Client.reconnect(self))
+        except OSError as exc:  # paho retries these with back-off
+            self.last_connect_error = exc
+            raise
+        self.last_connect_error = None
+        return result
+
+
+class DeferredAckClient(ReportingClient):
     """A paho 1.6 client whose QoS 1 PUBACKs are sent by ``ack``, not by paho."""
 
     def _send_puback(self, mid: int) -> int:
@@ -78,14 +97,18 @@ class MqttTransport:
         self._pending: dict[int, Callable[[], None]] = {}  # output mid -> settle callback
         self._early: set[int] = set()  # output mids acknowledged before we registered them
         self._receive_maximum = max(1, min(receive_maximum, 65535))
+        self._subscribed = False  # the broker acknowledged the intake's subscriptions
         self._intake = self._client(f"{client_id}-in", DeferredAckClient)
-        self._output = self._client(f"{client_id}-out", mqtt.Client)
+        self._output = self._client(f"{client_id}-out", ReportingClient)
         self._intake.on_connect = self._on_intake_connect
         self._intake.on_message = self._on_message
         self._intake.on_disconnect = self._on_disconnect("intake")
+        self._intake.on_connect_fail = self._on_connect_fail("intake")
+        self._intake.on_subscribe = self._on_subscribe
         self._output.on_connect = self._on_output_connect
         self._output.on_publish = self._on_publish
         self._output.on_disconnect = self._on_disconnect("output")
+        self._output.on_connect_fail = self._on_connect_fail("output")
         self._output.will_set(settings.availability_topic, b"offline", qos=1, retain=True)
         self._output.max_inflight_messages_set(1000)
         # paho runs each connection's network loop on a thread of its own; an error
@@ -101,7 +124,7 @@ class MqttTransport:
             self.keep(name, lambda: client.loop_forever(retry_first_connection=True))
         return loop
 
-    def _client(self, client_id: str, cls: type[mqtt.Client]) -> mqtt.Client:
+    def _client(self, client_id: str, cls: type[ReportingClient]) -> ReportingClient:
         s = self.settings
         if self.v5:
             client = cls(client_id=client_id, protocol=mqtt.MQTTv5)
@@ -149,7 +172,10 @@ class MqttTransport:
 
     @property
     def connected(self) -> bool:
-        return bool(self._intake.is_connected() and self._output.is_connected())
+        """Both connections up and the input subscriptions acknowledged by the broker
+        (an input published before the SUBACK would not reach us)."""
+        return bool(self._intake.is_connected() and self._output.is_connected()
+                    and self._subscribed)
 
     def stop_intake(self) -> None:
         """Take no more messages; those not taken stay with the broker."""
@@ -179,10 +205,31 @@ class MqttTransport:
 
     # -- callbacks (paho's network threads) -------------------------------
 
+    def _on_connect_fail(self, name: str) -> Callable[..., None]:
+        """Each failed attempt, at each back-off step: where, why and what to do."""
+        def handler(client: ReportingClient, _: Any) -> None:
+            s = self.settings
+            reason, fix = connect_failure(client.last_connect_error, s.host, s.port,
+                                          tls=s.tls.ca_file is not None)
+            log.warning("mqtt_unreachable", client=name, host=s.host, port=s.port,
+                        reason=reason, detail=_describe(client.last_connect_error),
+                        retry_in_seconds=_next_delay(client, s), fix=fix)
+        return handler
+
+    def _refused(self, name: str, rc: Any) -> None:
+        s = self.settings
+        auth = _reason(rc) in AUTH_REFUSALS
+        log.error("mqtt_connect_refused", client=name, host=s.host, port=s.port,
+                  reason="auth" if auth else "refused by broker", detail=str(rc),
+                  retry="reconnecting with back-off",
+                  fix="check Mqtt:Username, Mqtt:Password and the broker's ACL" if auth
+                  else f"see the broker's log for why it refused {name}; check Mqtt:ClientId "
+                  "and Mqtt:Protocol")
+
     def _on_output_connect(self, client: mqtt.Client, _: Any, flags: Any, rc: Any,
                            *__: Any) -> None:
         if _reason(rc) != 0:
-            log.error("mqtt_connect_refused", client="output", reason=str(rc))
+            self._refused("output", rc)
             return
         _no_delay(client)
         info = client.publish(self.settings.availability_topic, b"online", qos=1, retain=True)
@@ -193,8 +240,7 @@ class MqttTransport:
     def _on_intake_connect(self, client: mqtt.Client, _: Any, flags: Any, rc: Any,
                            *__: Any) -> None:
         if _reason(rc) != 0:
-            log.error("mqtt_connect_refused", client="intake", reason=str(rc),
-                      fix="check Mqtt:Username, Mqtt:Password and the broker's ACL")
+            self._refused("intake", rc)
             return
         resumed = bool(flags.get("session present", 0))
         if not resumed:
@@ -203,10 +249,24 @@ class MqttTransport:
                 self._taken.clear()
         qos = self.settings.qos
         _no_delay(client)
+        self._subscribed = False
         client.subscribe([(topic_filter, qos) for topic_filter in self.settings.input_topic])
         self._update_connected()
         log.info("mqtt_connected", client="intake", session_resumed=resumed,
                  subscribed=self.settings.input_topic)
+
+    def _on_subscribe(self, client: mqtt.Client, _: Any, mid: int, granted: Any,
+                      *__: Any) -> None:
+        codes = [int(getattr(g, "value", g)) for g in (granted or [])]
+        refused = [f for f, code in zip(self.settings.input_topic, codes, strict=False)
+                   if code >= 0x80]
+        if refused:
+            log.error("mqtt_subscribe_refused", host=self.settings.host,
+                      port=self.settings.port, filters=refused,
+                      fix="allow this client to subscribe to Mqtt:InputTopic in the "
+                      "broker's ACL, or correct Mqtt:InputTopic")
+        self._subscribed = len(refused) < len(self.settings.input_topic)
+        self._update_connected()
 
     def _on_disconnect(self, name: str) -> Callable[..., None]:
         def handler(client: mqtt.Client, _: Any, rc: Any, *__: Any) -> None:
@@ -305,6 +365,50 @@ class MqttTransport:
                 acknowledged = False
         if acknowledged:
             settle()
+
+
+# CONNACK codes that mean "who you are is not accepted": MQTT 3.1.1 (4, 5), v5 (134, 135, 140).
+AUTH_REFUSALS = {4, 5, 134, 135, 140}
+
+
+def connect_failure(exc: BaseException | None, host: str, port: int,
+                    tls: bool) -> tuple[str, str]:
+    """(reason, fix) for a connection attempt that failed before the broker answered."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return "dns", (f"the host name {host!r} does not resolve: check Mqtt:Host and this "
+                       "device's DNS")
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", (f"nothing listens on {where}: check Mqtt:Host and Mqtt:Port and "
+                           "that the broker runs")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "tls", (f"the certificate of {where} is not trusted: Mqtt:Tls:CaFile must be "
+                       "the CA that signed it and Mqtt:Host a name in it")
+    if isinstance(exc, ssl.SSLError):
+        return "tls", (f"the TLS handshake with {where} failed: check that Mqtt:Port is the "
+                       "broker's TLS listener and the Mqtt:Tls files")
+    if isinstance(exc, TimeoutError):
+        return "timeout", (f"{where} did not answer: check the network path and firewalls "
+                           "between this device and the broker")
+    if tls and isinstance(exc, ConnectionResetError):
+        return "tls", (f"{where} closed the connection during the TLS handshake: check that "
+                       "Mqtt:Port is the broker's TLS listener")
+    return "network", (f"cannot connect to {where}: check Mqtt:Host, Mqtt:Port and the "
+                       "network path")
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "connection failed"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _next_delay(client: mqtt.Client, s: MqttSettings) -> float:
+    """The wait paho is about to take (its back-off doubles from min to max)."""
+    current = getattr(client, "_reconnect_delay", None)
+    delay = s.reconnect_min_delay if current is None else min(current * 2,
+                                                               s.reconnect_max_delay)
+    return round(float(delay), 2)
 
 
 def _no_delay(client: mqtt.Client) -> None:
