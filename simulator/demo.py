@@ -20,8 +20,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 from simulator.billing import BillingSimulator, KeyInfo
 from simulator.broker import Broker, BrokerMissing, free_port
 from simulator.lifecycle import ParentWatch, die_with_parent
+from simulator.process import ModuleProcess, development_trust
 
 RUN_DIR = Path(".run")
 DEMO_KEY = "demo-key-0123456789abcdef"
@@ -36,22 +35,6 @@ DEMO_KEY = "demo-key-0123456789abcdef"
 
 class Stop(Exception):
     """A signal asked us to stop."""
-
-
-def wait_ready(port: int, module: subprocess.Popen[bytes], stop: threading.Event,
-               timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
-        if module.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return True
-        except OSError:
-            pass
-        stop.wait(0.2)
-    return False
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,13 +75,12 @@ def _run(args: argparse.Namespace, stop: threading.Event, reason: list[str],
          watch: ParentWatch) -> int:
     run_dir: Path = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    module: subprocess.Popen[bytes] | None = None
+    module: ModuleProcess | None = None
     publisher: subprocess.Popen[bytes] | None = None
     broker: Broker | None = None
     billing: BillingSimulator | None = None
     billed_before = 0
     left_before: int | None = 0
-    module_log = open(run_dir / "module.log", "ab")  # noqa: SIM115 - closed below
     try:
         try:
             broker = Broker(run_dir / "broker").start(die_with_parent=True)
@@ -109,16 +91,15 @@ def _run(args: argparse.Namespace, stop: threading.Event, reason: list[str],
         billed_before = billing.totals()["records"]  # the simulator's store outlives runs
         left_before = _pending(run_dir / "data")  # answered in an earlier run, not billed
         http_port = args.http_port or (5000 if _free(5000) else free_port())
-        module = subprocess.Popen(
-            [sys.executable, "-m", "edge_module", "run", "Eula=accept",
-             f"Billing={billing.url}", f"ApiKey={DEMO_KEY}", f"Mqtt:Port={broker.port}",
-             f"Http:Port={http_port}", f"Data:Path={run_dir / 'data'}", "Log:Format=console",
-             "Metering:MaxDelaySeconds=2", f"Development:TrustedKeyFile={billing.public_key_path}"],
-            stdout=module_log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us only; we stop the module in order
-            preexec_fn=die_with_parent(signal.SIGTERM),
-        )
-        if not wait_ready(http_port, module, stop):
+        module = ModuleProcess(
+            ["Eula=accept", f"Billing={billing.url}", f"ApiKey={DEMO_KEY}",
+             f"Mqtt:Port={broker.port}", f"Http:Port={http_port}",
+             f"Data:Path={run_dir / 'data'}", "Log:Format=console",
+             "Metering:MaxDelaySeconds=2", development_trust(billing.public_key_path)],
+            http_port, run_dir / "module.log",
+            new_session=True,  # Ctrl-C reaches us only; we stop the module in order
+            preexec_fn=die_with_parent(signal.SIGTERM)).start()
+        if not module.wait_ready(60, stop):
             if stop.is_set():
                 return 0
             print(f"the module did not become ready; see {run_dir / 'module.log'}",
@@ -153,8 +134,9 @@ def _run(args: argparse.Namespace, stop: threading.Event, reason: list[str],
         if reason:
             print(f"\nstopping ({reason[0]})", flush=True)
         _shutdown(publisher, signal.SIGINT, 20)
-        code = _shutdown(module, signal.SIGTERM, 30)
-        module_log.close()
+        code = _shutdown(module.process if module else None, signal.SIGTERM, 30)
+        if module is not None:
+            module.stop()  # closes its log
         if broker is not None:
             broker.stop()
         if billing is not None:

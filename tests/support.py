@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +22,7 @@ from edge_module.trust.keys import TrustedKey, TrustedKeys
 from edge_module.trust.signing import load_public_key
 from simulator.broker import Broker, BrokerMissing, free_port
 from simulator.datasets import digit_image
+from simulator.process import ModuleProcess, development_trust
 
 __all__ = ["IDENTITY", "Broker", "Collector", "Module", "digit_png", "free_port",
            "make_ledger", "start_broker", "wait_until"]
@@ -104,52 +100,49 @@ class Collector:
         self.client.loop_stop()
 
 
-class Module:
-    """The module as users run it: ``python -m edge_module run Key=Value ...``."""
+class Module(ModuleProcess):
+    """The module as users run it (``python -m edge_module run Key=Value ...``), wired to a
+    test's broker and topics; simulator/process.py starts, waits for and stops it."""
 
     def __init__(self, workdir: Path, broker_port: int, *extra: str,
                  env: dict[str, str] | None = None, prefix: str = "em",
                  billing: str | None = "http://127.0.0.1:9/", api_key: str = API_KEY,
                  public_key: str | None = None) -> None:
+        http_port = free_port()
         self.workdir = workdir
-        self.http_port = free_port()
         self.prefix = prefix
-        self.log_path = workdir / f"module-{self.http_port}.log"
         trust: list[str] = []
         if public_key:  # the simulator's key, trusted through the development switch
-            key_file = workdir / f"trusted-key-{self.http_port}.b64"
+            key_file = workdir / f"trusted-key-{http_port}.b64"
             key_file.write_text(public_key + "\n")
-            trust = [f"Development:TrustedKeyFile={key_file}"]
+            trust = [development_trust(key_file)]
         self.args = [
             "Eula=accept", *([f"Billing={billing}", f"ApiKey={api_key}"] if billing else []),
-            f"Mqtt:Port={broker_port}", f"Http:Port={self.http_port}",
+            f"Mqtt:Port={broker_port}", f"Http:Port={http_port}",
             f"Data:Path={workdir / 'data'}",
             f"Mqtt:InputTopic={prefix}/in/#", f"Mqtt:ResultTopic={prefix}/results",
             f"Mqtt:ErrorTopic={prefix}/errors", f"Mqtt:AvailabilityTopic={prefix}/status",
             "Mqtt:ReconnectMaxDelay=1",
             *trust, *extra,
         ]
-        self.env = {**os.environ, **(env or {})}
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(self.args, http_port, workdir / f"module-{http_port}.log",
+                         env={**os.environ, **(env or {})}, cwd=workdir)
 
     def start(self, wait_ready: bool = True) -> Module:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "edge_module", "run", *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-        )
+        super().start()
         if wait_ready:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 30, stop: threading.Event | None = None) -> bool:
+        """Like ModuleProcess.wait_ready, but a timeout fails the test with the log."""
         wait_until(self.ready, timeout, f"module ready; log:\n{self.log_tail()}")
+        return True
 
     def wait_serving_or_gated(self, timeout: float = 30) -> None:
         """Started and connected to the broker, whatever the licence decision."""
         def connected() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
+            if self.exited() is not None:
                 raise AssertionError(f"module exited:\n{self.log_tail()}")
             status, body = self.http("/ready")
             return status == 200 or (status == 503 and b"unlicensed" in body)
@@ -161,21 +154,10 @@ class Module:
         return dict(json.loads(body))
 
     def ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"module exited with {self.process.returncode}:\n"
-                                 f"{self.log_tail()}")
-        return self.http("/ready")[0] == 200
-
-    def http(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
-                                        timeout=2) as reply:
-                return reply.status, reply.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-        except OSError:
-            return 0, b""
+        code = self.exited()
+        if code is not None:
+            raise AssertionError(f"module exited with {code}:\n{self.log_tail()}")
+        return super().ready()
 
     def metric(self, name: str, labels: str = "") -> float:
         status, body = self.http("/metrics")
@@ -185,30 +167,9 @@ class Module:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
     def wait_exit(self, timeout: float = 15) -> int:
         assert self.process is not None
         return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        if hasattr(self, "_log"):
-            self._log.close()
 
 
 def digit_png(pixels: np.ndarray, fmt: str = ".png") -> bytes:

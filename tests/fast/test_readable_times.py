@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from edge_module.ledger_cli import _print
 
+from edge_module.cli.ledger import _print
 from edge_module.metering.ledger import Stats
 
 EPOCH_MS = 1795750000000
