@@ -109,6 +109,7 @@ class Module(ModuleProcess):
                  billing: str | None = "http://127.0.0.1:9/", api_key: str = API_KEY,
                  public_key: str | None = None) -> None:
         http_port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.prefix = prefix
         trust: list[str] = []

@@ -326,8 +326,7 @@ def test_a_release_build_trusts_its_built_in_key_and_rotates(
         try:
             module = Module(tmp_path / f"m-{serves}", broker.port,  # type: ignore[attr-defined]
                             billing=sim.url)
-            (tmp_path / f"m-{serves}").mkdir()
-            module.workdir = root  # run the release copy (cwd first on sys.path)
+            module.workdir = module.cwd = root  # the release copy (cwd first on sys.path)
             module.start(wait_ready=False)
             try:
                 module.wait_serving_or_gated()
