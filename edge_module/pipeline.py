@@ -34,7 +34,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from edge_module.config import PipelineSettings
-from edge_module.envelope import error_envelope, result_envelope
+from edge_module.envelope import error_envelope, result_envelope, shape_results
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import EdgeModuleError, Refusal
 from edge_module.inference.codecs import Codec, Limits, RequestError
@@ -393,8 +393,11 @@ class Pipeline:
                     self.commits.task_done()
 
     def _commit_and_publish(self, group: list[Inferred]) -> None:
-        # Durable before visible: the records of these batches are committed before any
-        # of their results is published. Replays were billed when first answered.
+        # Every answer is shaped first: one that cannot be shaped gets InternalError and no
+        # record. Then, durable before visible, the records of the shaped answers are
+        # committed before any of them is published. Replays were billed when first
+        # answered. Nothing is billed that is not answered, nothing answered unbilled.
+        shaped = self._shape(group)
         fresh = [job for inferred in group for job in inferred.fresh]
         # Every admitted (fresh) job holds a reservation in the meter until its commit
         # is attempted (``commit`` gives it back, committed or not); whatever fails
@@ -408,7 +411,7 @@ class Pipeline:
                     Usage(len(job.items) * inferred.serving.quantity_per_item,
                           job.inbound.delivery_key,
                           job.digest() if job.inbound.delivery_key is not None else None)
-                    for job in inferred.fresh)
+                    for job in inferred.fresh if id(job) in shaped)
             for spec, usages in by_meter.items():
                 if not usages:
                     continue
@@ -429,36 +432,56 @@ class Pipeline:
             for inferred in group:
                 if inferred.serving.meter in failed:
                     for job in inferred.jobs:
-                        self._send_error(job.inbound, job.request_id,
-                                         ErrorCode.METERING_UNAVAILABLE,
-                                         "the usage record could not be stored, so no "
-                                         "result is released; send the input again once "
-                                         "the disk under Data:Path has room")
+                        if id(job) in shaped:
+                            self._send_error(job.inbound, job.request_id,
+                                             ErrorCode.METERING_UNAVAILABLE,
+                                             "the usage record could not be stored, so no "
+                                             "result is released; send the input again "
+                                             "once the disk under Data:Path has room")
             group = [inferred for inferred in group if inferred.serving.meter not in failed]
-            fresh = [job for inferred in group for job in inferred.fresh]
-        replays = sum(len(inferred.jobs) for inferred in group) - len(fresh)
+        jobs = [job for inferred in group for job in inferred.jobs if id(job) in shaped]
+        replays = sum(1 for job in jobs if job.replay_of is not None)
         if replays:
             self.metrics.replays.inc(replays)
         for inferred in group:
-            serving = inferred.serving
-            labels = serving.model.labels
-            provenance = serving.model.provenance
-            offset = 0
+            provenance = inferred.serving.model.provenance
             for job in inferred.jobs:
-                n = len(job.items)
+                results = shaped.get(id(job))
+                if results is None:
+                    continue
                 total_ms = (time.perf_counter() - job.inbound.received) * 1000
-                body = result_envelope(
-                    job.request_id, provenance, inferred.scores[offset:offset + n], labels,
-                    serving.top_k, {"decode": job.decode_ms, "infer": inferred.infer_ms,
-                                    "total": total_ms},
-                    serving.score_threshold,
-                )
-                offset += n
+                body = result_envelope(job.request_id, provenance, results,
+                                       {"decode": job.decode_ms, "infer": inferred.infer_ms,
+                                        "total": total_ms})
                 log.debug("result", id=job.request_id, source=job.inbound.source,
-                          items=n, total_ms=round(total_ms, 3))
+                          items=len(job.items), total_ms=round(total_ms, 3))
                 self.transport.send_result(job.inbound, body)
                 self.metrics.results_out.inc()
                 self.metrics.end_to_end_seconds.observe(total_ms / 1000)
+
+    def _shape(self, group: list[Inferred]) -> dict[int, list[dict[str, Any]]]:
+        """Each job's results by ``id(job)``; a job whose answer cannot be shaped is
+        answered InternalError here and left out (so it is never billed)."""
+        shaped: dict[int, list[dict[str, Any]]] = {}
+        for inferred in group:
+            serving = inferred.serving
+            offset = 0
+            for job in inferred.jobs:
+                n = len(job.items)
+                try:
+                    shaped[id(job)] = shape_results(
+                        inferred.scores[offset:offset + n], serving.model.labels,
+                        serving.top_k, serving.score_threshold)
+                except Exception as exc:  # the model's output does not fit its descriptor
+                    log.error("answer_shaping_failed", id=job.request_id,
+                              model=serving.model.provenance.name,
+                              error=f"{type(exc).__name__}: {exc}", effect="answered "
+                              "InternalError and not billed", fix="check that the model's "
+                              "descriptor (labels, output) matches its graph")
+                    self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
+                                     "the model's answer could not be shaped; see logs")
+                offset += n
+        return shaped
 
     def _infer(self, serving: Serving, items: list[np.ndarray]) -> np.ndarray:
         max_items = serving.max_batch

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edge_module.config import BUILTIN_MODELS, ModelSettings
-from edge_module.envelope import result_envelope
+from edge_module.envelope import result_envelope, shape_results
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import ModelError
 from edge_module.inference.codecs import Codec, Limits, RequestError
@@ -117,7 +117,8 @@ def test_images_sent_to_a_tensor_model_are_refused() -> None:
 
 def test_result_envelope_shape(digits: Model) -> None:
     scores = np.array([[0.1, 0.7, 0.2] + [0.0] * 7], dtype=np.float32)
-    body = json.loads(result_envelope("r1", digits.provenance, scores, digits.labels, 2,
+    results = shape_results(scores, digits.labels, 2)
+    body = json.loads(result_envelope("r1", digits.provenance, results,
                                       {"decode": 1.0, "infer": 2.0, "total": 3.5}))
     assert body["id"] == "r1"
     assert body["results"] == [{"label": "1", "score": pytest.approx(0.7),

@@ -19,7 +19,7 @@ from edge_module.config import load_settings
 from edge_module.control.live import LiveSettings
 from edge_module.control.methods import BadPayload, Methods, options
 from edge_module.control.reported import Reporter
-from edge_module.envelope import result_envelope
+from edge_module.envelope import result_envelope, shape_results
 from edge_module.inference.models import Provenance
 from edge_module.transport.paho_fix import apply as apply_paho_fix
 
@@ -101,8 +101,8 @@ def test_reported_properties_go_out_on_change_at_most_every_interval() -> None:
 
 def test_score_threshold_leaves_out_unsure_classes() -> None:
     scores = np.array([[0.6, 0.3, 0.1], [0.4, 0.35, 0.25]], dtype=np.float32)
-    body = json.loads(result_envelope("r", Provenance("m", "1", "0" * 64), scores,
-                                      ["a", "b", "c"], 3, {}, score_threshold=0.5))
+    results = shape_results(scores, ["a", "b", "c"], 3, score_threshold=0.5)
+    body = json.loads(result_envelope("r", Provenance("m", "1", "0" * 64), results, {}))
     first, second = body["results"]
     assert first["label"] == "a" and [r["label"] for r in first["topK"]] == ["a"]
     assert second["label"] is None and second["topK"] == [] and second["score"] == 0.4

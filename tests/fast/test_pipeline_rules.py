@@ -202,3 +202,35 @@ def test_a_bad_payload_is_answered_at_once_and_never_billed(
     transport.wait_answers(2)
     assert [json.loads(b)["error"]["code"] for _, b in transport.errors] == ["InvalidJson"]
     assert len(transport.results) == 1 and ledger.pending == 1
+
+
+def test_an_answer_that_cannot_be_shaped_is_an_error_and_never_billed(
+        transport: RecordingTransport, ledger: Ledger, tmp_path: Path,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    """A descriptor naming 5 labels for a 10-class graph: answers whose best class has no
+    label fail while shaping, before their usage is recorded."""
+    import shutil
+
+    from edge_module.config import BUILTIN_MODELS
+
+    shutil.copy(BUILTIN_MODELS / "digits.onnx", tmp_path / "short.onnx")
+    descriptor = json.loads((BUILTIN_MODELS / "digits.json").read_text())
+    descriptor["labels"] = descriptor["labels"][:5]
+    (tmp_path / "short.json").write_text(json.dumps(descriptor))
+    model = Model(tmp_path / "short.onnx")
+    x, _ = held_out
+    metrics = Metrics()
+    pipe = Pipeline(model, PipelineSettings(), transport, metrics,
+                    LedgerMeter(ledger, metrics), top_k=1)
+    pipe.start()
+    stop_after.append(pipe)
+    for pixels in x[:20]:
+        pipe.submit(_inbound(digit_image(pixels)))
+    transport.wait_answers(20)
+    codes = [json.loads(body)["error"]["code"] for _, body in transport.errors]
+    labels = [json.loads(body)["results"][0]["label"] for _, body in transport.results]
+    assert codes and set(codes) == {"InternalError"}
+    assert labels and set(labels) <= {"0", "1", "2", "3", "4"}
+    assert len(codes) + len(labels) == 20
+    assert ledger.pending == len(transport.results)  # billed == answered, errors unbilled
+    assert ledger.admit(10**6) == 10**6 - ledger.pending  # no admission leaked
