@@ -135,12 +135,25 @@ class Job:
     decode_ms: float
     serving: Serving
     replay_of: str | None = None  # record id when this answers a redelivered input again
+    # "id:<source>:<request id>" when the client named the request (the payload's "id",
+    # MQTT v5 correlation data, an edgeHub correlation id): the same name with the same
+    # bytes is the same request, however the transport delivered it again.
+    client_key: str | None = None
+    _digest: bytes | None = None
+
+    @property
+    def replay_key(self) -> str | None:
+        """What a repeat of this input is recognised by in the ledger (with ``digest``)."""
+        return self.client_key or self.inbound.delivery_key
 
     def digest(self) -> bytes:
-        return hashlib.blake2b(self.inbound.payload, digest_size=16).digest()
+        if self._digest is None:
+            self._digest = hashlib.blake2b(self.inbound.payload, digest_size=16).digest()
+        return self._digest
 
 
 _STOP: Any = object()
+SAME_BATCH = "same batch"  # ``replay_of`` of a copy of a request in the same batch
 
 
 class Pipeline:
@@ -265,8 +278,11 @@ class Pipeline:
             return
         elapsed = time.perf_counter() - start
         self.metrics.decode_seconds.observe(elapsed)
-        request_id = decoded.request_id or inbound.correlation_id or uuid.uuid4().hex
-        self.batches.put(Job(inbound, request_id, decoded.items, elapsed * 1000, serving))
+        named = decoded.request_id or inbound.correlation_id
+        request_id = named or uuid.uuid4().hex
+        client_key = f"id:{inbound.source}:{named}" if named else None
+        self.batches.put(Job(inbound, request_id, decoded.items, elapsed * 1000, serving,
+                             client_key=client_key))
         self.metrics.batch_depth.set(self.batches.qsize())
 
     # -- batch, infer, meter, publish -------------------------------------
@@ -315,9 +331,21 @@ class Pipeline:
                 self.metrics.batch_depth.set(self.batches.qsize())
 
     def _serve(self, jobs: list[Job]) -> None:
+        # A repeat is answered again and not billed again: a transport redelivery (MQTT's
+        # DUP flag, edgeHub message ids), or a request the client named before with the
+        # same bytes (QoS 1 is at-least-once: a broker that dies before acknowledging a
+        # publish gets it again from the sender and forwards it as a new message).
+        seen: dict[tuple[str, bytes], Job] = {}
+        copies: dict[int, list[Job]] = {}
         for job in jobs:
-            key = job.inbound.delivery_key
-            if job.inbound.redelivered and key is not None:
+            key = job.replay_key
+            if key is None or not (job.client_key is not None or job.inbound.redelivered):
+                continue
+            first = seen.setdefault((key, job.digest()), job)
+            if first is not job:
+                job.replay_of = SAME_BATCH  # billed once, with the first copy
+                copies.setdefault(id(first), []).append(job)
+            else:
                 job.replay_of = self.meter.replayed(key, job.digest())
         fresh = [job for job in jobs if job.replay_of is None]
         refused: list[tuple[Job, Refusal]] = []
@@ -332,6 +360,9 @@ class Pipeline:
                     full = self.meter.buffer_full()
                     refused = [(job, full) for job in fresh[allowed:]]
         if refused:
+            # a copy shares the fate of the first: refused with it, never answered unbilled
+            refused += [(copy, reason) for job, reason in list(refused)
+                        for copy in copies.get(id(job), ())]
             for job, reason in refused:
                 self._send_error(job.inbound, job.request_id, reason.code, reason.message,
                                  **reason.details)
@@ -409,8 +440,8 @@ class Pipeline:
             for inferred in group:
                 by_meter.setdefault(inferred.serving.meter, []).extend(
                     Usage(len(job.items) * inferred.serving.quantity_per_item,
-                          job.inbound.delivery_key,
-                          job.digest() if job.inbound.delivery_key is not None else None)
+                          job.replay_key,
+                          job.digest() if job.replay_key is not None else None)
                     for job in inferred.fresh if id(job) in shaped)
             for spec, usages in by_meter.items():
                 if not usages:

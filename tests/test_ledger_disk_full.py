@@ -3,6 +3,7 @@ against a real full disk (a tmpfs mounted by the test), in-process and quick."""
 
 from __future__ import annotations
 
+import io
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_module import logs
 from edge_module.billing_api import BillingClient
 from edge_module.config import MeteringSettings
 from edge_module.identity import Identity
@@ -155,7 +157,9 @@ def test_max_ledger_mb_counts_the_wal(volume: Path) -> None:
 
 
 def test_a_lease_write_on_a_full_disk_is_logged_and_the_old_file_kept(
-        volume: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        volume: Path) -> None:
+    lines = io.StringIO()
+    logs.configure("info", "json", stream=lines)  # earlier tests may have bound another stream
     store = LeaseStore(volume / "lease.json")
     old = Lease("c", "edge-module", "Valid", 1, 2, "k", {"old": True})
     assert store.save(old)
@@ -163,8 +167,7 @@ def test_a_lease_write_on_a_full_disk_is_logged_and_the_old_file_kept(
     ballast.fill()
     new = Lease("c", "edge-module", "Valid", 3, 4, "k", {"new": "x" * 8000})
     assert store.save(new) is False  # no exception reaches the caller
-    captured = capsys.readouterr()  # stdout or stderr: whichever the logging set-up uses
-    assert "lease_save_failed" in captured.out + captured.err
+    assert '"event": "lease_save_failed"' in lines.getvalue()
     assert (volume / "lease.json").read_text() == '{"old": true}'
     assert not (volume / "lease.tmp").exists()
     ballast.remove()

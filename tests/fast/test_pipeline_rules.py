@@ -19,6 +19,7 @@ from edge_module.exceptions import Refusal
 from edge_module.inference.models import Model
 from edge_module.metering.ledger import Ledger
 from edge_module.metering.meter import LedgerMeter
+from edge_module.metering.records import MeterSpec, Usage
 from edge_module.metrics import Metrics
 from edge_module.pipeline import Pipeline
 from edge_module.transport.base import Inbound
@@ -30,6 +31,9 @@ from tests.fast.conftest import RecordingTransport, make_ledger
 def held_out() -> tuple[np.ndarray, np.ndarray]:
     _, x, _, y = digits_split()
     return x[:40], y[:40]
+
+
+METER_SPEC = MeterSpec("digits.image.classify", "image-classification")
 
 
 def _metric(metrics: Metrics, name: str) -> float:
@@ -234,3 +238,63 @@ def test_an_answer_that_cannot_be_shaped_is_an_error_and_never_billed(
     assert len(codes) + len(labels) == 20
     assert ledger.pending == len(transport.results)  # billed == answered, errors unbilled
     assert ledger.admit(10**6) == 10**6 - ledger.pending  # no admission leaked
+
+
+def _named(request_id: str, pixels: np.ndarray) -> bytes:
+    import base64
+
+    return json.dumps({"id": request_id,
+                       "image": base64.b64encode(digit_image(pixels)).decode()}).encode()
+
+
+def test_a_named_request_sent_again_is_answered_again_and_billed_once(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    """QoS 1 is at-least-once: a broker that died before acknowledging a publish gets it
+    again from the sender and forwards it as a new message (no DUP flag, a new packet id).
+    The client's own request id with the same bytes tells the repeat apart."""
+    x, _ = held_out
+    pipe, metrics = _pipeline(digits, transport, ledger, MaxQueueDelayMs=0)
+    stop_after.append(pipe)
+    pipe.submit(_inbound(_named("cam-1", x[0]), key="101"))
+    transport.wait_answers(1)
+    pipe.submit(_inbound(_named("cam-1", x[0]), key="7"))  # the repeat: new packet id
+    transport.wait_answers(2)
+    pipe.submit(_inbound(_named("cam-1", x[1]), key="8"))  # same name, other bytes: new
+    pipe.submit(_inbound(digit_image(x[2]), key="9"))  # no name: raw bytes
+    pipe.submit(_inbound(digit_image(x[2]), key="10"))  # sent twice on purpose: billed twice
+    transport.wait_answers(5)
+    assert len(transport.results) == 5 and transport.errors == []
+    assert ledger.pending == 4
+    assert _metric(metrics, "edge_module_replayed_messages_total") == 1
+
+
+def test_copies_of_a_named_request_in_one_batch_are_billed_once(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, _ = held_out
+    pipe, _ = _pipeline(digits, transport, ledger, MaxBatchSize=8, MaxQueueDelayMs=300)
+    stop_after.append(pipe)
+    for key in ("1", "2", "3"):
+        pipe.submit(_inbound(_named("cam-2", x[3]), key=key))
+    transport.wait_answers(3)
+    ids = {json.loads(body)["id"] for _, body in transport.results}
+    assert len(transport.results) == 3 and ids == {"cam-2"}
+    assert ledger.pending == 1
+
+
+def test_copies_refused_with_the_first_are_never_answered_unbilled(
+        digits: Model, transport: RecordingTransport, tmp_path: Path,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    x, _ = held_out
+    ledger = make_ledger(tmp_path / "full.db", MaxPendingRecords=1)
+    ledger.admit(1)
+    ledger.append(METER_SPEC, [Usage(1)])  # the buffer is full before the copies arrive
+    pipe, _ = _pipeline(digits, transport, ledger, MaxBatchSize=8, MaxQueueDelayMs=300)
+    stop_after.append(pipe)
+    for key in ("1", "2"):
+        pipe.submit(_inbound(_named("cam-3", x[4]), key=key))
+    transport.wait_answers(2)
+    codes = [json.loads(body)["error"]["code"] for _, body in transport.errors]
+    assert transport.results == [] and codes == ["MeteringBufferFull"] * 2
+    ledger.close()
