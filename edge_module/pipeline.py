@@ -63,8 +63,9 @@ class Meter(Protocol):
     def commit(self, spec: MeterSpec, usages: Sequence[Usage]) -> list[str]:
         """Durably record one transaction per usage under ``spec``; return the record ids."""
 
-    def replayed(self, key: str, digest: bytes) -> str | None:
-        """The record of an earlier answer to this same delivery, if any."""
+    def replayed(self, key: str, digest: bytes, within_ms: int | None = None) -> str | None:
+        """The record of an earlier answer to this same delivery (at most ``within_ms``
+        old, when given), if any."""
 
 
 class Gate(Protocol):
@@ -94,7 +95,7 @@ class NoMeter:
     def commit(self, spec: MeterSpec, usages: Sequence[Usage]) -> list[str]:
         return ["" for _ in usages]
 
-    def replayed(self, key: str, digest: bytes) -> str | None:
+    def replayed(self, key: str, digest: bytes, within_ms: int | None = None) -> str | None:
         return None
 
 
@@ -183,6 +184,7 @@ class Pipeline:
         self.commits: queue.Queue[Inferred] = queue.Queue(maxsize=8)
         self._threads: list[threading.Thread] = []
         self._accepting = True
+        self._repeat_window_ms = int(settings.repeat_window_seconds * 1000)
 
     def _serving(self, model: Model, top_k: int, score_threshold: float) -> Serving:
         settings = self.settings
@@ -345,8 +347,10 @@ class Pipeline:
             if first is not job:
                 job.replay_of = SAME_BATCH  # billed once, with the first copy
                 copies.setdefault(id(first), []).append(job)
-            else:
+            elif job.inbound.redelivered:  # the transport says so: no time limit
                 job.replay_of = self.meter.replayed(key, job.digest())
+            else:  # only the name says so: a repeat within the window
+                job.replay_of = self.meter.replayed(key, job.digest(), self._repeat_window_ms)
         fresh = [job for job in jobs if job.replay_of is None]
         refused: list[tuple[Job, Refusal]] = []
         if fresh:

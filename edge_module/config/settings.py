@@ -316,6 +316,14 @@ class PipelineSettings(Section):
     max_batch_size: int = Field(
         32, alias="MaxBatchSize", ge=1, description="Most items per `session.run`."
     )
+    repeat_window_seconds: float = Field(
+        600.0, alias="RepeatWindowSeconds", ge=0,
+        description="A request the client named (its `id`, or MQTT v5 correlation data) that "
+        "arrives again on the same topic with the same bytes within this time is answered "
+        "again but not billed again: QoS 1 lets a broker restart forward the same publish "
+        "twice. A repeat the broker marks as redelivered is recognised at any age. 0 turns "
+        "the name check off.",
+    )
     max_queue_delay_ms: float = Field(
         2.0,
         alias="MaxQueueDelayMs",

@@ -423,12 +423,19 @@ class Ledger:
                     self.quantity_added += sum(u.quantity for u in usages)
         return ids
 
-    def replayed(self, key: str, digest: bytes) -> str | None:
-        """The record id of an earlier answer to this very delivery, if there was one."""
+    def replayed(self, key: str, digest: bytes, within_ms: int | None = None) -> str | None:
+        """The record id of an earlier answer to this very delivery, if there was one
+        (recorded at most ``within_ms`` ago, when given)."""
         with self._lock:
-            row = self._conn.execute(
-                "SELECT record_id FROM deliveries WHERE key = ? AND digest = ?",
-                (key, digest)).fetchone()
+            if within_ms is None:
+                row = self._conn.execute(
+                    "SELECT record_id FROM deliveries WHERE key = ? AND digest = ?",
+                    (key, digest)).fetchone()
+            else:
+                row = self._conn.execute(
+                    "SELECT d.record_id FROM deliveries d JOIN records r ON r.id = "
+                    "d.record_id WHERE d.key = ? AND d.digest = ? AND r.request_time >= ?",
+                    (key, digest, self.clock_ms() - within_ms)).fetchone()
         return str(row[0]) if row else None
 
     # -- draining ---------------------------------------------------------

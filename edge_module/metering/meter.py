@@ -40,5 +40,5 @@ class LedgerMeter:
             self.drainer.notify_committed()
         return ids
 
-    def replayed(self, key: str, digest: bytes) -> str | None:
-        return self.ledger.replayed(key, digest)
+    def replayed(self, key: str, digest: bytes, within_ms: int | None = None) -> str | None:
+        return self.ledger.replayed(key, digest, within_ms)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -298,3 +299,19 @@ def test_copies_refused_with_the_first_are_never_answered_unbilled(
     codes = [json.loads(body)["error"]["code"] for _, body in transport.errors]
     assert transport.results == [] and codes == ["MeteringBufferFull"] * 2
     ledger.close()
+
+
+def test_a_name_repeated_after_the_window_is_a_new_request(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    """A device that names its readings by device ("pump-7") and repeats the same bytes an
+    hour later makes a new request: the name check only covers Pipeline:RepeatWindowSeconds."""
+    x, _ = held_out
+    pipe, _ = _pipeline(digits, transport, ledger, MaxQueueDelayMs=0, RepeatWindowSeconds=1)
+    stop_after.append(pipe)
+    pipe.submit(_inbound(_named("pump-7", x[5]), key="1"))
+    transport.wait_answers(1)
+    time.sleep(1.2)
+    pipe.submit(_inbound(_named("pump-7", x[5]), key="2"))
+    transport.wait_answers(2)
+    assert ledger.pending == 2
