@@ -209,6 +209,13 @@ def test_detections_are_mapped_back_to_the_original_image_and_clipped(layout: st
     assert found[1]["box"] == {"x1": 100.0, "y1": 0.0, "x2": 128.0, "y2": 18.0}
 
 
+def test_an_item_sent_as_a_tensor_gets_boxes_in_the_model_input_pixels() -> None:
+    head = build_head(_descriptor(), {"out": (1, 7, 20)})
+    rows = [(60, 32, 20, 10, 1, 0.9)]
+    (result,) = head.shape({"out": _prediction("yolov8", rows)[None]}, [None], Answering())
+    assert result["detections"][0]["box"] == {"x1": 50.0, "y1": 27.0, "x2": 64.0, "y2": 37.0}
+
+
 def test_letterbox_keeps_the_aspect_ratio_and_centres_the_image() -> None:
     spec = ImageInput.model_validate({"name": "x", "kind": "image", "width": 64,
                                       "height": 64, "channels": 3, "resize": "letterbox",

@@ -6,7 +6,9 @@ the labels count at load (``headOptions.layout`` forces one). Per item: the
 best class of each candidate, a confidence threshold, class-aware NMS (numpy,
 one vectorised IoU pass per kept box), a cap on detections, then each box
 mapped back through the codec's resize (letterbox or stretch, ``Frame``) and
-clipped to the image. One answer per image, billed per image, not per box.
+clipped to the image (an item sent as a tensor is already in the model's
+pixels, so its boxes stay in them). One answer per image, billed per image,
+not per box.
 Runs on the pipeline's commit thread.
 """
 
@@ -100,8 +102,10 @@ class DetectionHead:
     name = "detection"
 
     def __init__(self, output: str, labels: list[str], layout: Literal["yolov5", "yolov8"],
-                 opts: DetectionOptions) -> None:
+                 opts: DetectionOptions, input_size: tuple[int, int] = (0, 0)) -> None:
         self.outputs: tuple[str, ...] = (output,)
+        # An item sent as a tensor is already in the model's pixels: its boxes stay there.
+        self.tensor_frame = Frame(*input_size)
         self.labels = labels
         self.layout = layout
         self.options = opts
@@ -142,16 +146,15 @@ class DetectionHead:
         else:
             raise HeadMismatch(f"output {output!r} has shape {list(shape)}, which fits both "
                                "YOLO layouts: set headOptions.layout")
-        return cls(output, descriptor.labels, layout, opts)
+        size = (descriptor.input.width, descriptor.input.height)
+        return cls(output, descriptor.labels, layout, opts, size)
 
     def shape(self, outputs: Mapping[str, np.ndarray], frames: Sequence[Frame | None],
               answering: Answering) -> list[dict[str, Any]]:
         batch = np.asarray(outputs[self.outputs[0]], dtype=np.float32)
         results: list[dict[str, Any]] = []
         for prediction, frame in zip(batch, frames, strict=True):
-            if frame is None:
-                raise ValueError("a detection answer needs the image's frame")
-            results.append({"detections": self.detect(prediction, frame)})
+            results.append({"detections": self.detect(prediction, frame or self.tensor_frame)})
         return results
 
     def detect(self, prediction: np.ndarray, frame: Frame) -> list[dict[str, Any]]:
