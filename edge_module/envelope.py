@@ -1,40 +1,19 @@
-"""Result and error envelopes: the JSON the module answers every input with."""
+"""Result and error envelopes: the JSON the module answers every input with.
+
+The ``results`` come from the model's output head (``inference/heads/``).
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import numpy as np
-
 from edge_module.inference.models import Provenance
-
-
-def shape_results(scores: np.ndarray, labels: list[str], top_k: int,
-                  score_threshold: float = 0.0) -> list[dict[str, Any]]:
-    """One ``{"label", "score", "topK"}`` per item, from the model's class scores.
-
-    Classes scoring below ``score_threshold`` are left out of ``topK``; when even
-    the best one is below it, ``label`` is null (the model is not confident) while
-    ``score`` still gives the best score. Raises when the scores do not fit the
-    labels: the pipeline shapes every answer before its usage is recorded, so an
-    answer that cannot be shaped is an error and never billed.
-    """
-    k = min(top_k, scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    results: list[dict[str, Any]] = []
-    for row, top in zip(scores, order, strict=True):
-        best = round(float(row[top[0]]), 6)
-        ranked = [{"label": labels[i], "score": round(float(row[i]), 6)} for i in top
-                  if row[i] >= score_threshold]
-        results.append({"label": ranked[0]["label"] if ranked else None, "score": best,
-                        "topK": ranked})
-    return results
 
 
 def result_envelope(request_id: str, provenance: Provenance, results: list[dict[str, Any]],
                     timing_ms: dict[str, float]) -> bytes:
-    """``{"id", "model", "results", "timingMs"}`` (results from ``shape_results``)."""
+    """``{"id", "model", "results", "timingMs"}`` (results from the model's head)."""
     body = {
         "id": request_id,
         "model": provenance.as_dict(),

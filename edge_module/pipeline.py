@@ -34,10 +34,11 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from edge_module.config import PipelineSettings
-from edge_module.envelope import error_envelope, result_envelope, shape_results
+from edge_module.envelope import error_envelope, result_envelope
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import EdgeModuleError, Refusal
 from edge_module.inference.codecs import Codec, Limits, RequestError
+from edge_module.inference.heads import Answering, Frame
 from edge_module.inference.models import Model
 from edge_module.logs import get_logger
 from edge_module.metering.records import MeterSpec, Usage
@@ -124,7 +125,7 @@ class Inferred:
     serving: Serving
     jobs: list[Job]
     fresh: list[Job]  # the jobs that need a usage record (not replays)
-    scores: np.ndarray
+    outputs: dict[str, np.ndarray]  # the head's outputs by name, the batch's items first
     infer_ms: float
 
 
@@ -133,6 +134,7 @@ class Job:
     inbound: Inbound
     request_id: str
     items: list[np.ndarray]
+    frames: list[Frame | None]
     decode_ms: float
     serving: Serving
     replay_of: str | None = None  # record id when this answers a redelivered input again
@@ -195,8 +197,9 @@ class Pipeline:
                                      settings.max_image_pixels, settings.max_tensor_elements)),
             top_k=top_k,
             score_threshold=score_threshold,
-            max_batch=min(settings.max_batch_size, model.descriptor.maxBatch or
-                          settings.max_batch_size),
+            max_batch=min(settings.max_batch_size,
+                          model.descriptor.maxBatch or settings.max_batch_size,
+                          model.batch_limit or settings.max_batch_size),
             quantity_per_item=metering.quantityPerItem,
             meter=MeterSpec(metering.meterName, metering.apiType),
         )
@@ -283,8 +286,8 @@ class Pipeline:
         named = decoded.request_id or inbound.correlation_id
         request_id = named or uuid.uuid4().hex
         client_key = f"id:{inbound.source}:{named}" if named else None
-        self.batches.put(Job(inbound, request_id, decoded.items, elapsed * 1000, serving,
-                             client_key=client_key))
+        self.batches.put(Job(inbound, request_id, decoded.items, decoded.frames,
+                             elapsed * 1000, serving, client_key=client_key))
         self.metrics.batch_depth.set(self.batches.qsize())
 
     # -- batch, infer, meter, publish -------------------------------------
@@ -380,7 +383,7 @@ class Pipeline:
             self.metrics.queue_seconds.observe(started - job.inbound.received)
         try:
             serving = jobs[0].serving
-            scores = self._infer(serving, [item for job in jobs for item in job.items])
+            outputs = self._infer(serving, [item for job in jobs for item in job.items])
         except Exception as exc:  # onnxruntime raises untyped errors
             log.error("inference_failed", error=str(exc), batch=len(jobs))
             self.meter.release(len(fresh))
@@ -389,7 +392,7 @@ class Pipeline:
                                  f"the model failed on this input: {exc}")
             return
         infer_ms = (time.perf_counter() - started) * 1000
-        self.commits.put(Inferred(serving, jobs, fresh, scores, infer_ms))
+        self.commits.put(Inferred(serving, jobs, fresh, outputs, infer_ms))
 
     # -- meter, then publish (the commit thread) ---------------------------
 
@@ -500,14 +503,20 @@ class Pipeline:
         shaped: dict[int, list[dict[str, Any]]] = {}
         for inferred in group:
             serving = inferred.serving
+            answering = Answering(serving.top_k, serving.score_threshold)
             offset = 0
             for job in inferred.jobs:
                 n = len(job.items)
                 try:
-                    shaped[id(job)] = shape_results(
-                        inferred.scores[offset:offset + n], serving.model.labels,
-                        serving.top_k, serving.score_threshold)
-                except Exception as exc:  # the model's output does not fit its descriptor
+                    results = serving.model.head.shape(
+                        {name: value[offset:offset + n]
+                         for name, value in inferred.outputs.items()},
+                        job.frames, answering)
+                    if len(results) != n:
+                        raise ValueError(f"the {serving.model.head.name} head gave "
+                                         f"{len(results)} results for {n} items")
+                    shaped[id(job)] = results
+                except Exception as exc:  # a head bug, or an output its load checks missed
                     log.error("answer_shaping_failed", id=job.request_id,
                               model=serving.model.provenance.name,
                               error=f"{type(exc).__name__}: {exc}", effect="answered "
@@ -518,9 +527,9 @@ class Pipeline:
                 offset += n
         return shaped
 
-    def _infer(self, serving: Serving, items: list[np.ndarray]) -> np.ndarray:
+    def _infer(self, serving: Serving, items: list[np.ndarray]) -> dict[str, np.ndarray]:
         max_items = serving.max_batch
-        outputs = []
+        outputs: list[dict[str, np.ndarray]] = []
         for start in range(0, len(items), max_items):
             chunk = np.stack(items[start:start + max_items])
             t0 = time.perf_counter()
@@ -528,7 +537,9 @@ class Pipeline:
             self.metrics.inference_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(chunk))
             self.metrics.items_inferred.inc(len(chunk))
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        if len(outputs) == 1:
+            return outputs[0]
+        return {name: np.concatenate([chunk[name] for chunk in outputs]) for name in outputs[0]}
 
     def _send_error(self, inbound: Inbound, request_id: str, code: str, message: str,
                     **extra: Any) -> None:

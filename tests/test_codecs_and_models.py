@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from edge_module.config import BUILTIN_MODELS, ModelSettings
-from edge_module.envelope import result_envelope, shape_results
+from edge_module.envelope import result_envelope
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import ModelError
 from edge_module.inference.codecs import Codec, Limits, RequestError
+from edge_module.inference.heads.classification import shape_results
 from edge_module.inference.models import Model, load_model
 from simulator.datasets import digits_split
 from tests.support import digit_png
@@ -41,7 +42,7 @@ def test_provenance_is_the_sha256_of_the_file(digits: Model) -> None:
 def test_held_out_accuracy_through_the_image_codec(digits: Model, codec: Codec) -> None:
     _, x_test, _, y_test = digits_split()
     batch = np.stack([codec.decode(digit_png(x)).items[0] for x in x_test])
-    accuracy = float((digits.run(batch).argmax(axis=1) == y_test).mean())
+    accuracy = float((digits.run(batch)["probabilities"].argmax(axis=1) == y_test).mean())
     assert accuracy >= 0.97
 
 

@@ -19,7 +19,8 @@ from edge_module.config import load_settings
 from edge_module.control.live import LiveSettings
 from edge_module.control.methods import BadPayload, Methods, options
 from edge_module.control.reported import Reporter
-from edge_module.envelope import result_envelope, shape_results
+from edge_module.envelope import result_envelope
+from edge_module.inference.heads.classification import shape_results
 from edge_module.inference.models import Provenance
 from edge_module.transport.paho_fix import apply as apply_paho_fix
 

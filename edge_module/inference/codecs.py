@@ -32,7 +32,7 @@ import base64
 import binascii
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -47,6 +47,7 @@ from edge_module.inference.bounds import (
     json_refusal,
     npy_header,
 )
+from edge_module.inference.heads import Frame
 from edge_module.inference.models import ImageInput, Model
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -83,10 +84,16 @@ class Limits:
 
 @dataclass
 class Decoded:
-    """A decoded request: its id (if the payload named one) and its items."""
+    """A decoded request: its id (if the payload named one), its items, and for each
+    item the ``Frame`` it was fitted from (None for a tensor)."""
 
     request_id: str | None
     items: list[np.ndarray]
+    frames: list[Frame | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            self.frames = [None] * len(self.items)
 
 
 class RequestError(PayloadError):
@@ -118,7 +125,8 @@ class Codec:
             )
         if payload.startswith(JPEG_MAGIC) or payload.startswith(PNG_MAGIC):
             self._check_image(payload, "the message")
-            return Decoded(None, [self._image(payload)])
+            blob, frame = self._image(payload)
+            return Decoded(None, [blob], [frame])
         if payload.startswith(NPY_MAGIC):
             return Decoded(None, self._tensor(self._load_npy(payload)))
         if payload.lstrip()[:1] == b"{":
@@ -170,13 +178,13 @@ class Codec:
                     + (f" (found {', '.join(present)})" if present else ""),
                 )
             if present[0] == "items":
-                return Decoded(request_id, self._items(body["items"]))
-            return Decoded(request_id, self._decode_parts([self._item(body, present[0])]))
+                return Decoded(request_id, *self._items(body["items"]))
+            return Decoded(request_id, *self._decode_parts([self._item(body, present[0])]))
         except RequestError as exc:
             exc.request_id = request_id
             raise
 
-    def _items(self, items: Any) -> list[np.ndarray]:
+    def _items(self, items: Any) -> tuple[list[np.ndarray], list[Frame | None]]:
         if not isinstance(items, list) or not items:
             raise RequestError(ErrorCode.INVALID_REQUEST, "items must be a non-empty list")
         if len(items) > self.limits.max_batch_items:
@@ -226,15 +234,20 @@ class Codec:
             return data
         return self._tensor(_json_tensor(body["tensor"], where), where)
 
-    def _decode_parts(self, parts: list[bytes | list[np.ndarray]]) -> list[np.ndarray]:
+    def _decode_parts(self, parts: list[bytes | list[np.ndarray]]
+                      ) -> tuple[list[np.ndarray], list[Frame | None]]:
         """Decode images only once every item of the message passed its checks."""
         decoded: list[np.ndarray] = []
+        frames: list[Frame | None] = []
         for part in parts:
             if isinstance(part, bytes):
-                decoded.append(self._image(part))
+                blob, frame = self._image(part)
+                decoded.append(blob)
+                frames.append(frame)
             else:
                 decoded.extend(part)
-        return decoded
+                frames.extend([None] * len(part))
+        return decoded, frames
 
     # -- images and tensors -----------------------------------------------
 
@@ -269,7 +282,7 @@ class Codec:
                 f"limit is {limit:,} (Pipeline:MaxImagePixels): send a smaller image",
             )
 
-    def _image(self, data: bytes) -> np.ndarray:
+    def _image(self, data: bytes) -> tuple[np.ndarray, Frame]:
         """Decode an image that passed ``_check_image``."""
         spec = self.spec
         assert isinstance(spec, ImageInput)
@@ -343,20 +356,52 @@ class Codec:
         return array.reshape(header.shape, order="F" if header.fortran_order else "C")
 
 
-def preprocess(image: np.ndarray, spec: ImageInput) -> np.ndarray:
-    """Resize and normalise one decoded image into the model's per-item layout."""
-    if image.shape[0] != spec.height or image.shape[1] != spec.width:
-        image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_AREA)
-    mean = [m / spec.scale for m in spec.mean] if spec.scale else spec.mean
+INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR,
+                 "nearest": cv2.INTER_NEAREST, "cubic": cv2.INTER_CUBIC}
+
+
+def fit(image: np.ndarray, spec: ImageInput) -> tuple[np.ndarray, Frame]:
+    """Resize one decoded image to the model's size (stretched, or letterboxed: scaled to
+    fit with its aspect ratio kept, centred, the rest filled with ``padValue``), and the
+    ``Frame`` that maps the model's pixels back to the original's."""
+    height, width = image.shape[:2]
+    interpolation = INTERPOLATION[spec.interpolation]
+    if spec.resize == "stretch":
+        if height != spec.height or width != spec.width:
+            image = cv2.resize(image, (spec.width, spec.height), interpolation=interpolation)
+        return image, Frame(width, height, spec.width / width, spec.height / height)
+    ratio = min(spec.width / width, spec.height / height)
+    fitted_w = min(spec.width, max(1, round(width * ratio)))
+    fitted_h = min(spec.height, max(1, round(height * ratio)))
+    if (fitted_w, fitted_h) != (width, height):
+        image = cv2.resize(image, (fitted_w, fitted_h), interpolation=interpolation)
+    left = (spec.width - fitted_w) // 2
+    top = (spec.height - fitted_h) // 2
+    image = cv2.copyMakeBorder(image, top, spec.height - fitted_h - top, left,
+                               spec.width - fitted_w - left, cv2.BORDER_CONSTANT,
+                               value=(spec.padValue,) * 3)
+    return image, Frame(width, height, fitted_w / width, fitted_h / height, left, top)
+
+
+def preprocess(image: np.ndarray, spec: ImageInput) -> tuple[np.ndarray, Frame]:
+    """Resize and normalise one decoded image into the model's per-item layout.
+
+    Order: resize (``fit``), colour order (``swapRB``: BGR -> RGB), then per value
+    ``(pixel * scale - mean) / std`` with one mean and std per channel in the model's
+    channel order (a single value applies to every channel), then the layout.
+    """
+    image, frame = fit(image, spec)
+    mean = [m / spec.scale for m in spec.channel_values("mean")] if spec.scale else \
+        spec.channel_values("mean")
     blob: np.ndarray = cv2.dnn.blobFromImage(
         image, scalefactor=spec.scale, mean=tuple(mean) if len(mean) > 1 else mean[0],
         swapRB=spec.swapRB, crop=False,
     )[0]
     if any(s != 1.0 for s in spec.std):
-        blob /= np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+        blob /= np.asarray(spec.channel_values("std"), dtype=np.float32).reshape(-1, 1, 1)
     if spec.layout == "NHWC":
         blob = np.ascontiguousarray(blob.transpose(1, 2, 0))
-    return blob
+    return blob, frame
 
 
 def _request_id(body: dict[str, Any]) -> str | None:

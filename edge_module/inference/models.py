@@ -1,81 +1,42 @@
 """Models: an ONNX file plus a JSON descriptor, loaded into an onnxruntime session.
 
-The descriptor says what the model takes (an image with its size, layout and
-normalisation, or a numeric tensor of a fixed shape), what it returns, its
-labels, and how its use is billed (meter name and apiType). Loading verifies
-the descriptor against the graph, computes the file's sha256 for provenance
-and warms the session up so the first real request pays no start-up cost.
+The descriptor (``descriptor.py``, docs/models.md) says what the model takes (an
+image with its size, layout and normalisation, or a numeric tensor of a fixed
+shape), which output head reads its answers, its labels, and how its use is
+billed (meter name and apiType). Loading checks the graph's inputs (names,
+dtype, rank, fixed sizes), runs a one-item probe whose output shapes the head
+checks (``heads/``), computes the file's sha256 for provenance and warms the
+session up so the first real request pays no start-up cost. A model that does
+not fit is refused here with a ``ModelError`` naming its inputs and outputs.
+Loaded by whichever thread loads models (start-up, or the control thread on a
+reload); ``run`` is called by the pipeline's inference thread.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_module.config import BUILTIN_MODELS, ModelSettings, descriptor_path
 from edge_module.exceptions import ModelError
+from edge_module.inference.descriptor import (
+    Descriptor,
+    ImageInput,
+    Metering,
+    Output,
+    TensorInput,
+    load_descriptor,
+)
 from edge_module.inference.encryption import decrypt_model, is_encrypted
+from edge_module.inference.heads import Head, HeadMismatch, build_head
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ImageInput(_Strict):
-    """An image model input: decoded, resized and normalised like cv2.dnn.blobFromImage."""
-
-    name: str
-    kind: Literal["image"]
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-    channels: Literal[1, 3]
-    scale: float = 1 / 255
-    mean: list[float] = Field(default_factory=lambda: [0.0])
-    std: list[float] = Field(default_factory=lambda: [1.0])
-    swapRB: bool = False
-
-
-class TensorInput(_Strict):
-    """A numeric input of a fixed per-item shape, e.g. ``[8]`` sensor readings."""
-
-    name: str
-    kind: Literal["tensor"]
-    shape: list[int] = Field(min_length=1)
-
-
-class Output(_Strict):
-    name: str
-    kind: Literal["probabilities", "logits"] = "probabilities"
-
-
-class Metering(_Strict):
-    meterName: str
-    apiType: str
-    quantityPerItem: int = Field(1, ge=1)
-
-
-class Descriptor(_Strict):
-    name: str
-    version: str
-    description: str = ""
-    input: ImageInput | TensorInput = Field(discriminator="kind")
-    output: Output
-    labels: list[str] = Field(min_length=1)
-    metering: Metering
-    features: list[str] | None = None
-    heldOutAccuracy: float | None = None
-    # Most items per session.run for this model (Triton's max_batch_size): large inputs
-    # need smaller batches, or activations dominate memory. None: Pipeline:MaxBatchSize.
-    maxBatch: int | None = Field(None, ge=1)
+__all__ = ["Descriptor", "ImageInput", "Metering", "Model", "Output", "Provenance",
+           "TensorInput", "load_descriptor", "load_model", "model_path"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +55,7 @@ def model_path(settings: ModelSettings) -> Path:
 
 
 class Model:
-    """A loaded, warmed-up model. ``run`` takes a batch and returns probabilities."""
+    """A loaded, warmed-up model with its output head. ``run`` takes a batch."""
 
     def __init__(self, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1,
                  model_key: Callable[[str], str | None] | None = None,
@@ -130,17 +91,36 @@ class Model:
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime cannot load {path}: {exc}") from exc
-        self.item_shape = self._check_graph()
+        self.item_shape, self.batch_limit = self._check_inputs()
+        shapes = self._probe()
+        try:
+            self.head: Head = build_head(self.descriptor, shapes)
+        except HeadMismatch as exc:
+            raise ModelError(
+                f"{path}: {exc}. The graph takes {self._graph_inputs()} and answers "
+                + ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+                + " for one item; fix: name a head that fits in the descriptor's \"head\" "
+                "or correct its labels / output (docs/models.md)") from None
         self.labels = self.descriptor.labels
 
-    def _check_graph(self) -> tuple[int, ...]:
+    def _graph_inputs(self) -> str:
+        return ", ".join(f"{i.name} {i.shape} {i.type}" for i in self.session.get_inputs())
+
+    def _check_inputs(self) -> tuple[tuple[int, ...], int | None]:
+        """The per-item input shape, and the batch size when the graph fixes one."""
         spec = self.descriptor.input
         inputs = {i.name: i for i in self.session.get_inputs()}
+        where = f"{self.path}: the graph takes {self._graph_inputs()}"
         if spec.name not in inputs:
-            raise ModelError(
-                f"{self.path}: descriptor input {spec.name!r} is not in the graph "
-                f"(graph inputs: {', '.join(inputs)})"
-            )
+            raise ModelError(f"{where}; the descriptor's input {spec.name!r} is not one of them")
+        others = [name for name in inputs if name != spec.name]
+        if others:
+            raise ModelError(f"{where}; this module feeds one input ({spec.name}), so "
+                             f"{', '.join(others)} would be missing: serve a single-input model")
+        graph = inputs[spec.name]
+        if graph.type != "tensor(float)":
+            raise ModelError(f"{where}; input {spec.name} must be float32 (tensor(float)): "
+                             "the module feeds float32")
         if isinstance(spec, ImageInput):
             if spec.layout == "NCHW":
                 shape: tuple[int, ...] = (spec.channels, spec.height, spec.width)
@@ -148,48 +128,38 @@ class Model:
                 shape = (spec.height, spec.width, spec.channels)
         else:
             shape = tuple(spec.shape)
-        graph_shape = inputs[spec.name].shape[1:]
-        for declared, actual in zip(shape, graph_shape, strict=False):
+        if len(graph.shape) != 1 + len(shape):
+            raise ModelError(f"{where}; the descriptor gives items of shape {list(shape)}, so "
+                             f"the input needs rank {1 + len(shape)} (batch first), not "
+                             f"{len(graph.shape)}")
+        for declared, actual in zip(shape, graph.shape[1:], strict=True):
             if isinstance(actual, int) and actual != declared:
-                raise ModelError(
-                    f"{self.path}: descriptor shape {list(shape)} does not match the graph's "
-                    f"{graph_shape}"
-                )
-        outputs = [o.name for o in self.session.get_outputs()]
-        if self.descriptor.output.name not in outputs:
-            raise ModelError(f"{self.path}: output {self.descriptor.output.name!r} is not in "
-                             f"the graph (outputs: {', '.join(outputs)})")
-        return shape
+                raise ModelError(f"{where}; descriptor shape {list(shape)} does not match the "
+                                 f"graph's {graph.shape[1:]}")
+        batch = graph.shape[0]
+        return shape, batch if isinstance(batch, int) and batch > 0 else None
+
+    def _probe(self) -> dict[str, tuple[int, ...]]:
+        """Every output's shape for one zero item: what the head is checked against."""
+        probe = np.zeros((1, *self.item_shape), dtype=np.float32)
+        try:
+            values = self.session.run(None, {self.descriptor.input.name: probe})
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"{self.path}: the model fails on one zero item of shape "
+                             f"{list(self.item_shape)}: {exc}; fix: check the descriptor's "
+                             "input size") from None
+        names = [o.name for o in self.session.get_outputs()]
+        return {name: tuple(np.asarray(v).shape) for name, v in zip(names, values, strict=True)}
 
     def warm_up(self) -> None:
         """Run a zero batch once so allocations and kernel choice happen now."""
         self.run(np.zeros((1, *self.item_shape), dtype=np.float32))
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``[N, classes]`` for a float32 batch ``[N, *item_shape]``."""
-        out = self.session.run(
-            [self.descriptor.output.name], {self.descriptor.input.name: batch}
-        )[0]
-        scores = np.asarray(out, dtype=np.float32)
-        if self.descriptor.output.kind == "logits":
-            shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-            scores = shifted / shifted.sum(axis=1, keepdims=True)
-        return scores
-
-
-def load_descriptor(path: Path) -> Descriptor:
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as exc:
-        raise ModelError(f"model descriptor {path} cannot be read: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ModelError(f"model descriptor {path} is not valid JSON: {exc}") from exc
-    try:
-        return Descriptor.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ModelError(f"model descriptor {path}: {where}: {first['msg']}") from exc
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The head's outputs by name for a float32 batch ``[N, *item_shape]``, batch first."""
+        names = list(self.head.outputs)
+        values = self.session.run(names, {self.descriptor.input.name: batch})
+        return {name: np.asarray(v) for name, v in zip(names, values, strict=True)}
 
 
 def load_model(settings: ModelSettings,

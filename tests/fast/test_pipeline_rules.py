@@ -9,14 +9,19 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from edge_module.config import PipelineSettings
 from edge_module.exceptions import Refusal
+from edge_module.inference.descriptor import Descriptor
+from edge_module.inference.heads import Answering, Frame, register
+from edge_module.inference.heads.base import Shapes
+from edge_module.inference.heads.classification import ClassificationHead
 from edge_module.inference.models import Model
 from edge_module.metering.ledger import Ledger
 from edge_module.metering.meter import LedgerMeter
@@ -209,20 +214,40 @@ def test_a_bad_payload_is_answered_at_once_and_never_billed(
     assert len(transport.results) == 1 and ledger.pending == 1
 
 
+class FailsOnHighDigits(ClassificationHead):
+    """A head that cannot shape answers whose best class is 5 or more: a head bug at
+    answer time, which load checks cannot catch."""
+
+    name = "test-fails-on-high-digits"
+
+    @classmethod
+    def build(cls, descriptor: Descriptor, shapes: Shapes) -> FailsOnHighDigits:
+        plain = ClassificationHead.build(
+            descriptor.model_copy(update={"head": "classification"}), shapes)
+        return cls(plain.outputs[0], plain.labels, plain.logits)
+
+    def shape(self, outputs: Mapping[str, np.ndarray], frames: Sequence[Frame | None],
+              answering: Answering) -> list[dict[str, Any]]:
+        if int(np.argmax(outputs[self.outputs[0]][0])) >= 5:
+            raise IndexError("this head cannot shape digits above 4")
+        return super().shape(outputs, frames, answering)
+
+
 def test_an_answer_that_cannot_be_shaped_is_an_error_and_never_billed(
         transport: RecordingTransport, ledger: Ledger, tmp_path: Path,
         held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
-    """A descriptor naming 5 labels for a 10-class graph: answers whose best class has no
-    label fail while shaping, before their usage is recorded."""
+    """A head that raises on some answers: those answers fail while shaping, before their
+    usage is recorded, so they are InternalError and never billed."""
     import shutil
 
     from edge_module.config import BUILTIN_MODELS
 
-    shutil.copy(BUILTIN_MODELS / "digits.onnx", tmp_path / "short.onnx")
+    register(FailsOnHighDigits.name, FailsOnHighDigits.build)
+    shutil.copy(BUILTIN_MODELS / "digits.onnx", tmp_path / "picky.onnx")
     descriptor = json.loads((BUILTIN_MODELS / "digits.json").read_text())
-    descriptor["labels"] = descriptor["labels"][:5]
-    (tmp_path / "short.json").write_text(json.dumps(descriptor))
-    model = Model(tmp_path / "short.onnx")
+    descriptor["head"] = FailsOnHighDigits.name
+    (tmp_path / "picky.json").write_text(json.dumps(descriptor))
+    model = Model(tmp_path / "picky.onnx")
     x, _ = held_out
     metrics = Metrics()
     pipe = Pipeline(model, PipelineSettings(), transport, metrics,
