@@ -30,6 +30,11 @@ class Inbound:
     # and whether the transport says it was delivered before (MQTT DUP flag).
     delivery_key: str | None = None
     redelivered: bool = False
+    # The model (and version) the client asked for, when the transport tells one (a topic
+    # level, a field, an edgeHub input, an OIP v2 URL); None: the default model.
+    # edge_module/inference/catalog.py resolves them.
+    model: str | None = None
+    version: str | None = None
 
 
 class Deliver(Protocol):
