@@ -138,9 +138,9 @@ class Job:
     decode_ms: float
     serving: Serving
     replay_of: str | None = None  # record id when this answers a redelivered input again
-    # "id:<source>:<request id>" when the client named the request (the payload's "id",
-    # MQTT v5 correlation data, an edgeHub correlation id): the same name with the same
-    # bytes is the same request, however the transport delivered it again.
+    # "id:<hash of source and request id>" when the client named the request (the
+    # payload's "id", MQTT v5 correlation data, an edgeHub correlation id): the same name
+    # with the same bytes is the same request, however the transport delivered it again.
     client_key: str | None = None
     _digest: bytes | None = None
 
@@ -285,7 +285,10 @@ class Pipeline:
         self.metrics.decode_seconds.observe(elapsed)
         named = decoded.request_id or inbound.correlation_id
         request_id = named or uuid.uuid4().hex
-        client_key = f"id:{inbound.source}:{named}" if named else None
+        client_key = None
+        if named:  # hashed: the ledger keeps no topic or id of the customer's
+            client_key = "id:" + hashlib.blake2b(
+                f"{inbound.source}\0{named}".encode(), digest_size=16).hexdigest()
         self.batches.put(Job(inbound, request_id, decoded.items, decoded.frames,
                              elapsed * 1000, serving, client_key=client_key))
         self.metrics.batch_depth.set(self.batches.qsize())

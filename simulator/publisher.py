@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     last_report = start
     n = 0
+    # Each run names its requests afresh: the module bills a name it saw with the same
+    # bytes within Pipeline:RepeatWindowSeconds once (a broker restart's duplicate).
+    run = uuid.uuid4().hex[:8]
     while not stop.is_set() and (args.count == 0 or n < args.count):
-        msg_id = f"sim-{n}"
+        msg_id = f"sim-{run}-{n}"
         if files:
             index = n % len(files)
             payload, props = encode_file(file_bytes[index], args.format.startswith("raw"),
