@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
+import socket
 import ssl
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import urllib3
+import urllib3.connection
 
 if TYPE_CHECKING:
     from edge_module.config import Settings
@@ -100,6 +102,54 @@ def status_from_http(code: int, body: dict[str, Any]) -> ApiStatus:
     return ApiStatus.UNKNOWN
 
 
+_CALL = threading.local()  # .deadline: the monotonic time the current call must end by
+
+
+class _DeadlineHead:
+    """Ends the wait for a response head at the call's deadline.
+
+    urllib3's read timeout bounds each socket read, so a peer that sends one byte of
+    its status line or headers every (timeout - 1) seconds could hold a call forever;
+    the body is bounded by ``_read``'s watchdog, the head by this one: at the deadline
+    the socket is shut down, which ends the blocked read with an error.
+    """
+
+    sock: Any
+
+    def getresponse(self) -> Any:
+        deadline = getattr(_CALL, "deadline", None)
+        sock = self.sock
+        timer = None
+        if deadline is not None and sock is not None:
+            def cut() -> None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+            timer.daemon = True
+            timer.start()
+        try:
+            return super().getresponse()  # type: ignore[misc]
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+class _HTTPConnection(_DeadlineHead, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineHead, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
 class BillingClient:
     def __init__(self, base_url: str, api_key: str, timeout: float = 10.0,
                  ca_file: str | None = None, max_body: int = MAX_BODY) -> None:
@@ -132,6 +182,7 @@ class BillingClient:
                                               maxsize=4, ssl_context=context)
         else:
             self._pool = urllib3.PoolManager(num_pools=2, maxsize=4, ssl_context=context)
+        self._pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     @classmethod
     def from_settings(cls, settings: Settings, timeout: float) -> BillingClient:
@@ -160,6 +211,7 @@ class BillingClient:
             headers["Content-Type"] = "application/json"
         started = time.monotonic()
         deadline = started + self.timeout
+        _CALL.deadline = deadline  # the connection cuts a head that is still coming then
         reply: urllib3.BaseHTTPResponse | None = None
         for attempt in (1, 2):  # one silent retry when a kept-alive socket went stale
             remaining = deadline - time.monotonic()
@@ -188,7 +240,7 @@ class BillingClient:
                           elapsed=elapsed)
         try:
             parsed = json.loads(raw) if raw else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting recurses past Python's limit
             parsed = {}
         if not isinstance(parsed, dict):
             parsed = {}

@@ -496,7 +496,16 @@ class Pipeline:
                                         "total": total_ms})
                 log.debug("result", id=job.request_id, source=job.inbound.source,
                           items=len(job.items), total_ms=round(total_ms, 3))
-                self.transport.send_result(job.inbound, body)
+                try:
+                    self.transport.send_result(job.inbound, body)
+                except Exception as exc:  # one answer's failure must not touch the others
+                    self.metrics.publish_failures.inc()
+                    log.error("result_not_sent", id=job.request_id,
+                              error=f"{type(exc).__name__}: {exc}", effect="the input stays "
+                              "unacknowledged, so the broker delivers it again and it is "
+                              "answered again without a second record", fix="report this "
+                              "log line")
+                    continue
                 self.metrics.results_out.inc()
                 self.metrics.end_to_end_seconds.observe(total_ms / 1000)
 

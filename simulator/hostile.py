@@ -17,6 +17,8 @@ other        signed by the trusted key, fresh nonce, for another installation
 huge         200 without Content-Length, streaming ``huge_bytes`` bytes
 huge-length  200 announcing a 200 MB Content-Length
 slow         200 whose body drips one byte every ``drip_seconds``
+slow-headers a status line, then headers dripping one byte every ``drip_seconds``
+deep         200 with 1 MB of ``[``: JSON nested deeper than any parser recurses
 redirect     302 to the real endpoint (``redirect_to``)
 ============ ===============================================================
 
@@ -38,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge_module.trust.signing import sign
 
 MODES = ("empty", "results", "garbage", "unsigned", "untrusted", "replay", "other", "huge",
-         "huge-length", "slow", "redirect")
+         "huge-length", "slow", "slow-headers", "deep", "redirect")
 
 
 class HostileBilling:
@@ -168,6 +170,15 @@ def _handler(hostile: HostileBilling) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(data[i:i + 1])
                     self.wfile.flush()
                     time.sleep(hostile.drip_seconds)
+            elif mode == "slow-headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for byte in b"X-Padding: " + b"a" * 400:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(hostile.drip_seconds)
+                self.close_connection = True
+            elif mode == "deep":
+                self._send(b"[" * (1024 * 1024 - 1))
             elif mode == "replay":
                 if path not in hostile._first:
                     hostile._first[path] = json.dumps(hostile.answer(path, body)).encode()

@@ -132,6 +132,35 @@ def test_v5_response_topic_and_correlation_data_are_honoured(
     replies.close()
 
 
+def test_a_response_topic_is_never_a_template_and_a_wildcard_one_is_refused(
+    start_module: Callable[..., Module], collector: Collector, broker: Broker
+) -> None:
+    """A client's response topic is published to as it is: "{topic}" in it is not expanded
+    (a client could grow it past MQTT's limit), and one the module cannot publish to gets
+    InvalidRequest on the error topic, unbilled, instead of a crashed publish."""
+    module = start_module()
+    literal = "app/{topic}/replies"
+    replies = Collector(broker.port, ["app/#"])
+    x, _ = held_out(2)
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = literal
+    props.CorrelationData = b"corr-literal"
+    collector.publish("em/in/cam", digit_png(x[0]), properties=props)
+    (reply,) = replies.wait(literal, 1)
+    assert reply["id"] == "corr-literal"
+    assert [m.topic for m in replies.messages] == [literal]  # not app/em/in/cam/replies
+    bad = Properties(PacketTypes.PUBLISH)
+    bad.ResponseTopic = "app/+/replies"
+    bad.CorrelationData = b"corr-wild"
+    collector.publish("em/in/cam", digit_png(x[1]), properties=bad)
+    (error,) = collector.wait(ERRORS, 1)
+    assert error["id"] == "corr-wild" and error["error"]["code"] == "InvalidRequest"
+    wait_until(lambda: module.metric("edge_module_results_published_total") == 1, 5,
+               "one result")
+    assert len(replies.on(literal)) == 1
+    replies.close()
+
+
 def test_result_topic_derived_from_input_topic(
     start_module: Callable[..., Module], broker: Broker
 ) -> None:

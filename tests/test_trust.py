@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import edge_module
 from edge_module import logs
-from edge_module.billing_api import ApiStatus, BillingClient
+from edge_module.billing_api import Answer, ApiStatus, BillingClient
 from edge_module.config import LicensingSettings, MeteringSettings
 from edge_module.identity import Identity
 from edge_module.licensing.clock import TrustedClock
@@ -175,8 +175,9 @@ def test_unsigned_acceptance_settles_nothing_and_the_real_endpoint_bills_each_on
     ids = ledger.append(MeterSpec("m", "t"), [Usage(1)] * 50)
     metrics = Metrics()
     keys = simulator_keys(billing.public_key_b64)
+    seen: list[ApiStatus] = []  # what the licence would hear (Drainer.on_answer)
     drainer = Drainer(ledger, BillingClient(hostile.url, API_KEY, 2), settings, metrics,
-                      keys=keys)
+                      keys=keys, on_answer=lambda answer: seen.append(answer.status))
     hostile.mode = "replay"  # a genuine receipt for an earlier upload of this installation
     BillingClient(hostile.url, API_KEY, 2).post_raw_usage(
         ['{"id":"earlier-record","containerId":"c-1"}'])
@@ -185,8 +186,10 @@ def test_unsigned_acceptance_settles_nothing_and_the_real_endpoint_bills_each_on
         outcome = drainer.drain_batch()
         assert outcome.delivered == 0 and not outcome.ok, mode
         assert ledger.pending == 50, mode
-    # Five did not verify; the replayed receipt verifies but names none of these records.
-    assert metrics.drain_unverified._value.get() == 5
+    # None proves anything: the replayed receipt is genuine but names none of these
+    # records, so it neither settles them nor tells the licence the endpoint is Valid.
+    assert metrics.drain_unverified._value.get() == 6
+    assert ApiStatus.VALID not in seen and len(seen) == 6
     drainer.client = BillingClient(billing.url, API_KEY, 5)
     drainer.drain_all(time.monotonic() + 30)
     assert ledger.pending == 0
@@ -378,3 +381,60 @@ def test_the_image_build_refuses_a_private_key_as_vendor_key(tmp_path: Path) -> 
     assert done.returncode == 2 and "private key" in done.stderr and "fix:" in done.stderr
     copied = script.parent / "vendor-keys" / "current"
     assert not copied.exists() or "PRIVATE KEY" not in copied.read_text()
+
+
+def test_only_a_nonce_bound_answer_brings_a_lease_or_sets_the_time(
+    tmp_path: Path, billing: BillingSimulator
+) -> None:
+    """A relay that replays a genuine old lease inside an upload answer or a 503 must not
+    replace the held lease, extend the grace or move trusted time back."""
+    fake = FakeWall()
+    billing.state.lease.grace_seconds = 60
+    old_answer = BillingClient(billing.url, API_KEY, 5).status(IDENTITY.as_dict(), "early")
+    old_lease = old_answer.body["lease"]
+    time.sleep(0.05)
+    lic = licensing(tmp_path, billing.url, billing, fake)
+    lic.check()
+    held = lic.lease
+    assert held is not None and held.issued_at > old_lease["issuedAt"]
+    before = lic.clock.now_ms()
+    for status in (ApiStatus.BUSY, ApiStatus.UNKNOWN):
+        lic.observe(Answer(status, 503, {"lease": old_lease}))  # no nonce: not a proof
+    assert lic.lease == held
+    assert lic.clock.now_ms() >= before  # never moved back to the old lease's time
+    assert json.loads((tmp_path / "lease.json").read_text())["issuedAt"] == held.issued_at
+
+
+def test_a_stored_lease_signed_by_a_retired_key_gives_no_grace(tmp_path: Path) -> None:
+    old = Ed25519PrivateKey.generate()
+    now = int(time.time() * 1000)
+    keys = TrustedKeys([TrustedKey.of(old.public_key(), None, now - 3600_000)])
+    forged = sign({"containerId": IDENTITY.container_id, "containerType": "edge-module",
+                   "status": "Valid", "issuedAt": now - 7200_000,
+                   "expiresAt": now + 10 * 365 * 86400_000}, old)  # backdated into the window
+    (tmp_path / "lease.json").write_text(json.dumps(forged))
+    assert LeaseStore(tmp_path / "lease.json").load(keys, IDENTITY, now) is None
+    assert LeaseStore(tmp_path / "lease.json").load(keys, IDENTITY) is not None  # window only
+
+
+def test_a_valid_answer_that_is_not_renewed_stops_counting(
+    tmp_path: Path, billing: BillingSimulator
+) -> None:
+    """If every later check hangs or is lost, the last Valid must not hold for ever: after
+    two check intervals and a call's deadline only the lease's grace counts."""
+    fake = FakeWall()
+    billing.state.lease.grace_seconds = 60
+    clock = TrustedClock(tmp_path / "trusted-clock.json", (), wall=fake.wall,
+                         monotonic=fake.monotonic)
+    settings = LicensingSettings(CheckIntervalSeconds=0.2, StatusTimeoutSeconds=0.2)
+    lic = Licensing(IDENTITY, settings, clock, LeaseStore(tmp_path / "lease.json"),
+                    simulator_keys(billing.public_key_b64), BillingClient(billing.url,
+                                                                          API_KEY, 2))
+    lic.check()
+    assert lic.decide().state is GraceState.ONLINE
+    time.sleep(1.8)  # 2 x 0.2 + 0.2 + 1 s: no check has renewed it
+    decision = lic.decide()
+    assert decision.state is GraceState.GRACE and decision.status == ApiStatus.UNKNOWN
+    assert decision.serve  # the lease's grace still holds
+    lic.check()
+    assert lic.decide().state is GraceState.ONLINE

@@ -97,7 +97,10 @@ class LeaseStore:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self, keys: TrustedKeys, identity: Identity) -> Lease | None:
+    def load(self, keys: TrustedKeys, identity: Identity,
+             now_ms: int | None = None) -> Lease | None:
+        """The stored lease, if a key this build trusts now signed it for this installation
+        (a lease signed by a key retired since does not count)."""
         try:
             obj = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -108,7 +111,7 @@ class LeaseStore:
                         fix="nothing to do: the next Valid answer rewrites the file; do not "
                         "edit it")
             return None
-        lease, problem = parse_lease(obj, keys, identity)
+        lease, problem = parse_lease(obj, keys, identity, now_ms)
         if problem is not None:
             log.warning("stored_lease_rejected", reason=problem,
                         effect="no offline grace until the next successful check",

@@ -71,7 +71,7 @@ def load_license(folder: Path, keys: TrustedKeys, identity: Identity,
             from None
     except (OSError, ValueError) as exc:
         raise LicenseError(LicenseFileStatus.INVALID, f"unreadable: {exc}") from exc
-    problem = keys.check(obj)
+    problem = keys.check(obj, now_ms)
     if problem is not None:
         raise LicenseError(LicenseFileStatus.INVALID, f"not accepted: {problem}")
     try:

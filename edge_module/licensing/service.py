@@ -43,7 +43,7 @@ from edge_module.errors import ErrorCode
 from edge_module.exceptions import Refusal
 from edge_module.identity import Identity
 from edge_module.licensing.clock import TrustedClock
-from edge_module.licensing.lease import Lease, LeaseStore, parse_lease, verify_status
+from edge_module.licensing.lease import Lease, LeaseStore, verify_status
 from edge_module.licensing.statuses import explain
 from edge_module.logs import get_logger
 from edge_module.supervisor import Spawn, start_thread
@@ -99,9 +99,10 @@ class Licensing:
         self.keys = keys
         self.client = client
         self.license_source = license_source
-        self.lease: Lease | None = lease_store.load(keys, identity)
+        self.lease: Lease | None = lease_store.load(keys, identity, clock.now_ms())
         if self.lease is not None:
             clock.raise_floor(self.lease.issued_at)  # time never runs before a lease we hold
+        self._valid_at = 0.0  # monotonic time of the last Valid answer
         self.status: ApiStatus = ApiStatus.UNKNOWN
         self.status_message = "no status check has completed yet"
         self.retry_after: float | None = None
@@ -131,11 +132,13 @@ class Licensing:
         """Take in any answer of the billing endpoint (status check with its ``nonce``, or
         upload). A 200 counts as Valid only when proven; otherwise it is Unknown."""
         now = self.clock.now_ms()
+        # Only a status answer bound to this call's nonce can bring a lease (grace) or set
+        # the trusted time: a lease inside any other answer may be a replay of an old one.
+        lease: Lease | None = None
+        problem: str | None = None
         if answer.ok and nonce is not None:
             lease, problem = verify_status(answer.body, self.keys, self.identity, nonce, now,
                                            self.lease)
-        else:
-            lease, problem = parse_lease(answer.body.get("lease"), self.keys, self.identity)
         if answer.ok and (lease is None if nonce is not None else not answer.proven):
             why = problem or "the upload answer's receipt did not verify"
             log.warning("valid_not_proven", reason=why, effect="taken as Unknown: the module "
@@ -147,15 +150,15 @@ class Licensing:
                             answer.server_date, answer.elapsed)
         with self._lock:
             if lease is not None:
-                self.clock.adopt(lease.issued_at)
+                floor = self.lease.issued_at if self.lease is not None else lease.issued_at
+                self.clock.adopt(max(lease.issued_at, floor))
                 if self.lease is None or lease.expires_at >= self.lease.expires_at or \
                         lease.issued_at >= self.lease.issued_at:
                     self.lease = lease
                     self.lease_store.save(lease)
-            elif problem is not None and answer.ok and nonce is None:
-                log.warning("lease_ignored", reason=problem, effect="this answer grants no "
-                            "grace")
             self.status = answer.status
+            if answer.status is ApiStatus.VALID:
+                self._valid_at = time.monotonic()
             self.status_message = answer.error if not answer.ok and answer.error else \
                 explain(answer.status).message
             self.retry_after = answer.retry_after
@@ -198,6 +201,12 @@ class Licensing:
         expires = lease.expires_at if lease is not None else None
         remaining = max(0.0, (expires - now) / 1000) if expires is not None else None
         remedy = explain(status).remedy
+        if status is ApiStatus.VALID and self._valid_is_stale():
+            # No proof for longer than the checks allow (a check that hangs, a link that
+            # answers nothing): the last Valid no longer counts; the lease's grace does.
+            status, message = ApiStatus.UNKNOWN, "no Valid answer for " \
+                f"{time.monotonic() - self._valid_at:.0f} s"
+            remedy = explain(status).remedy
         if status is ApiStatus.VALID:
             return Decision(True, GraceState.ONLINE, status, message, remedy, None, expires,
                             remaining)
@@ -217,6 +226,13 @@ class Licensing:
         return Decision(False, GraceState.GATED, status, f"{message} ({why})",
                         f"{remedy} The module refuses work until a Valid answer arrives.",
                         wait, expires, remaining)
+
+    def _valid_is_stale(self) -> bool:
+        """True when the last Valid answer is older than two check intervals plus the
+        call's deadline: a periodic check would have renewed or replaced it by then."""
+        s = self.settings
+        limit = 2 * s.check_interval_seconds + s.status_timeout_seconds + 1
+        return time.monotonic() - self._valid_at > limit
 
     def _decide_from_license(self, now: int) -> Decision:
         assert self.license_source is not None

@@ -213,7 +213,7 @@ class Drainer:
         answer = self.client.post_raw_usage([r.body for r in batch])
         receipt: Receipt | None = None
         if answer.http_status in (200, 400):
-            answer, receipt = self._verify(answer)
+            answer, receipt = self._verify(answer, batch)
         self.last_answer = answer
         if self.on_answer is not None:
             self.on_answer(answer)
@@ -245,14 +245,25 @@ class Drainer:
         assert receipt is not None  # answer.ok: _verify proved it
         return self._apply(batch, answer, receipt)
 
-    def _verify(self, answer: Answer) -> tuple[Answer, Receipt | None]:
-        """The answer marked proven with its verified receipt, or downgraded to Unknown."""
+    def _verify(self, answer: Answer,
+                batch: list[PendingRecord]) -> tuple[Answer, Receipt | None]:
+        """The answer marked proven with its verified receipt, or downgraded to Unknown.
+
+        A receipt proves the endpoint (and so the licence) only when it answers for
+        records of this very upload: a genuine receipt replayed from an earlier upload
+        names none of them, settles nothing and proves nothing.
+        """
         receipt, problem = check_receipt(answer.body, self.keys,
                                          self.ledger.identity.container_id,
                                          int(time.time() * 1000))
         if receipt is not None:
-            answer.proven = answer.ok
-            return answer, receipt
+            ids = {record.id for record in batch}
+            named = ids & (set(receipt.accepted) | set(receipt.duplicate) |
+                           set(receipt.rejected))
+            if named:
+                answer.proven = answer.ok
+                return answer, receipt
+            problem = "the receipt names none of the records of this upload (a replay)"
         if answer.http_status == 400:
             return answer, None
         if self.metrics is not None:

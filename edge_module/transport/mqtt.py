@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_module.config import MqttSettings, subscription_filter
+from edge_module.envelope import error_envelope
 from edge_module.errors import ErrorCode
 from edge_module.logs import get_logger
 from edge_module.metrics import Metrics
@@ -299,11 +301,20 @@ class MqttTransport:
                 correlation = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else \
                     str(raw)
             content_type = getattr(props, "ContentType", None)
-        self._deliver(Inbound(
+        inbound = Inbound(
             payload=msg.payload, source=msg.topic, correlation_id=correlation,
             reply_to=reply_to, content_type=content_type, settle=settle,
             delivery_key=str(msg.mid) if msg.qos > 0 else None, redelivered=bool(msg.dup),
-        ))
+        )
+        problem = _unusable_topic(reply_to) if reply_to else None
+        if problem is not None:  # answered on the error topic; nothing reaches the model
+            request_id = correlation or uuid.uuid4().hex
+            self.metrics.errors.labels(code=ErrorCode.INVALID_REQUEST).inc()
+            self.send_error(inbound, error_envelope(
+                request_id, ErrorCode.INVALID_REQUEST, f"the MQTT v5 response topic cannot "
+                f"take an answer: {problem}; send a plain topic (no + or #)"))
+            return
+        self._deliver(inbound)
 
     def _settle_input(self, key: tuple[int, int]) -> None:
         with self._lock:
@@ -325,13 +336,16 @@ class MqttTransport:
     # -- sending ----------------------------------------------------------
 
     def send_result(self, inbound: Inbound, body: bytes) -> None:
-        self._send(inbound, body, inbound.reply_to or self.settings.result_topic)
+        if inbound.reply_to:  # the client's own topic: used as it is, never as a template
+            self._send(inbound, body, inbound.reply_to)
+        else:
+            self._send(inbound, body, self.settings.result_topic.replace("{topic}",
+                                                                         inbound.source))
 
     def send_error(self, inbound: Inbound, body: bytes) -> None:
-        self._send(inbound, body, self.settings.error_topic)
+        self._send(inbound, body, self.settings.error_topic.replace("{topic}", inbound.source))
 
-    def _send(self, inbound: Inbound, body: bytes, template: str) -> None:
-        topic = template.replace("{topic}", inbound.source)
+    def _send(self, inbound: Inbound, body: bytes, topic: str) -> None:
         if any(mqtt.topic_matches_sub(f, topic) for f in self._filters):
             self.metrics.publish_failures.inc()
             log.error("mqtt_output_loop", topic=topic, code=ErrorCode.OUTPUT_TOPIC_LOOP,
@@ -425,3 +439,14 @@ def _noop() -> None:
 
 def _bind_settle(transport: MqttTransport, key: tuple[int, int]) -> Callable[[], None]:
     return lambda: transport._settle_input(key)
+
+
+def _unusable_topic(topic: str) -> str | None:
+    """Why the module cannot publish to ``topic`` (a client's response topic), if so."""
+    if "+" in topic or "#" in topic:
+        return "it holds a wildcard"
+    if "\x00" in topic:
+        return "it holds a NUL character"
+    if len(topic.encode("utf-8", "surrogatepass")) > 65535:
+        return "it is longer than MQTT allows"
+    return None
