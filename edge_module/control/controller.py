@@ -24,7 +24,9 @@ from edge_module.control.live import LiveSettings, shown, value_at
 from edge_module.control.methods import BadPayload, Methods, options
 from edge_module.control.reported import Reporter
 from edge_module.exceptions import EdgeModuleError
+from edge_module.inference.catalog import VersionInfo
 from edge_module.inference.models import load_model
+from edge_module.inference.repository import ModelRepository
 from edge_module.licensing.service import Licensing
 from edge_module.logs import get_logger
 from edge_module.metering.drain import Drainer
@@ -40,7 +42,7 @@ Status = Callable[[], tuple[int, Any]]
 class Controller:
     def __init__(self, settings: Settings, pipeline: Pipeline, licensing: Licensing,
                  ledger: Ledger, drainer: Drainer | None, metrics: Metrics,
-                 status: Status) -> None:
+                 status: Status, repository: ModelRepository | None = None) -> None:
         self.live = LiveSettings(settings)
         self.pipeline = pipeline
         self.licensing = licensing
@@ -48,6 +50,7 @@ class Controller:
         self.drainer = drainer
         self.metrics = metrics
         self.status = status
+        self.repository = repository
         self.reporter: Reporter | None = None
         # Called with the new EdgeHub:Inputs after a change (the edgeHub transport's set).
         self.on_inputs: Callable[[frozenset[str]], None] | None = None
@@ -116,8 +119,22 @@ class Controller:
             "serving": decision.serve,
             "grace": {"state": grace["state"], "expiresAt": grace["expiresAt"]},
             "backlog": {"pending": stats["pending"], "quarantined": stats["quarantined"]},
-            "model": self.pipeline.model.provenance.as_dict(),
+            **self._models(),
             "moduleVersion": __version__,
+        }
+
+    def _models(self) -> dict[str, Any]:
+        """``model`` (the default one, when ready) and ``models`` (every version, state)."""
+        catalog = self.pipeline.catalog
+        default = catalog.resolve(None, None)
+        models: dict[str, dict[str, Any]] = {}
+        for i in catalog.versions():
+            models.setdefault(i.name, {})[i.version] = {
+                "state": i.state.value, "reason": i.reason, "sha256": i.sha256}
+        return {
+            "model": default.provenance.as_dict() if default is not None else None,
+            # The twin takes objects, not lists: {name: {version: state}}.
+            "models": models,
         }
 
     # -- direct methods ---------------------------------------------------
@@ -147,6 +164,8 @@ class Controller:
         return 503, body
 
     def _method_reload(self, payload: Any) -> tuple[int, Any]:
+        if self.repository is not None:
+            return self._reload_from_repository(self.repository, payload)
         options(payload, {})
         with self._reconfiguring:
             try:
@@ -158,3 +177,41 @@ class Controller:
             self.pipeline.reconfigure(model=model)
         log.info("model_reloaded", before=before, after=model.provenance.as_dict())
         return 200, {"model": model.provenance.as_dict(), "previous": before}
+
+    def _reload_from_repository(self, repository: ModelRepository,
+                                payload: Any) -> tuple[int, Any]:
+        """ReloadModel with Model:Repository: ``{"model": name}`` loads that model's versions
+        again from disk (beside those serving, then swapped in), ``"unload": true`` stops
+        serving it, ``"version"`` names the version whose state is answered; without a
+        model, the whole folder is scanned."""
+        opts = options(payload, {"model": str, "version": str, "unload": bool})
+        name = opts.get("model")
+        if name is None:
+            if "version" in opts or opts.get("unload"):
+                raise BadPayload("version and unload need a model")
+            with self._reconfiguring:
+                repository.scan()
+            return 200, {"models": [_shown(i) for i in repository.versions()]}
+        try:
+            with self._reconfiguring:
+                infos = repository.unload(name) if opts.get("unload") else \
+                    repository.load(name)
+        except KeyError:
+            return 404, {"error": f"no model {name!r} in the repository "
+                         f"({repository.root}): add <model>/<version>/model.onnx there"}
+        version = opts.get("version")
+        if version is not None:
+            infos = [i for i in infos if i.version == version]
+            if not infos:
+                return 404, {"error": f"model {name!r} has no version {version!r} its version "
+                             "policy serves"}
+        body = {"models": [_shown(i) for i in infos]}
+        failed = [i for i in infos if i.state.value == "failed"]
+        log.info("model_reloaded", model=name, version=version,
+                 states={i.version: i.state.value for i in infos})
+        return (500 if failed and len(failed) == len(infos) else 200), body
+
+
+def _shown(info: VersionInfo) -> dict[str, Any]:
+    return {"name": info.name, "version": info.version, "state": info.state.value,
+            "reason": info.reason, "sha256": info.sha256}

@@ -303,6 +303,8 @@ class MqttTransport:
             payload=msg.payload, source=msg.topic, correlation_id=correlation,
             reply_to=reply_to, content_type=content_type, settle=settle,
             delivery_key=str(msg.mid) if msg.qos > 0 else None, redelivered=bool(msg.dup),
+            model=topic_level(msg.topic, self.settings.model_topic_level),
+            version=topic_level(msg.topic, self.settings.version_topic_level),
         ))
 
     def _settle_input(self, key: tuple[int, int]) -> None:
@@ -425,3 +427,12 @@ def _noop() -> None:
 
 def _bind_settle(transport: MqttTransport, key: tuple[int, int]) -> Callable[[], None]:
     return lambda: transport._settle_input(key)
+
+
+def topic_level(topic: str, level: int | None) -> str | None:
+    """The topic's level ``level`` (0 = the first), None when unset, missing or empty:
+    how ``Mqtt:ModelTopicLevel``/``VersionTopicLevel`` name a model and version."""
+    if level is None:
+        return None
+    levels = topic.split("/")
+    return levels[level] or None if level < len(levels) else None
