@@ -59,6 +59,7 @@ class Controller:
         self.methods.add("GetStatus", self._method_status)
         self.methods.add("DrainNow", self._method_drain)
         self.methods.add("ReloadModel", self._method_reload)
+        self.methods.add("UnloadModel", self._method_unload)
 
     @property
     def settings(self) -> Settings:
@@ -181,21 +182,19 @@ class Controller:
     def _reload_from_repository(self, repository: ModelRepository,
                                 payload: Any) -> tuple[int, Any]:
         """ReloadModel with Model:Repository: ``{"model": name}`` loads that model's versions
-        again from disk (beside those serving, then swapped in), ``"unload": true`` stops
-        serving it, ``"version"`` names the version whose state is answered; without a
-        model, the whole folder is scanned."""
-        opts = options(payload, {"model": str, "version": str, "unload": bool})
+        again from disk (beside those serving, then swapped in); ``"version"`` names the
+        version whose state is answered; without a model, the whole folder is read."""
+        opts = options(payload, {"model": str, "version": str})
         name = opts.get("model")
         if name is None:
-            if "version" in opts or opts.get("unload"):
-                raise BadPayload("version and unload need a model")
+            if "version" in opts:
+                raise BadPayload("version needs a model")
             with self._reconfiguring:
                 repository.scan()
             return 200, {"models": [_shown(i) for i in repository.versions()]}
         try:
             with self._reconfiguring:
-                infos = repository.unload(name) if opts.get("unload") else \
-                    repository.load(name)
+                infos = repository.load(name)
         except KeyError:
             return 404, {"error": f"no model {name!r} in the repository "
                          f"({repository.root}): add <model>/<version>/model.onnx there"}
@@ -205,11 +204,27 @@ class Controller:
             if not infos:
                 return 404, {"error": f"model {name!r} has no version {version!r} its version "
                              "policy serves"}
-        body = {"models": [_shown(i) for i in infos]}
         failed = [i for i in infos if i.state.value == "failed"]
         log.info("model_reloaded", model=name, version=version,
                  states={i.version: i.state.value for i in infos})
-        return (500 if failed and len(failed) == len(infos) else 200), body
+        return (500 if failed and len(failed) == len(infos) else 200), \
+            {"models": [_shown(i) for i in infos]}
+
+    def _method_unload(self, payload: Any) -> tuple[int, Any]:
+        """UnloadModel ``{"model": name}`` (Model:Repository): stop serving it until
+        ReloadModel names it; batches in flight finish."""
+        opts = options(payload, {"model": str})
+        if self.repository is None:
+            return 409, {"error": "UnloadModel needs Model:Repository; this module serves "
+                         "one model"}
+        if "model" not in opts:
+            raise BadPayload("UnloadModel takes {\"model\": <name>}")
+        try:
+            with self._reconfiguring:
+                infos = self.repository.unload(opts["model"])
+        except KeyError:
+            return 404, {"error": f"no model {opts['model']!r} in the repository"}
+        return 200, {"models": [_shown(i) for i in infos]}
 
 
 def _shown(info: VersionInfo) -> dict[str, Any]:
