@@ -464,3 +464,16 @@ def test_a_model_repository_over_edgehub_routes_by_field_reports_states_and_relo
     edgehub.send_input("input", image_body(x[0], "d2"))
     results = by_id(edgehub.wait_outputs("results", 3))
     assert results["d2"]["model"]["version"] == "2"
+
+    # the twin chooses the default model; Model:Name does not apply to a repository
+    version = edgehub.patch_desired({"Model": {"Default": "telemetry", "Name": "telemetry"}})
+    config = edgehub.wait_reported(
+        lambda r: r.get("config", {}).get("desiredVersion") == version)["config"]
+    assert config["status"] == "partly applied" and "Model:Name" in config["rejected"]
+    edgehub.send_input("input", json.dumps({"id": "t2", "tensor": TELEMETRY_ROW}).encode())
+    results = by_id(edgehub.wait_outputs("results", 4))
+    assert results["t2"]["model"]["name"] == "telemetry"
+    version = edgehub.patch_desired({"Model": {"Default": "absent"}})
+    config = edgehub.wait_reported(
+        lambda r: r.get("config", {}).get("desiredVersion") == version)["config"]
+    assert config["status"] == "rejected" and "absent" in config["rejected"]

@@ -76,7 +76,10 @@ class Controller:
             rejected = dict(verdict.rejected)
             new = verdict.settings
             model = None
-            if "Model:Name" in verdict.changed or "Model:Path" in verdict.changed:
+            if self.repository is not None:
+                new = self._repository_desired(self.repository, verdict.changed, before, new,
+                                               rejected)
+            elif "Model:Name" in verdict.changed or "Model:Path" in verdict.changed:
                 try:
                     model = load_model(new.model, self.licensing.model_key)
                 except (EdgeModuleError, OSError) as exc:
@@ -109,6 +112,30 @@ class Controller:
                     or None,
                     "effective": self.live.effective(),
                 }})
+
+    @staticmethod
+    def _repository_desired(repository: ModelRepository, changed: list[str], before: Settings,
+                            new: Settings, rejected: dict[str, str]) -> Settings:
+        """With Model:Repository the twin chooses the default model (``Model:Default``);
+        ``Model:Name``/``Model:Path`` do not apply and are rejected."""
+        keep: dict[str, Any] = {}
+        for key, attr in (("Model:Name", "name"), ("Model:Path", "path")):
+            if key in changed:
+                rejected[key] = ("Model:Repository is set, so the repository's models serve; "
+                                 "name one with Model:Default or in the input")
+                keep[attr] = getattr(before.model, attr)
+        if "Model:Default" in changed:
+            wanted = new.model.default
+            known = {i.name for i in repository.versions()}
+            if wanted is not None and wanted not in known:
+                rejected["Model:Default"] = (f"no model {wanted!r} in the repository "
+                                             f"(models: {', '.join(sorted(known)) or 'none'})")
+                keep["default"] = before.model.default
+            else:
+                repository.set_default(wanted)
+        if keep:
+            new = new.model_copy(update={"model": new.model.model_copy(update=keep)})
+        return new
 
     def reported_state(self) -> dict[str, Any]:
         """The state the twin reports (sampled every second, sent when it changes)."""

@@ -204,6 +204,11 @@ class ModelRepository:
             names = list(self._table)
         return names[0] if len(names) == 1 else None
 
+    def set_default(self, name: str | None) -> None:
+        """Answer inputs naming no model with ``name`` (None: the only model)."""
+        self._default_name = name
+        self._changed()
+
     # -- the repository API (OIP v2 repository extension) ------------------
 
     def index(self) -> list[VersionInfo]:
