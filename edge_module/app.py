@@ -140,6 +140,10 @@ class App:
         repository = ModelRepository(ms.repository, load, ms.default, ms.intra_op_threads,
                                      ms.inter_op_threads, ms.memory_budget_mb)
         repository.events.changed.append(self.catalog_metrics)
+        if ms.default is not None and not (ms.repository / ms.default).is_dir():
+            raise ConfigError("Model:Default", f"the repository {ms.repository} has no model "
+                              f"folder {ms.default!r}; fix: name one of its model folders, or "
+                              "unset it to use the only model")
         repository.scan()
         log.info("model_repository_loaded", path=str(ms.repository),
                  default=repository.default_name,

@@ -464,6 +464,8 @@ def test_a_model_repository_over_edgehub_routes_by_field_reports_states_and_relo
     edgehub.send_input("input", image_body(x[0], "d2"))
     results = by_id(edgehub.wait_outputs("results", 3))
     assert results["d2"]["model"]["version"] == "2"
+    # version 1, retired, leaves the reported properties (a null in the merge patch)
+    edgehub.wait_reported(lambda r: set(r.get("models", {}).get("digits", {})) == {"2"})
 
     # the twin chooses the default model; Model:Name does not apply to a repository
     version = edgehub.patch_desired({"Model": {"Default": "telemetry", "Name": "telemetry"}})

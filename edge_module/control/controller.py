@@ -51,6 +51,7 @@ class Controller:
         self.metrics = metrics
         self.status = status
         self.repository = repository
+        self._reported_models: dict[str, set[str]] = {}  # every model version reported
         self.reporter: Reporter | None = None
         # Called with the new EdgeHub:Inputs after a change (the edgeHub transport's set).
         self.on_inputs: Callable[[frozenset[str]], None] | None = None
@@ -155,10 +156,19 @@ class Controller:
         """``model`` (the default one, when ready) and ``models`` (every version, state)."""
         catalog = self.pipeline.catalog
         default = catalog.resolve(None, None)
-        models: dict[str, dict[str, Any]] = {}
+        found: dict[str, dict[str, Any]] = {}
         for i in catalog.versions():
-            models.setdefault(i.name, {})[i.version] = {
+            found.setdefault(i.name, {})[i.version] = {
                 "state": i.state.value, "reason": i.reason, "sha256": i.sha256}
+        # Reported properties merge: a version or model gone is sent as null to remove it.
+        models: dict[str, dict[str, Any] | None] = dict(found)
+        for name, versions in self._reported_models.items():
+            if name not in found:
+                models[name] = None
+            else:
+                found[name].update({v: None for v in versions - set(found[name])})
+        for name, entry in found.items():
+            self._reported_models.setdefault(name, set()).update(entry)
         return {
             "model": default.provenance.as_dict() if default is not None else None,
             # The twin takes objects, not lists: {name: {version: state}}.

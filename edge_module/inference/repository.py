@@ -163,6 +163,7 @@ class ModelRepository:
         self._lock = threading.Lock()  # the table
         self._loading = threading.Lock()  # one load at a time
         self.events = CatalogEvents()
+        self._ignored: list[str] = []  # folders whose names are not model names (logged)
 
     # -- Catalog ----------------------------------------------------------
 
@@ -250,13 +251,18 @@ class ModelRepository:
         """Bring the table in step with the folder: load what is new or changed, drop
         what the policy no longer wants or what was removed."""
         try:
-            names = sorted(p.name for p in self.root.iterdir()
-                           if p.is_dir() and NAME.match(p.name))
+            folders = [p.name for p in self.root.iterdir() if p.is_dir()]
         except OSError as exc:
             log.error("repository_unreadable", path=str(self.root), error=str(exc),
                       effect="the models loaded keep serving",
                       fix="check that Model:Repository exists and is readable")
             return
+        names = sorted(n for n in folders if NAME.match(n))
+        odd = sorted(n for n in folders if not NAME.match(n) and not n.startswith("."))
+        if odd and odd != self._ignored:
+            log.warning("repository_folders_ignored", folders=odd,
+                        fix="name model folders with letters, digits, _ and - only")
+        self._ignored = odd
         with self._lock:
             gone = [n for n in self._table if n not in names]
             for n in gone:
