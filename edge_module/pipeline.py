@@ -8,8 +8,9 @@ Threads and queues (docs/architecture.md draws them):
   answer bad ones at once with an error envelope;
 * one inference thread gathers decoded requests into a batch (up to
   ``MaxBatchSize`` items, waiting at most ``MaxQueueDelayMs`` after the first,
-  like Triton's dynamic batcher), asks the gate and the meter whether it may
-  serve, and runs the model once;
+  like Triton's dynamic batcher; one model version per batch, the others'
+  requests held for their own next batch), asks the gate and the meter
+  whether it may serve, and runs the model once;
 * one commit thread takes every inferred batch waiting, commits their usage
   records in one transaction (group commit), and only then publishes the
   results, so the commit's fsync overlaps the next batch's inference.
@@ -27,6 +28,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -350,11 +352,14 @@ class Pipeline:
 
     def _infer_loop(self) -> None:
         stops = 0
-        carry: Job | None = None
+        # Jobs taken from the queue for a later batch: another model's (each model version
+        # batches on its own, like Triton's per-model queues), or past a full batch. Served
+        # in arrival order per model; at most ``hold`` of them, so memory stays bounded.
+        waiting: deque[Job] = deque()
+        hold = 2 * self.settings.max_batch_size
         delay = self.settings.max_queue_delay_ms / 1000
         while True:
-            first = carry if carry is not None else self.batches.get()
-            carry = None
+            first = waiting.popleft() if waiting else self.batches.get()
             if first is _STOP:
                 self.batches.task_done()
                 stops += 1
@@ -365,17 +370,33 @@ class Pipeline:
             jobs = [first]
             count = len(first.items)
             max_items = first.serving.max_batch
+            full = False
+            held: deque[Job] = deque()
+            for job in waiting:  # the same model's jobs already taken join this batch
+                if not full and job is not _STOP and job.serving is first.serving:
+                    if count + len(job.items) <= max_items:
+                        jobs.append(job)
+                        count += len(job.items)
+                        continue
+                    full = True
+                held.append(job)
+            waiting = held
             deadline = time.perf_counter() + delay
-            while count < max_items:
+            while not full and count < max_items and len(waiting) < hold:
                 remaining = deadline - time.perf_counter()
                 try:
                     job = self.batches.get(timeout=remaining) if remaining > 0 else \
                         self.batches.get_nowait()
                 except queue.Empty:
                     break
-                if job is _STOP or count + len(job.items) > max_items or \
-                        job.serving is not first.serving:
-                    carry = job
+                if job is _STOP:
+                    waiting.append(job)
+                    break
+                if job.serving is not first.serving:
+                    waiting.append(job)  # another model's: it waits for its own batch
+                    continue
+                if count + len(job.items) > max_items:
+                    waiting.append(job)
                     break
                 jobs.append(job)
                 count += len(job.items)

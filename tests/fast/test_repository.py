@@ -251,3 +251,34 @@ def test_a_version_swap_under_steady_load_loses_and_fails_nothing(
     assert len(transport.results) == total == ledger.pending
     versions = {json.loads(body)["model"]["version"] for _, body in transport.results}
     assert versions == {"1", "2"}  # the swap happened while inputs flowed
+
+
+def test_interleaved_inputs_for_two_models_are_batched_per_model(
+        root: Path, transport: RecordingTransport, ledger: Ledger) -> None:
+    _, x, _, _ = digits_split()
+    repo = ModelRepository(root, load, default="digits")
+    repo.scan()
+    metrics = Metrics()
+    pipe = Pipeline(repo, PipelineSettings.model_validate(
+        {"MaxBatchSize": 8, "MaxQueueDelayMs": 300, "DecodeWorkers": 1}), transport, metrics,
+        LedgerMeter(ledger, metrics))
+    telemetry = json.dumps({"model": "telemetry", "tensor": TELEMETRY_ROW}).encode()
+    for i in range(16):  # queued before the workers start: A, B, A, B, ...
+        pipe.submit(Inbound(digit_image(x[i]), "in", correlation_id=f"d{i}"))
+        pipe.submit(Inbound(telemetry, "in", correlation_id=f"t{i}"))
+    pipe.start()
+    try:
+        transport.wait_answers(32)
+    finally:
+        pipe.drain(5)
+        pipe.stop()
+    assert transport.errors == []
+    runs = [line for line in metrics.render().decode().splitlines()
+            if line.startswith("edge_module_inference_seconds_count ")]
+    # one batch per model version at a time: 4 runs of 8, not 32 runs of one
+    assert float(runs[0].split()[1]) <= 6, runs
+    order = [json.loads(body)["id"] for _, body in transport.results]
+    for prefix in ("d", "t"):  # each model answers in arrival order
+        mine = [int(i[1:]) for i in order if i.startswith(prefix)]
+        assert mine == sorted(mine)
+    assert ledger.pending == 32
