@@ -431,14 +431,17 @@ def test_a_model_repository_over_edgehub_routes_by_field_reports_states_and_relo
     add_version(root, "digits", 1)
     add_version(root, "telemetry", 1)
     start_edge_module(f"Model:Repository={root}", "Model:Default=digits",
-                      "Model:RepositoryPollSeconds=0")
+                      "Model:RepositoryPollSeconds=0", "EdgeHub:Inputs=input,pump",
+                      "EdgeHub:InputModels=pump=telemetry:1")
     x, _ = digits(1)
     edgehub.send_input("input", image_body(x[0], "d"))
     edgehub.send_input("input", json.dumps({"id": "t", "model": "telemetry",
                                             "tensor": TELEMETRY_ROW}).encode())
-    results = by_id(edgehub.wait_outputs("results", 2))
+    edgehub.send_input("pump", json.dumps({"id": "p", "tensor": TELEMETRY_ROW}).encode())
+    results = by_id(edgehub.wait_outputs("results", 3))
     assert results["d"]["model"]["name"] == "digits"
     assert results["t"]["model"]["name"] == "telemetry"
+    assert results["p"]["model"] == {**results["t"]["model"], "version": "1"}
     reported = edgehub.wait_reported(lambda r: "models" in r and "telemetry" in r["models"])
     assert reported["models"]["telemetry"]["1"]["state"] == "ready"
 
@@ -462,7 +465,7 @@ def test_a_model_repository_over_edgehub_routes_by_field_reports_states_and_relo
     assert edgehub.call_method("ReloadModel", {"version": "1"})[0] == 400
     assert edgehub.call_method("UnloadModel", {})[0] == 400
     edgehub.send_input("input", image_body(x[0], "d2"))
-    results = by_id(edgehub.wait_outputs("results", 3))
+    results = by_id(edgehub.wait_outputs("results", 4))
     assert results["d2"]["model"]["version"] == "2"
     # version 1, retired, leaves the reported properties (a null in the merge patch)
     edgehub.wait_reported(lambda r: set(r.get("models", {}).get("digits", {})) == {"2"})
@@ -473,7 +476,7 @@ def test_a_model_repository_over_edgehub_routes_by_field_reports_states_and_relo
         lambda r: r.get("config", {}).get("desiredVersion") == version)["config"]
     assert config["status"] == "partly applied" and "Model:Name" in config["rejected"]
     edgehub.send_input("input", json.dumps({"id": "t2", "tensor": TELEMETRY_ROW}).encode())
-    results = by_id(edgehub.wait_outputs("results", 4))
+    results = by_id(edgehub.wait_outputs("results", 5))
     assert results["t2"]["model"]["name"] == "telemetry"
     version = edgehub.patch_desired({"Model": {"Default": "absent"}})
     config = edgehub.wait_reported(

@@ -652,7 +652,34 @@ class EdgeHubSettings(Section):
         "changes are sent at once.",
     )
 
-    _split = field_validator("inputs", mode="before")(_split_list)
+    input_models: list[str] = Field(
+        default_factory=list, alias="InputModels",
+        description="With `Model:Repository`: the model each edgeHub input goes to, "
+        "comma-separated `input=model` or `input=model:version` (e.g. "
+        "`camera=detector,pump=telemetry:2`); a `model` field in the JSON wins; inputs not "
+        "listed go to the default model.",
+    )
+
+    _split = field_validator("inputs", "input_models", mode="before")(_split_list)
+
+    @field_validator("input_models")
+    @classmethod
+    def _input_models(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            source, _, target = entry.partition("=")
+            name, _, version = target.partition(":")
+            if not source or not name or (":" in target and not version):
+                raise ValueError(f"{entry!r} is not input=model or input=model:version")
+        return entries
+
+    def model_for(self, source: str) -> tuple[str | None, str | None]:
+        """The model (and version) ``EdgeHub:InputModels`` maps this input to."""
+        for entry in self.input_models:
+            name, _, target = entry.partition("=")
+            if name == source:
+                model, _, version = target.partition(":")
+                return model, version or None
+        return None, None
 
 
 class Settings(Section):
