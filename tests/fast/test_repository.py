@@ -282,3 +282,21 @@ def test_interleaved_inputs_for_two_models_are_batched_per_model(
         mine = [int(i[1:]) for i in order if i.startswith(prefix)]
         assert mine == sorted(mine)
     assert ledger.pending == 32
+
+
+def test_a_load_whose_measured_memory_passes_the_budget_is_refused(root: Path) -> None:
+    def heavy(path: Path, intra: int, inter: int) -> Model:
+        model = load(path, intra, inter)
+        if "telemetry" in str(path):  # this load really takes 40 MB more of RSS
+            model.ballast = b"\x01" * (40 * 1024 * 1024)  # type: ignore[attr-defined]
+        return model
+
+    repo = ModelRepository(root, heavy, memory_budget_mb=20)
+    repo.scan()
+    infos = {i.name: i for i in repo.versions()}
+    assert infos["digits"].state is ModelState.READY
+    assert infos["telemetry"].state is ModelState.FAILED
+    assert "added" in (infos["telemetry"].reason or "")
+    assert "Model:MemoryBudgetMb" in (infos["telemetry"].reason or "")
+    assert repo.resolve("telemetry", None) is None
+    assert repo.resolve("digits", None) is not None
