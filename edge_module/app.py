@@ -27,7 +27,7 @@ from edge_module.identity import Identity, installation_identity
 from edge_module.inference.catalog import Catalog, ModelState, SingleModel
 from edge_module.inference.encryption import MAGIC
 from edge_module.inference.models import Model, load_descriptor, load_model, model_path
-from edge_module.inference.repository import ModelRepository
+from edge_module.inference.repository import ModelRepository, split_default
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import LeaseStore
 from edge_module.licensing.license_file import LicenseFileSource, load_license
@@ -140,7 +140,8 @@ class App:
         repository = ModelRepository(ms.repository, load, ms.default, ms.intra_op_threads,
                                      ms.inter_op_threads, ms.memory_budget_mb)
         repository.events.changed.append(self.catalog_metrics)
-        if ms.default is not None and not (ms.repository / ms.default).is_dir():
+        default, _ = split_default(ms.default)
+        if default is not None and not (ms.repository / default).is_dir():
             raise ConfigError("Model:Default", f"the repository {ms.repository} has no model "
                               f"folder {ms.default!r}; fix: name one of its model folders, or "
                               "unset it to use the only model")

@@ -274,8 +274,9 @@ class ModelSettings(Section):
     )
     default: str | None = Field(
         None, alias="Default",
-        description="With `Repository`: the model that answers inputs naming none (unset: "
-        "the only model in the repository).",
+        description="With `Repository`: the model that answers inputs naming none, `model` "
+        "(its newest ready version) or `model:version` (unset: the only model in the "
+        "repository). Live: the twin may change it.",
     )
     repository_poll_seconds: float = Field(
         10.0, alias="RepositoryPollSeconds", ge=0.0, le=3600.0,

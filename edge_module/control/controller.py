@@ -26,7 +26,7 @@ from edge_module.control.reported import Reporter
 from edge_module.exceptions import EdgeModuleError
 from edge_module.inference.catalog import VersionInfo
 from edge_module.inference.models import load_model
-from edge_module.inference.repository import ModelRepository
+from edge_module.inference.repository import ModelRepository, split_default
 from edge_module.licensing.service import Licensing
 from edge_module.logs import get_logger
 from edge_module.metering.drain import Drainer
@@ -127,9 +127,10 @@ class Controller:
                 keep[attr] = getattr(before.model, attr)
         if "Model:Default" in changed:
             wanted = new.model.default
+            name, _ = split_default(wanted)
             known = {i.name for i in repository.versions()}
-            if wanted is not None and wanted not in known:
-                rejected["Model:Default"] = (f"no model {wanted!r} in the repository "
+            if name is not None and name not in known:
+                rejected["Model:Default"] = (f"no model {name!r} in the repository "
                                              f"(models: {', '.join(sorted(known)) or 'none'})")
                 keep["default"] = before.model.default
             else:

@@ -156,7 +156,7 @@ class ModelRepository:
                  memory_budget_mb: int | None = None) -> None:
         self.root = root
         self._load_model = load
-        self._default_name = default
+        self._default_name, self._default_version = split_default(default)
         self._threads = (intra_op_threads, inter_op_threads)
         self._budget = memory_budget_mb * 1024 * 1024 if memory_budget_mb else None
         self._table: dict[str, _Entry] = {}
@@ -168,7 +168,10 @@ class ModelRepository:
     # -- Catalog ----------------------------------------------------------
 
     def resolve(self, name: str | None, version: str | None) -> Model | None:
-        name = name if name is not None else self.default_name
+        if name is None:
+            name = self.default_name
+            if version is None and name == self._default_name:
+                version = self._default_version  # Model:Default=<model>:<version>
         if name is None:
             return None
         with self._lock:
@@ -205,9 +208,10 @@ class ModelRepository:
             names = list(self._table)
         return names[0] if len(names) == 1 else None
 
-    def set_default(self, name: str | None) -> None:
-        """Answer inputs naming no model with ``name`` (None: the only model)."""
-        self._default_name = name
+    def set_default(self, default: str | None) -> None:
+        """Answer inputs naming no model with ``default`` (``model`` or ``model:version``;
+        None: the only model)."""
+        self._default_name, self._default_version = split_default(default)
         self._changed()
 
     # -- the repository API (OIP v2 repository extension) ------------------
@@ -433,6 +437,14 @@ class ModelRepository:
                  "reason": i.reason, "sha256": i.sha256,
                  "rssMb": round(rss.get((i.name, i.version), 0) / 2**20, 1)}
                 for i in self.versions()]
+
+
+def split_default(default: str | None) -> tuple[str | None, str | None]:
+    """``Model:Default`` as (model, version): ``digits`` or ``digits:2``."""
+    if default is None:
+        return None, None
+    name, _, version = default.partition(":")
+    return name, version or None
 
 
 def _subdirs(folder: Path) -> list[Path]:

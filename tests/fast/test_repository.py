@@ -75,6 +75,16 @@ def test_two_models_load_and_resolve_by_name_and_version(root: Path) -> None:
     chosen = ModelRepository(root, load, default="telemetry")
     chosen.scan()
     assert chosen.default.provenance.name == "telemetry"
+    # Model:Default=<model>:<version> pins the version that answers unnamed inputs
+    add_version(root, "digits", 2)
+    (root / "digits" / "config.json").write_text(json.dumps({"versionPolicy": {"all": {}}}))
+    chosen.set_default("digits:1")
+    chosen.scan()
+    assert chosen.default.provenance.version == "1"
+    newest = chosen.resolve("digits", None)
+    assert newest is not None and newest.provenance.version == "2"
+    chosen.set_default("digits")
+    assert chosen.default.provenance.version == "2"
 
 
 def test_latest_policy_swaps_in_a_new_version_and_old_batches_still_run(root: Path) -> None:
