@@ -39,7 +39,7 @@ from edge_module.config import PipelineSettings
 from edge_module.envelope import error_envelope, result_envelope
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import EdgeModuleError, Refusal
-from edge_module.inference.catalog import Catalog, SingleModel
+from edge_module.inference.catalog import Catalog, CatalogEvents, SingleModel
 from edge_module.inference.codecs import (
     Codec,
     Limits,
@@ -193,6 +193,9 @@ class Pipeline:
         # holds one ``Serving``, so two models (or versions) never share a batch.
         self._servings: dict[Model, Serving] = {}
         self._servings_lock = threading.Lock()
+        events = getattr(self.catalog, "events", None)
+        if isinstance(events, CatalogEvents):  # a version retired: let its session go
+            events.changed.append(self._forget_servings)
         self.intake: queue.Queue[Inbound] = queue.Queue(maxsize=settings.intake_queue)
         # Decoded requests hold full float tensors: two batches waiting keep inference fed;
         # more would only hold memory (256 decoded 224x224 images are ~150 MB).
@@ -229,6 +232,12 @@ class Pipeline:
                     self._servings.clear()
                 serving = self._servings[model] = self._serving(model, *self._shape_settings)
             return serving
+
+    def _forget_servings(self) -> None:
+        """Drop the cached ``Serving`` objects (and so the models they hold) when the
+        catalog changes; batches in flight keep theirs, new inputs get new ones."""
+        with self._servings_lock:
+            self._servings.clear()
 
     @property
     def serving(self) -> Serving:

@@ -261,6 +261,11 @@ def test_a_version_swap_under_steady_load_loses_and_fails_nothing(
     assert len(transport.results) == total == ledger.pending
     versions = {json.loads(body)["model"]["version"] for _, body in transport.results}
     assert versions == {"1", "2"}  # the swap happened while inputs flowed
+    # a catalog change makes the pipeline let go of the models it cached (a retired
+    # version's session is freed once its last batch is done)
+    assert pipe._servings
+    repo.unload("telemetry")
+    assert pipe._servings == {}
 
 
 def test_interleaved_inputs_for_two_models_are_batched_per_model(
