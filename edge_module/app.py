@@ -24,8 +24,10 @@ from edge_module.control.controller import Controller
 from edge_module.control.reported import Reporter
 from edge_module.exceptions import ConfigError
 from edge_module.identity import Identity, installation_identity
+from edge_module.inference.catalog import Catalog, ModelState, SingleModel
 from edge_module.inference.encryption import MAGIC
 from edge_module.inference.models import Model, load_descriptor, load_model, model_path
+from edge_module.inference.repository import ModelRepository, split_default
 from edge_module.licensing.clock import TrustedClock
 from edge_module.licensing.lease import LeaseStore
 from edge_module.licensing.license_file import LicenseFileSource, load_license
@@ -70,9 +72,18 @@ class App:
         self.licensing = build_licensing(settings, self.identity, self.data_path,
                                          self.ledger, self.trusted_keys)
         self.ledger.clock_ms = self.licensing.clock.now_ms  # requestTime in trusted time
-        self.model = self._load_model()
-        log.info("model_loaded", **self.model.provenance.as_dict(),
-                 path=str(self.model.path), encrypted=self.model.encrypted)
+        self.repository: ModelRepository | None = None
+        self._poll_stop = threading.Event()  # set after the supervisor stops
+        catalog: Catalog
+        if settings.model.repository is not None:
+            self.repository = catalog = self._open_repository()
+        else:
+            model = self._load_model()
+            log.info("model_loaded", **model.provenance.as_dict(),
+                     path=str(model.path), encrypted=model.encrypted)
+            catalog = SingleModel(model)
+        self.catalog = catalog
+        self.catalog_metrics()
         self.drainer: Drainer | None = None
         self.billing: BillingClient | None = None
         if settings.billing.url is not None:
@@ -91,10 +102,10 @@ class App:
         self.reporter: Reporter | None = None
         self.edgehub: EdgeHubTransport | None = None
         self.transport = self._transport()
-        self.pipeline = Pipeline(self.model, settings.pipeline, self.transport, self.metrics,
+        self.pipeline = Pipeline(catalog, settings.pipeline, self.transport, self.metrics,
                                  self.meter, gate=self.licensing, top_k=settings.model.top_k)
         self.control = Controller(settings, self.pipeline, self.licensing, self.ledger,
-                                  self.drainer, self.metrics, self._status)
+                                  self.drainer, self.metrics, self._status, self.repository)
         if self.edgehub is not None:
             self._wire_twin(self.edgehub)
         try:
@@ -113,6 +124,52 @@ class App:
                 is None:
             self.licensing.check()  # an encrypted model: its key comes with a fresh lease
         return load_model(self.settings.model, self.licensing.model_key)
+
+    def _open_repository(self) -> ModelRepository:
+        """Every model of Model:Repository loaded now; one that fails is listed as failed
+        and the module serves the others."""
+        ms = self.settings.model
+        assert ms.repository is not None
+
+        def load(path: Path, intra: int, inter: int) -> Model:
+            model = Model(path, intra, inter, self.licensing.model_key, ms.graph_optimization,
+                          ms.execution_mode)
+            model.warm_up()
+            return model
+
+        repository = ModelRepository(ms.repository, load, ms.default, ms.intra_op_threads,
+                                     ms.inter_op_threads, ms.memory_budget_mb)
+        repository.events.changed.append(self.catalog_metrics)
+        default, _ = split_default(ms.default)
+        if default is not None and not (ms.repository / default).is_dir():
+            raise ConfigError("Model:Default", f"the repository {ms.repository} has no model "
+                              f"folder {ms.default!r}; fix: name one of its model folders, or "
+                              "unset it to use the only model")
+        repository.scan()
+        log.info("model_repository_loaded", path=str(ms.repository),
+                 default=repository.default_name,
+                 models=[f"{i.name}/{i.version}: {i.state.value}"
+                         for i in repository.versions()])
+        return repository
+
+    def catalog_metrics(self) -> None:
+        """The model-state gauge: one series per model, version and state."""
+        catalog = getattr(self, "catalog", None)
+        if catalog is None:
+            return
+        gauge = self.metrics.model_state
+        gauge.clear()
+        for info in catalog.versions():
+            for state in ModelState:
+                gauge.labels(model=info.name, version=info.version, state=state.value).set(
+                    1 if info.state is state else 0)
+
+    def models_status(self) -> list[dict[str, Any]]:
+        """The ``models`` list of /status and the twin's reported properties."""
+        if self.repository is not None:
+            return self.repository.status()
+        return [{"name": i.name, "version": i.version, "state": i.state.value,
+                 "reason": i.reason, "sha256": i.sha256} for i in self.catalog.versions()]
 
     def _transport(self) -> Transport:
         if self.settings.transport == "edgehub":
@@ -178,7 +235,9 @@ class App:
     def _status(self) -> tuple[int, Any]:
         """GET /status: check the key now (nothing is metered) and report."""
         self.licensing.check(max_age=1.0)  # probes may call often; the endpoint sees 1/s
-        return 200, self.licensing.status_body(self.refresh_backlog())
+        body = self.licensing.status_body(self.refresh_backlog())
+        body["models"] = self.models_status()
+        return 200, body
 
     def _render_metrics(self) -> bytes:
         ready, _ = self.readiness()
@@ -217,6 +276,10 @@ class App:
         if self.usage_log is not None:
             spawn("usage-log", self._export_loop)
         self.pipeline.start(spawn)
+        repository = self.repository
+        poll = self.settings.model.repository_poll_seconds
+        if repository is not None and poll > 0:
+            spawn("model-repository", lambda: repository.poll_loop(self._poll_stop, poll))
         self.transport.start(self.pipeline.submit)
         if self.reporter is not None:
             self.reporter.start(spawn)
@@ -242,6 +305,7 @@ class App:
     def shutdown(self) -> None:
         budget = self.settings.pipeline.shutdown_seconds
         self.supervisor.stop()  # workers now end for good
+        self._poll_stop.set()
         self.transport.stop_intake()
         drained = self.pipeline.drain(budget * 0.6)
         if not drained:

@@ -45,6 +45,7 @@ class ErrorCode(StrEnum):
     METERING_UNAVAILABLE = "MeteringUnavailable"
     OVERLOADED = "Overloaded"
     UNKNOWN_INPUT = "UnknownInput"
+    UNKNOWN_MODEL = "UnknownModel"
     SHUTTING_DOWN = "ShuttingDown"
     INTERNAL = "InternalError"
 
@@ -78,8 +79,8 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         "than 32 levels, or holds more than 65,536 arrays, objects and strings in all",
         "fix the JSON"),
     ErrorCode.UNKNOWN_FIELD: ErrorInfo(
-        "a field other than `id`, `image`, `tensor`, `items` (or, in an item, `image`, "
-        "`tensor`)", "remove or rename it"),
+        "a field other than `id`, `model`, `version`, `image`, `tensor`, `items` (or, in "
+        "an item, `image`, `tensor`)", "remove or rename it"),
     ErrorCode.INVALID_REQUEST: ErrorInfo(
         "none or several of `image`/`tensor`/`items`; bad `id`; empty `items`",
         "send exactly one"),
@@ -143,6 +144,12 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         "send again later, or raise the queue", retryable=True, http_status=503),
     ErrorCode.UNKNOWN_INPUT: ErrorInfo(
         "the edgeHub input is not in `EdgeHub:Inputs`", "fix the route or the setting",
+        http_status=404),
+    ErrorCode.UNKNOWN_MODEL: ErrorInfo(
+        "the model or version the input names (topic level, `model`/`version` fields, edgeHub "
+        "input) is not in the repository or not ready (loading, failed or unloaded); also an "
+        "input naming none when no default model is ready",
+        "name a model and version `/status` lists as ready, or set `Model:Default`",
         http_status=404),
     ErrorCode.SHUTTING_DOWN: ErrorInfo(
         "the module is stopping", "send again; the new instance answers", retryable=True,

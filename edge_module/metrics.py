@@ -56,6 +56,10 @@ class Metrics:
                                             buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("edge_module_batch_size", "Items per session.run.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.model_state = Gauge(
+            "edge_module_model_state",
+            "1 for the state each model version is in (loading, ready, failed, unloaded).",
+            ["model", "version", "state"], registry=r)
         self.intake_depth = Gauge("edge_module_intake_queue_depth",
                                   "Messages waiting to be decoded.", registry=r)
         self.batch_depth = Gauge("edge_module_batch_queue_depth",

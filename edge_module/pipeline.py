@@ -8,8 +8,9 @@ Threads and queues (docs/architecture.md draws them):
   answer bad ones at once with an error envelope;
 * one inference thread gathers decoded requests into a batch (up to
   ``MaxBatchSize`` items, waiting at most ``MaxQueueDelayMs`` after the first,
-  like Triton's dynamic batcher), asks the gate and the meter whether it may
-  serve, and runs the model once;
+  like Triton's dynamic batcher; one model version per batch, the others'
+  requests held for their own next batch), asks the gate and the meter
+  whether it may serve, and runs the model once;
 * one commit thread takes every inferred batch waiting, commits their usage
   records in one transaction (group commit), and only then publishes the
   results, so the commit's fsync overlaps the next batch's inference.
@@ -27,6 +28,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -37,7 +39,15 @@ from edge_module.config import PipelineSettings
 from edge_module.envelope import error_envelope, result_envelope
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import EdgeModuleError, Refusal
-from edge_module.inference.codecs import Codec, Limits, RequestError
+from edge_module.inference.catalog import Catalog, CatalogEvents, SingleModel
+from edge_module.inference.codecs import (
+    Codec,
+    Limits,
+    RequestError,
+    is_json,
+    parse_json,
+    requested_model,
+)
 from edge_module.inference.heads import Answering, Frame
 from edge_module.inference.models import Model
 from edge_module.logs import get_logger
@@ -162,7 +172,7 @@ SAME_BATCH = "same batch"  # ``replay_of`` of a copy of a request in the same ba
 class Pipeline:
     def __init__(
         self,
-        model: Model,
+        model: Model | Catalog,
         settings: PipelineSettings,
         transport: Transport,
         metrics: Metrics,
@@ -176,11 +186,20 @@ class Pipeline:
         self.metrics = metrics
         self.meter = meter
         self.gate = gate or OpenGate()
-        self.serving = self._serving(model, top_k, score_threshold)
+        # Which model answers which input: one model (``SingleModel``) or a repository.
+        self.catalog: Catalog = SingleModel(model) if isinstance(model, Model) else model
+        self._shape_settings = (top_k, score_threshold)
+        # One ``Serving`` per model version, made when an input first needs it; a batch
+        # holds one ``Serving``, so two models (or versions) never share a batch.
+        self._servings: dict[Model, Serving] = {}
+        self._servings_lock = threading.Lock()
+        events = getattr(self.catalog, "events", None)
+        if isinstance(events, CatalogEvents):  # a version retired: let its session go
+            events.changed.append(self._forget_servings)
         self.intake: queue.Queue[Inbound] = queue.Queue(maxsize=settings.intake_queue)
         # Decoded requests hold full float tensors: two batches waiting keep inference fed;
         # more would only hold memory (256 decoded 224x224 images are ~150 MB).
-        self.batches: queue.Queue[Job] = queue.Queue(maxsize=max(4, 2 * self.serving.max_batch))
+        self.batches: queue.Queue[Job] = queue.Queue(maxsize=max(4, 2 * settings.max_batch_size))
         # Inferred batches waiting for their commit: bounded, so a slow disk slows
         # inference down instead of piling results up in memory.
         self.commits: queue.Queue[Inferred] = queue.Queue(maxsize=8)
@@ -204,20 +223,45 @@ class Pipeline:
             meter=MeterSpec(metering.meterName, metering.apiType),
         )
 
+    def serving_for(self, model: Model) -> Serving:
+        """The one ``Serving`` of this model version under the current answer shape."""
+        with self._servings_lock:
+            serving = self._servings.get(model)
+            if serving is None:
+                if len(self._servings) >= 64:  # versions retired since: forget them
+                    self._servings.clear()
+                serving = self._servings[model] = self._serving(model, *self._shape_settings)
+            return serving
+
+    def _forget_servings(self) -> None:
+        """Drop the cached ``Serving`` objects (and so the models they hold) when the
+        catalog changes; batches in flight keep theirs, new inputs get new ones."""
+        with self._servings_lock:
+            self._servings.clear()
+
+    @property
+    def serving(self) -> Serving:
+        """The default model's ``Serving``."""
+        return self.serving_for(self.catalog.default)
+
     @property
     def model(self) -> Model:
-        return self.serving.model
+        return self.catalog.default
 
     def reconfigure(self, model: Model | None = None, top_k: int | None = None,
                     score_threshold: float | None = None) -> None:
-        """Serve new requests with another model or answer shape; requests already
-        decoded finish with what they started with."""
-        current = self.serving
-        wanted = (model or current.model, current.top_k if top_k is None else top_k,
-                  current.score_threshold if score_threshold is None else score_threshold)
-        if wanted == (current.model, current.top_k, current.score_threshold):
-            return  # nothing changes: keep batching across the update
-        self.serving = self._serving(*wanted)
+        """Serve new requests with another model (a single-model module) or answer shape;
+        requests already decoded finish with what they started with."""
+        top_k = self._shape_settings[0] if top_k is None else top_k
+        score_threshold = self._shape_settings[1] if score_threshold is None \
+            else score_threshold
+        with self._servings_lock:
+            if (top_k, score_threshold) != self._shape_settings:
+                self._shape_settings = (top_k, score_threshold)
+                self._servings.clear()
+            if model is not None and isinstance(self.catalog, SingleModel) and \
+                    model is not self.catalog.model:
+                self.catalog = SingleModel(model)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -274,9 +318,9 @@ class Pipeline:
 
     def _decode(self, inbound: Inbound) -> None:
         start = time.perf_counter()
-        serving = self.serving
         try:
-            decoded = serving.codec.decode(inbound.payload)
+            serving, body = self._route(inbound)
+            decoded = serving.codec.decode(inbound.payload, body)
         except RequestError as exc:
             request_id = exc.request_id or inbound.correlation_id or uuid.uuid4().hex
             self._send_error(inbound, request_id, exc.code, exc.message)
@@ -293,15 +337,41 @@ class Pipeline:
                              elapsed * 1000, serving, client_key=client_key))
         self.metrics.batch_depth.set(self.batches.qsize())
 
+    def _route(self, inbound: Inbound) -> tuple[Serving, dict[str, Any] | None]:
+        """The ``Serving`` that answers this input (its JSON object too, when it is one
+        and names a model, parsed once); ``UnknownModel`` when no ready model fits."""
+        name, version = inbound.model, inbound.version
+        body = None
+        payload = inbound.payload
+        if 0 < len(payload) <= self.settings.max_payload_bytes and is_json(payload):
+            body = parse_json(payload)
+            field_name, field_version = requested_model(body)
+            if field_name is not None:
+                name, version = field_name, field_version
+            elif field_version is not None:
+                version = field_version
+        model = self.catalog.resolve(name, version)
+        if model is None:
+            raise RequestError(
+                ErrorCode.UNKNOWN_MODEL,
+                f"no ready model {name or '(default)'}"
+                + (f" version {version}" if version else "")
+                + "; /status lists the models, versions and their states",
+                _named_id(body))
+        return self.serving_for(model), body
+
     # -- batch, infer, meter, publish -------------------------------------
 
     def _infer_loop(self) -> None:
         stops = 0
-        carry: Job | None = None
+        # Jobs taken from the queue for a later batch: another model's (each model version
+        # batches on its own, like Triton's per-model queues), or past a full batch. Served
+        # in arrival order per model; at most ``hold`` of them, so memory stays bounded.
+        waiting: deque[Job] = deque()
+        hold = 2 * self.settings.max_batch_size
         delay = self.settings.max_queue_delay_ms / 1000
         while True:
-            first = carry if carry is not None else self.batches.get()
-            carry = None
+            first = waiting.popleft() if waiting else self.batches.get()
             if first is _STOP:
                 self.batches.task_done()
                 stops += 1
@@ -312,17 +382,33 @@ class Pipeline:
             jobs = [first]
             count = len(first.items)
             max_items = first.serving.max_batch
+            full = False
+            held: deque[Job] = deque()
+            for job in waiting:  # the same model's jobs already taken join this batch
+                if not full and job is not _STOP and job.serving is first.serving:
+                    if count + len(job.items) <= max_items:
+                        jobs.append(job)
+                        count += len(job.items)
+                        continue
+                    full = True
+                held.append(job)
+            waiting = held
             deadline = time.perf_counter() + delay
-            while count < max_items:
+            while not full and count < max_items and len(waiting) < hold:
                 remaining = deadline - time.perf_counter()
                 try:
                     job = self.batches.get(timeout=remaining) if remaining > 0 else \
                         self.batches.get_nowait()
                 except queue.Empty:
                     break
-                if job is _STOP or count + len(job.items) > max_items or \
-                        job.serving is not first.serving:
-                    carry = job
+                if job is _STOP:
+                    waiting.append(job)
+                    break
+                if job.serving is not first.serving:
+                    waiting.append(job)  # another model's: it waits for its own batch
+                    continue
+                if count + len(job.items) > max_items:
+                    waiting.append(job)
                     break
                 jobs.append(job)
                 count += len(job.items)
@@ -559,3 +645,10 @@ class Pipeline:
         log.info("request_refused", code=code, id=request_id, reason=message)
         self.transport.send_error(inbound, error_envelope(request_id, code, message, **extra))
 
+
+def _named_id(body: dict[str, Any] | None) -> str | None:
+    """The request's own id, for an error answered before the codec reads it."""
+    value = body.get("id") if body is not None else None
+    if isinstance(value, str) and 0 < len(value) <= 128:
+        return value
+    return None

@@ -420,3 +420,65 @@ def test_a_module_restart_under_load_answers_every_input_once_billed(
                "usage uploaded")
     # Inputs refused while shutting down were answered, not billed; the rest billed once.
     assert len(billing.store.records()) == len(results)
+
+
+def test_a_model_repository_over_edgehub_routes_by_field_reports_states_and_reloads(
+    tmp_path: Path, start_edge_module: Callable[..., Module], edgehub: FakeEdgeHub,
+) -> None:
+    from tests.fast.test_repository import TELEMETRY_ROW, add_version
+
+    root = tmp_path / "repository"
+    add_version(root, "digits", 1)
+    add_version(root, "telemetry", 1)
+    start_edge_module(f"Model:Repository={root}", "Model:Default=digits",
+                      "Model:RepositoryPollSeconds=0", "EdgeHub:Inputs=input,pump",
+                      "EdgeHub:InputModels=pump=telemetry:1")
+    x, _ = digits(1)
+    edgehub.send_input("input", image_body(x[0], "d"))
+    edgehub.send_input("input", json.dumps({"id": "t", "model": "telemetry",
+                                            "tensor": TELEMETRY_ROW}).encode())
+    edgehub.send_input("pump", json.dumps({"id": "p", "tensor": TELEMETRY_ROW}).encode())
+    results = by_id(edgehub.wait_outputs("results", 3))
+    assert results["d"]["model"]["name"] == "digits"
+    assert results["t"]["model"]["name"] == "telemetry"
+    assert results["p"]["model"] == {**results["t"]["model"], "version": "1"}
+    reported = edgehub.wait_reported(lambda r: "models" in r and "telemetry" in r["models"])
+    assert reported["models"]["telemetry"]["1"]["state"] == "ready"
+
+    status, body = edgehub.call_method("UnloadModel", {"model": "telemetry"})
+    assert status == 200 and [m["state"] for m in body["models"]] == ["unloaded"]
+    edgehub.send_input("input", json.dumps({"id": "u", "model": "telemetry",
+                                            "tensor": TELEMETRY_ROW}).encode())
+    errors = by_id(edgehub.wait_outputs("errors", 1))
+    assert errors["u"]["error"]["code"] == "UnknownModel"
+    edgehub.wait_reported(
+        lambda r: r.get("models", {}).get("telemetry", {}).get("1", {}).get("state")
+        == "unloaded")
+
+    # a new digits version written while serving, loaded on request (no polling here)
+    add_version(root, "digits", 2)
+    status, body = edgehub.call_method("ReloadModel", {"model": "digits", "version": "2"})
+    assert status == 200 and body["models"][0]["state"] == "ready", body
+    status, body = edgehub.call_method("ReloadModel", {"model": "telemetry"})
+    assert status == 200 and [m["state"] for m in body["models"]] == ["ready"]
+    assert edgehub.call_method("ReloadModel", {"model": "absent"})[0] == 404
+    assert edgehub.call_method("ReloadModel", {"version": "1"})[0] == 400
+    assert edgehub.call_method("UnloadModel", {})[0] == 400
+    edgehub.send_input("input", image_body(x[0], "d2"))
+    results = by_id(edgehub.wait_outputs("results", 4))
+    assert results["d2"]["model"]["version"] == "2"
+    # version 1, retired, leaves the reported properties (a null in the merge patch)
+    edgehub.wait_reported(lambda r: set(r.get("models", {}).get("digits", {})) == {"2"})
+
+    # the twin chooses the default model; Model:Name does not apply to a repository
+    version = edgehub.patch_desired({"Model": {"Default": "telemetry", "Name": "telemetry"}})
+    config = edgehub.wait_reported(
+        lambda r: r.get("config", {}).get("desiredVersion") == version)["config"]
+    assert config["status"] == "partly applied" and "Model:Name" in config["rejected"]
+    edgehub.send_input("input", json.dumps({"id": "t2", "tensor": TELEMETRY_ROW}).encode())
+    results = by_id(edgehub.wait_outputs("results", 5))
+    assert results["t2"]["model"]["name"] == "telemetry"
+    version = edgehub.patch_desired({"Model": {"Default": "absent"}})
+    config = edgehub.wait_reported(
+        lambda r: r.get("config", {}).get("desiredVersion") == version)["config"]
+    assert config["status"] == "rejected" and "absent" in config["rejected"]

@@ -169,6 +169,18 @@ class MqttSettings(Section):
     reconnect_max_delay: float = Field(
         10.0, alias="ReconnectMaxDelay", gt=0, description="Reconnect back-off cap, seconds."
     )
+    model_topic_level: int | None = Field(
+        None, alias="ModelTopicLevel", ge=0, le=31,
+        description="The input topic level (0 = the first) that names the model, e.g. 2 for "
+        "`edge-module/input/<model>`; a level missing from a topic names none (the default "
+        "model). A `model` field in a JSON payload wins over it.",
+    )
+    version_topic_level: int | None = Field(
+        None, alias="VersionTopicLevel", ge=0, le=31,
+        description="The input topic level that names the model version, e.g. 3 for "
+        "`edge-module/input/<model>/<version>` (unset: the newest ready version). A "
+        "`version` field in a JSON payload wins over it.",
+    )
     tls: MqttTlsSettings = Field(default_factory=MqttTlsSettings, alias="Tls")
 
     _split = field_validator("input_topic", mode="before")(_split_list)
@@ -254,6 +266,29 @@ class ModelSettings(Section):
     inter_op_threads: int = Field(
         1, alias="InterOpThreads", ge=0, description="onnxruntime inter-op threads."
     )
+    repository: Path | None = Field(
+        None, alias="Repository",
+        description="A model repository folder: `<model>/<version>/model.onnx` with its "
+        "`model.json` descriptor, several models and versions served at once (docs/models.md). "
+        "When set, `Name` and `Path` are ignored.",
+    )
+    default: str | None = Field(
+        None, alias="Default",
+        description="With `Repository`: the model that answers inputs naming none, `model` "
+        "(its newest ready version) or `model:version` (unset: the only model in the "
+        "repository). Live: the twin may change it.",
+    )
+    repository_poll_seconds: float = Field(
+        10.0, alias="RepositoryPollSeconds", ge=0.0, le=3600.0,
+        description="With `Repository`: how often the folder is checked for new, changed or "
+        "removed versions, loaded beside those serving and swapped in (0: never).",
+    )
+    memory_budget_mb: int | None = Field(
+        None, alias="MemoryBudgetMb", ge=1,
+        description="With `Repository`: the memory the loaded models may take together "
+        "(measured as each load's RSS growth); a load that would exceed it fails with the "
+        "reason (unset: no limit).",
+    )
 
     @field_validator("path")
     @classmethod
@@ -264,6 +299,13 @@ class ModelSettings(Section):
             raise ValueError(f"model file {path} does not exist")
         if not descriptor_path(path).is_file():
             raise ValueError(f"descriptor {descriptor_path(path)} is missing beside the model")
+        return path
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_dir():
+            raise ValueError(f"model repository {path} is not a folder")
         return path
 
     @field_validator("name")
@@ -611,7 +653,34 @@ class EdgeHubSettings(Section):
         "changes are sent at once.",
     )
 
-    _split = field_validator("inputs", mode="before")(_split_list)
+    input_models: list[str] = Field(
+        default_factory=list, alias="InputModels",
+        description="With `Model:Repository`: the model each edgeHub input goes to, "
+        "comma-separated `input=model` or `input=model:version` (e.g. "
+        "`camera=detector,pump=telemetry:2`); a `model` field in the JSON wins; inputs not "
+        "listed go to the default model.",
+    )
+
+    _split = field_validator("inputs", "input_models", mode="before")(_split_list)
+
+    @field_validator("input_models")
+    @classmethod
+    def _input_models(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            source, _, target = entry.partition("=")
+            name, _, version = target.partition(":")
+            if not source or not name or (":" in target and not version):
+                raise ValueError(f"{entry!r} is not input=model or input=model:version")
+        return entries
+
+    def model_for(self, source: str) -> tuple[str | None, str | None]:
+        """The model (and version) ``EdgeHub:InputModels`` maps this input to."""
+        for entry in self.input_models:
+            name, _, target = entry.partition("=")
+            if name == source:
+                model, _, version = target.partition(":")
+                return model, version or None
+        return None, None
 
 
 class Settings(Section):

@@ -24,7 +24,9 @@ from edge_module.control.live import LiveSettings, shown, value_at
 from edge_module.control.methods import BadPayload, Methods, options
 from edge_module.control.reported import Reporter
 from edge_module.exceptions import EdgeModuleError
+from edge_module.inference.catalog import VersionInfo
 from edge_module.inference.models import load_model
+from edge_module.inference.repository import ModelRepository, split_default
 from edge_module.licensing.service import Licensing
 from edge_module.logs import get_logger
 from edge_module.metering.drain import Drainer
@@ -40,7 +42,7 @@ Status = Callable[[], tuple[int, Any]]
 class Controller:
     def __init__(self, settings: Settings, pipeline: Pipeline, licensing: Licensing,
                  ledger: Ledger, drainer: Drainer | None, metrics: Metrics,
-                 status: Status) -> None:
+                 status: Status, repository: ModelRepository | None = None) -> None:
         self.live = LiveSettings(settings)
         self.pipeline = pipeline
         self.licensing = licensing
@@ -48,6 +50,8 @@ class Controller:
         self.drainer = drainer
         self.metrics = metrics
         self.status = status
+        self.repository = repository
+        self._reported_models: dict[str, set[str]] = {}  # every model version reported
         self.reporter: Reporter | None = None
         # Called with the new EdgeHub:Inputs after a change (the edgeHub transport's set).
         self.on_inputs: Callable[[frozenset[str]], None] | None = None
@@ -56,6 +60,7 @@ class Controller:
         self.methods.add("GetStatus", self._method_status)
         self.methods.add("DrainNow", self._method_drain)
         self.methods.add("ReloadModel", self._method_reload)
+        self.methods.add("UnloadModel", self._method_unload)
 
     @property
     def settings(self) -> Settings:
@@ -72,7 +77,10 @@ class Controller:
             rejected = dict(verdict.rejected)
             new = verdict.settings
             model = None
-            if "Model:Name" in verdict.changed or "Model:Path" in verdict.changed:
+            if self.repository is not None:
+                new = self._repository_desired(self.repository, verdict.changed, before, new,
+                                               rejected)
+            elif "Model:Name" in verdict.changed or "Model:Path" in verdict.changed:
                 try:
                     model = load_model(new.model, self.licensing.model_key)
                 except (EdgeModuleError, OSError) as exc:
@@ -106,6 +114,31 @@ class Controller:
                     "effective": self.live.effective(),
                 }})
 
+    @staticmethod
+    def _repository_desired(repository: ModelRepository, changed: list[str], before: Settings,
+                            new: Settings, rejected: dict[str, str]) -> Settings:
+        """With Model:Repository the twin chooses the default model (``Model:Default``);
+        ``Model:Name``/``Model:Path`` do not apply and are rejected."""
+        keep: dict[str, Any] = {}
+        for key, attr in (("Model:Name", "name"), ("Model:Path", "path")):
+            if key in changed:
+                rejected[key] = ("Model:Repository is set, so the repository's models serve; "
+                                 "name one with Model:Default or in the input")
+                keep[attr] = getattr(before.model, attr)
+        if "Model:Default" in changed:
+            wanted = new.model.default
+            name, _ = split_default(wanted)
+            known = {i.name for i in repository.versions()}
+            if name is not None and name not in known:
+                rejected["Model:Default"] = (f"no model {name!r} in the repository "
+                                             f"(models: {', '.join(sorted(known)) or 'none'})")
+                keep["default"] = before.model.default
+            else:
+                repository.set_default(wanted)
+        if keep:
+            new = new.model_copy(update={"model": new.model.model_copy(update=keep)})
+        return new
+
     def reported_state(self) -> dict[str, Any]:
         """The state the twin reports (sampled every second, sent when it changes)."""
         decision = self.licensing.decide()
@@ -116,8 +149,31 @@ class Controller:
             "serving": decision.serve,
             "grace": {"state": grace["state"], "expiresAt": grace["expiresAt"]},
             "backlog": {"pending": stats["pending"], "quarantined": stats["quarantined"]},
-            "model": self.pipeline.model.provenance.as_dict(),
+            **self._models(),
             "moduleVersion": __version__,
+        }
+
+    def _models(self) -> dict[str, Any]:
+        """``model`` (the default one, when ready) and ``models`` (every version, state)."""
+        catalog = self.pipeline.catalog
+        default = catalog.resolve(None, None)
+        found: dict[str, dict[str, Any]] = {}
+        for i in catalog.versions():
+            found.setdefault(i.name, {})[i.version] = {
+                "state": i.state.value, "reason": i.reason, "sha256": i.sha256}
+        # Reported properties merge: a version or model gone is sent as null to remove it.
+        models: dict[str, dict[str, Any] | None] = dict(found)
+        for name, versions in self._reported_models.items():
+            if name not in found:
+                models[name] = None
+            else:
+                found[name].update({v: None for v in versions - set(found[name])})
+        for name, entry in found.items():
+            self._reported_models.setdefault(name, set()).update(entry)
+        return {
+            "model": default.provenance.as_dict() if default is not None else None,
+            # The twin takes objects, not lists: {name: {version: state}}.
+            "models": models,
         }
 
     # -- direct methods ---------------------------------------------------
@@ -147,6 +203,8 @@ class Controller:
         return 503, body
 
     def _method_reload(self, payload: Any) -> tuple[int, Any]:
+        if self.repository is not None:
+            return self._reload_from_repository(self.repository, payload)
         options(payload, {})
         with self._reconfiguring:
             try:
@@ -158,3 +216,55 @@ class Controller:
             self.pipeline.reconfigure(model=model)
         log.info("model_reloaded", before=before, after=model.provenance.as_dict())
         return 200, {"model": model.provenance.as_dict(), "previous": before}
+
+    def _reload_from_repository(self, repository: ModelRepository,
+                                payload: Any) -> tuple[int, Any]:
+        """ReloadModel with Model:Repository: ``{"model": name}`` loads that model's versions
+        again from disk (beside those serving, then swapped in); ``"version"`` names the
+        version whose state is answered; without a model, the whole folder is read."""
+        opts = options(payload, {"model": str, "version": str})
+        name = opts.get("model")
+        if name is None:
+            if "version" in opts:
+                raise BadPayload("version needs a model")
+            with self._reconfiguring:
+                repository.scan()
+            return 200, {"models": [_shown(i) for i in repository.versions()]}
+        try:
+            with self._reconfiguring:
+                infos = repository.load(name)
+        except KeyError:
+            return 404, {"error": f"no model {name!r} in the repository "
+                         f"({repository.root}): add <model>/<version>/model.onnx there"}
+        version = opts.get("version")
+        if version is not None:
+            infos = [i for i in infos if i.version == version]
+            if not infos:
+                return 404, {"error": f"model {name!r} has no version {version!r} its version "
+                             "policy serves"}
+        failed = [i for i in infos if i.state.value == "failed"]
+        log.info("model_reloaded", model=name, version=version,
+                 states={i.version: i.state.value for i in infos})
+        return (500 if failed and len(failed) == len(infos) else 200), \
+            {"models": [_shown(i) for i in infos]}
+
+    def _method_unload(self, payload: Any) -> tuple[int, Any]:
+        """UnloadModel ``{"model": name}`` (Model:Repository): stop serving it until
+        ReloadModel names it; batches in flight finish."""
+        opts = options(payload, {"model": str})
+        if self.repository is None:
+            return 409, {"error": "UnloadModel needs Model:Repository; this module serves "
+                         "one model"}
+        if "model" not in opts:
+            raise BadPayload("UnloadModel takes {\"model\": <name>}")
+        try:
+            with self._reconfiguring:
+                infos = self.repository.unload(opts["model"])
+        except KeyError:
+            return 404, {"error": f"no model {opts['model']!r} in the repository"}
+        return 200, {"models": [_shown(i) for i in infos]}
+
+
+def _shown(info: VersionInfo) -> dict[str, Any]:
+    return {"name": info.name, "version": info.version, "state": info.state.value,
+            "reason": info.reason, "sha256": info.sha256}

@@ -24,6 +24,7 @@ from edge_module.exceptions import ConfigError
 LIVE_KEYS = (
     "Model:Name",  # loads the other model, then swaps it in between batches
     "Model:Path",
+    "Model:Default",  # with Model:Repository: the model answering inputs naming none
     "Model:TopK",
     "Model:ScoreThreshold",
     "Log:Level",

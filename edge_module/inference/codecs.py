@@ -70,7 +70,7 @@ MESSAGE_PIXELS_PER_IMAGE_LIMIT = 4
 # (even a repeated one, which libjpeg only warns about) costs a pass over the whole image.
 MAX_JPEG_SCANS = 64
 DEFAULT_MAX_TENSOR_ELEMENTS = 16 * 1024 * 1024
-REQUEST_FIELDS = {"id", "image", "tensor", "items"}
+REQUEST_FIELDS = {"id", "model", "version", "image", "tensor", "items"}
 ITEM_FIELDS = {"image", "tensor"}
 
 
@@ -113,7 +113,11 @@ class Codec:
         self.spec = model.descriptor.input
         self.item_shape = model.item_shape
 
-    def decode(self, payload: bytes) -> Decoded:
+    def decode(self, payload: bytes, body: dict[str, Any] | None = None) -> Decoded:
+        """Decode one message; ``body`` is its JSON object when ``parse_json`` already
+        parsed it (to read the model it names) so it is not parsed twice."""
+        if body is not None:
+            return self._body(body)
         if not payload:
             raise RequestError(ErrorCode.EMPTY_PAYLOAD, "the message is empty; send a JPEG/PNG "
                                "image, .npy bytes or a JSON request")
@@ -139,36 +143,17 @@ class Codec:
     # -- JSON -------------------------------------------------------------
 
     def _json(self, payload: bytes) -> Decoded:
-        # Counting brackets and quotes is a fast C scan; only a text with enough of them
-        # to break a limit pays for the exact shape (brackets inside strings skipped).
-        opening = payload.count(b"[") + payload.count(b"{")
-        if opening > MAX_JSON_DEPTH or opening + payload.count(b'"') // 2 > MAX_JSON_NODES:
-            refusal = json_refusal(payload, MAX_JSON_DEPTH, MAX_JSON_NODES)
-            if refusal is not None:
-                raise RequestError(ErrorCode.INVALID_JSON,
-                                   f"{refusal}: flatten the request, send large tensors as "
-                                   ".npy, or send fewer items per message")
-        try:
-            # Strict UTF-8 first: json.loads(bytes) would let lone surrogates through.
-            body = json.loads(payload.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise RequestError(ErrorCode.INVALID_JSON,
-                               f"the message is not valid UTF-8: {exc}") from None
-        except ValueError as exc:
-            raise RequestError(ErrorCode.INVALID_JSON,
-                               f"the message is not valid JSON: {exc}") from None
-        except RecursionError:  # unreachable past the depth check; kept as a backstop
-            raise RequestError(ErrorCode.INVALID_JSON,
-                               "the JSON nests too deeply: flatten the request") from None
-        if not isinstance(body, dict):
-            raise RequestError(ErrorCode.INVALID_JSON, "the JSON message must be an object")
+        return self._body(parse_json(payload))
+
+    def _body(self, body: dict[str, Any]) -> Decoded:
         request_id = _request_id(body)
         try:
             unknown = sorted(set(body) - REQUEST_FIELDS)
             if unknown:
                 raise RequestError(
                     ErrorCode.UNKNOWN_FIELD,
-                    f"unknown field(s) {', '.join(unknown)}; allowed: id, image, tensor, items",
+                    f"unknown field(s) {', '.join(unknown)}; allowed: id, model, version, image, "
+                    "tensor, items",
                 )
             present = [f for f in ("image", "tensor", "items") if f in body]
             if len(present) != 1:
@@ -450,3 +435,53 @@ def _json_tensor(value: Any, where: str) -> np.ndarray:
         raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                            f"{where}: tensor holds {array.dtype.kind!r}-kind values; send numbers")
     return array
+
+
+def is_json(payload: bytes) -> bool:
+    """Whether ``decode`` reads this message as a JSON request."""
+    return payload.lstrip()[:1] == b"{" and not payload.startswith(JPEG_MAGIC) \
+        and not payload.startswith(PNG_MAGIC) and not payload.startswith(NPY_MAGIC)
+
+
+def parse_json(payload: bytes) -> dict[str, Any]:
+    """A JSON request's object, within the depth and size limits; RequestError otherwise."""
+    # Counting brackets and quotes is a fast C scan; only a text with enough of them
+    # to break a limit pays for the exact shape (brackets inside strings skipped).
+    opening = payload.count(b"[") + payload.count(b"{")
+    if opening > MAX_JSON_DEPTH or opening + payload.count(b'"') // 2 > MAX_JSON_NODES:
+        refusal = json_refusal(payload, MAX_JSON_DEPTH, MAX_JSON_NODES)
+        if refusal is not None:
+            raise RequestError(ErrorCode.INVALID_JSON,
+                               f"{refusal}: flatten the request, send large tensors as "
+                               ".npy, or send fewer items per message")
+    try:
+        # Strict UTF-8 first: json.loads(bytes) would let lone surrogates through.
+        body = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RequestError(ErrorCode.INVALID_JSON,
+                           f"the message is not valid UTF-8: {exc}") from None
+    except ValueError as exc:
+        raise RequestError(ErrorCode.INVALID_JSON,
+                           f"the message is not valid JSON: {exc}") from None
+    except RecursionError:  # unreachable past the depth check; kept as a backstop
+        raise RequestError(ErrorCode.INVALID_JSON,
+                           "the JSON nests too deeply: flatten the request") from None
+    if not isinstance(body, dict):
+        raise RequestError(ErrorCode.INVALID_JSON, "the JSON message must be an object")
+    return body
+
+
+def requested_model(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The ``model`` and ``version`` a JSON request names (None where it names none)."""
+    named: list[str | None] = []
+    for key in ("model", "version"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 128):
+            try:
+                request_id = _request_id(body)
+            except RequestError:
+                request_id = None
+            raise RequestError(ErrorCode.INVALID_REQUEST,
+                               f"{key} must be a string of 1 to 128 characters", request_id)
+        named.append(value)
+    return named[0], named[1]

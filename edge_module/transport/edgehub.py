@@ -262,6 +262,7 @@ class EdgeHubTransport:
             payload=payload, source=source,
             correlation_id=message.correlation_id or message.message_id,
             content_type=message.content_type, delivery_key=key, redelivered=key is not None)
+        inbound.model, inbound.version = self.settings.model_for(source)
         if not self._accepting or self._closing.is_set():
             self._refuse(inbound, ErrorCode.SHUTTING_DOWN, "the module is shutting down; "
                          "send the input again in a moment", retryable=True)

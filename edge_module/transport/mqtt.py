@@ -305,6 +305,8 @@ class MqttTransport:
             payload=msg.payload, source=msg.topic, correlation_id=correlation,
             reply_to=reply_to, content_type=content_type, settle=settle,
             delivery_key=str(msg.mid) if msg.qos > 0 else None, redelivered=bool(msg.dup),
+            model=topic_level(msg.topic, self.settings.model_topic_level),
+            version=topic_level(msg.topic, self.settings.version_topic_level),
         )
         problem = _unusable_topic(reply_to) if reply_to else None
         if problem is not None:  # answered on the error topic; nothing reaches the model
@@ -450,3 +452,10 @@ def _unusable_topic(topic: str) -> str | None:
     if len(topic.encode("utf-8", "surrogatepass")) > 65535:
         return "it is longer than MQTT allows"
     return None
+def topic_level(topic: str, level: int | None) -> str | None:
+    """The topic's level ``level`` (0 = the first), None when unset, missing or empty:
+    how ``Mqtt:ModelTopicLevel``/``VersionTopicLevel`` name a model and version."""
+    if level is None:
+        return None
+    levels = topic.split("/")
+    return levels[level] or None if level < len(levels) else None
