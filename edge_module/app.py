@@ -247,7 +247,7 @@ class App:
 
     def refresh_backlog(self) -> dict[str, Any]:
         """Backlog figures from the ledger, also set on the metrics gauges."""
-        stats = self.ledger.stats().as_dict()
+        stats = self.ledger.stats(max_age=1.0).as_dict()
         m = self.metrics
         m.ledger_pending.set(stats["pending"])
         m.ledger_oldest_age.set(stats["oldestPendingAgeSeconds"] or 0)

@@ -293,7 +293,12 @@ class Pipeline:
 
     def stop(self) -> None:
         for _ in range(self.settings.decode_workers):
-            self.intake.put(_STOP)
+            try:  # a wedged worker must not hold the shutdown: the threads are daemons
+                self.intake.put(_STOP, timeout=2)
+            except queue.Full:
+                log.warning("pipeline_stop_intake_full", effect="a worker did not finish; "
+                            "the process exits anyway and the broker redelivers its inputs")
+                break
         for thread in self._threads:
             thread.join(timeout=5)
 

@@ -183,7 +183,9 @@ class Drainer:
         oldest = self.ledger.oldest_pending_ms()
         if oldest is None:
             return self.settings.max_delay_seconds
-        age = time.time() - oldest / 1000
+        # requestTime is trusted time: compare with the ledger's clock, not the wall clock
+        # (a wall clock behind trusted time would hold a small backlog back by the skew).
+        age = (self.ledger.clock_ms() - oldest) / 1000
         return max(0.0, self.settings.max_delay_seconds - age)
 
     def _schedule_retry(self, answer: Answer | None) -> None:

@@ -158,6 +158,7 @@ class Ledger:
                  clock_ms: Callable[[], int] | None = None) -> None:
         self.path = path
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self._stats_cache: tuple[float, Stats] | None = None
         self.identity = identity
         self._writer = RecordWriter(identity)
         self.settings = settings
@@ -547,7 +548,18 @@ class Ledger:
             log.info("ledger_pruned", removed=removed)
         return int(removed)
 
-    def stats(self) -> Stats:
+    def stats(self, max_age: float = 0.0) -> Stats:
+        """Counts by state (a scan of the records kept): reuse figures at most ``max_age``
+        seconds old, so frequent /status or /metrics polls cannot hold the ledger's lock
+        (and so the commits behind it) with scans."""
+        cached = self._stats_cache
+        if max_age and cached is not None and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        stats = self._read_stats()
+        self._stats_cache = (time.monotonic(), stats)
+        return stats
+
+    def _read_stats(self) -> Stats:
         with self._lock:
             counts = dict(self._conn.execute(
                 "SELECT state, count(*) FROM records GROUP BY state").fetchall())
