@@ -16,10 +16,18 @@ States:
   had one: a module that never reached its endpoint has no grace).
 
 Transitions happen on every answer: the periodic status check, every upload
-of usage, and ``GET /status``. The first successful answer returns the module
-to ``online`` and wakes the uploader so the backlog drains. The grace length
-is set by the endpoint in each signed lease; the module can never extend it,
-and the trusted clock makes rolling the wall clock back useless.
+of usage (Valid only under a signed receipt for records of that upload), and
+``GET /status``. The first successful answer returns the module to ``online``
+and wakes the uploader so the backlog drains. The grace length is set by the
+endpoint in each signed lease, which only a status answer bound to the call's
+nonce can bring (and which alone sets the trusted time); the module can never
+extend it, and the trusted clock makes rolling the wall clock back useless. A
+Valid that no check renewed for two check intervals and a call's deadline stops
+counting: the lease's grace decides.
+
+Threads: the licensing thread (periodic checks), HTTP handler threads
+(``GET /status``), the drain thread (``observe`` of upload answers) and the
+pipeline's infer thread (``gate_check``); state changes hold ``_lock``.
 
 Disconnected mode replaces the endpoint by a signed licence file: Valid while
 it verifies, is unexpired in trusted time and its transaction quota (if any)
