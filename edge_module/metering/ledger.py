@@ -158,7 +158,7 @@ class Ledger:
                  clock_ms: Callable[[], int] | None = None) -> None:
         self.path = path
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
-        self._stats_cache: tuple[float, Stats] | None = None
+        self._stats_cache: tuple[float, dict[int, int]] | None = None
         self.identity = identity
         self._writer = RecordWriter(identity)
         self.settings = settings
@@ -549,24 +549,24 @@ class Ledger:
         return int(removed)
 
     def stats(self, max_age: float = 0.0) -> Stats:
-        """Counts by state (a scan of the records kept): reuse figures at most ``max_age``
-        seconds old, so frequent /status or /metrics polls cannot hold the ledger's lock
-        (and so the commits behind it) with scans."""
+        """The backlog figures. The settled counts come from a scan of every record kept,
+        which may be reused for ``max_age`` seconds, so frequent /status or /metrics
+        polls cannot hold the ledger's lock (and the commits behind it) with scans; the
+        pending count, the oldest pending record and the last drain are always current."""
         cached = self._stats_cache
         if max_age and cached is not None and time.monotonic() - cached[0] < max_age:
-            return cached[1]
-        stats = self._read_stats()
-        self._stats_cache = (time.monotonic(), stats)
-        return stats
-
-    def _read_stats(self) -> Stats:
+            counts = cached[1]
+        else:
+            with self._lock:
+                counts = dict(self._conn.execute(
+                    "SELECT state, count(*) FROM records GROUP BY state").fetchall())
+            self._stats_cache = (time.monotonic(), counts)
         with self._lock:
-            counts = dict(self._conn.execute(
-                "SELECT state, count(*) FROM records GROUP BY state").fetchall())
             last = self._conn.execute(
                 "SELECT value FROM meta WHERE key = 'last_drain_ms'").fetchone()
+            pending = self._pending
         return Stats(
-            pending=int(counts.get(PENDING, 0)),
+            pending=pending,
             accepted=int(counts.get(ACCEPTED, 0)),
             duplicates=int(counts.get(DUPLICATE, 0)),
             quarantined=int(counts.get(QUARANTINED, 0)),
