@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edge-module needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements-dev.lock -e '.[dev]'
+	# Triton's client for the OIP v2 tests, without its numpy<2 pin (README: dependencies)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps \
+		"$$(grep '^tritonclient==' requirements-dev.lock)"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from edge_module import CONTAINER_TYPE, __version__
 from edge_module.api.http import HttpApi
+from edge_module.api.v2 import V2Api
 from edge_module.billing_api import BillingClient
 from edge_module.config import Settings, descriptor_path
 from edge_module.control.controller import Controller
 from edge_module.control.reported import Reporter
 from edge_module.exceptions import ConfigError
 from edge_module.identity import Identity, installation_identity
+from edge_module.inference.catalog import Catalog, SingleModel
 from edge_module.inference.encryption import MAGIC
 from edge_module.inference.models import Model, load_descriptor, load_model, model_path
 from edge_module.licensing.clock import TrustedClock
@@ -40,6 +42,7 @@ from edge_module.pipeline import Meter, Pipeline
 from edge_module.state import ensure_data_dir, module_signing_key
 from edge_module.supervisor import Supervisor
 from edge_module.transport.base import Transport
+from edge_module.transport.http import Transports
 from edge_module.transport.mqtt import MqttTransport
 from edge_module.trust.keys import DEV_SWITCH, TrustedKeys, keys_for
 
@@ -50,7 +53,8 @@ log = get_logger("app")
 
 
 class App:
-    def __init__(self, settings: Settings, meter: Meter | None = None) -> None:
+    def __init__(self, settings: Settings, meter: Meter | None = None,
+                 catalog: Catalog | None = None) -> None:
         self.settings = settings
         self.stopping = threading.Event()
         self.stop_signal: int | None = None
@@ -91,7 +95,11 @@ class App:
         self.reporter: Reporter | None = None
         self.edgehub: EdgeHubTransport | None = None
         self.transport = self._transport()
-        self.pipeline = Pipeline(self.model, settings.pipeline, self.transport, self.metrics,
+        self.catalog = catalog or SingleModel(self.model)
+        # HTTP (OIP v2) inputs join the same pipeline: answers to them go back to their
+        # HTTP handler, every other answer to the main transport.
+        self.transports = Transports(self.transport)
+        self.pipeline = Pipeline(self.model, settings.pipeline, self.transports, self.metrics,
                                  self.meter, gate=self.licensing, top_k=settings.model.top_k)
         self.control = Controller(settings, self.pipeline, self.licensing, self.ledger,
                                   self.drainer, self.metrics, self._status)
@@ -101,6 +109,9 @@ class App:
             self.http = HttpApi(settings.http, self._render_metrics, self.readiness)
             self.http.add("/status", self._status)
             self.http.add_prefix("/records/usage-logs", self._usage_logs)
+            self.v2 = V2Api(self.http, self.catalog, self.pipeline.offer, self.readiness,
+                            lambda: not self.stopping.is_set(),
+                            settings.http.answer_timeout_seconds)
         except OSError as exc:
             raise ConfigError("Http:Port", f"cannot listen on {settings.http.host}:"
                               f"{settings.http.port} ({exc.strerror}); fix: choose a free port "

@@ -234,6 +234,16 @@ class Pipeline:
         self.intake.put(inbound)
         self.metrics.intake_depth.set(self.intake.qsize())
 
+    def offer(self, inbound: Inbound) -> bool:
+        """Like ``submit`` without blocking (for event-loop transports): False when full."""
+        try:
+            self.intake.put_nowait(inbound)
+        except queue.Full:
+            return False
+        self.metrics.messages_in.inc()
+        self.metrics.intake_depth.set(self.intake.qsize())
+        return True
+
     def idle(self) -> bool:
         return (self.intake.unfinished_tasks == 0 and self.batches.unfinished_tasks == 0
                 and self.commits.unfinished_tasks == 0)

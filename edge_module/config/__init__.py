@@ -11,6 +11,7 @@ from edge_module.config.settings import (
     DataSettings,
     EdgeHubSettings,
     HttpSettings,
+    HttpTlsSettings,
     LicensingSettings,
     LogSettings,
     MeteringSettings,
@@ -37,6 +38,7 @@ from edge_module.config.sources import (
 
 __all__ = [
     "BUILTIN_MODELS", "BillingSettings", "DataSettings", "EdgeHubSettings", "HttpSettings",
+    "HttpTlsSettings",
     "LicensingSettings", "LogSettings", "MeteringSettings", "ModelSettings", "MountsSettings",
     "MqttSettings", "MqttTlsSettings", "PipelineSettings", "Section", "SettingError",
     "Settings", "all_keys", "builtin_models", "descriptor_path", "load_settings",
