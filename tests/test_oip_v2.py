@@ -231,31 +231,43 @@ def test_a_full_intake_answers_503_with_retry_after_at_once(
 def test_mqtt_and_http_at_once_are_batched_together_and_billed_once_each(
     start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator,
 ) -> None:
-    module = start_module(*FAST_DRAIN, "Pipeline:MaxQueueDelayMs=20")
+    # A long batching window: inputs arriving together from both transports share a batch.
+    module = start_module(*FAST_DRAIN, "Pipeline:MaxQueueDelayMs=1000",
+                          "Pipeline:MaxBatchSize=64")
     x_test, _ = digits()
     http_answers: list[int] = []
-    rounds = 30
+    lock = threading.Lock()
 
-    def http_side() -> None:
+    def http_side(count: int, offset: int) -> None:
         triton = client(module)
-        for i in range(rounds):
+        for i in range(count):
             tensor = th.InferInput("image", [1, 1, 8, 8], "FP32")
-            tensor.set_data_from_numpy((x_test[i].reshape(1, 1, 8, 8) / 16).astype(np.float32))
-            result = triton.infer("digits", [tensor])
-            http_answers.append(len(result.as_numpy("label")))  # type: ignore[arg-type]
+            tensor.set_data_from_numpy(
+                (x_test[offset + i].reshape(1, 1, 8, 8) / 16).astype(np.float32))
+            labels = triton.infer("digits", [tensor]).as_numpy("label")
+            with lock:
+                http_answers.append(0 if labels is None else len(labels))
 
-    worker = threading.Thread(target=http_side)
-    worker.start()
-    for i in range(rounds):
-        body: dict[str, Any] = {"id": f"m{i}", "tensor": (x_test[i] / 16).reshape(1, 8, 8)
-                                .tolist()}
-        collector.publish("em/in/mixed", json.dumps(body).encode())
-    worker.join(60)
-    assert len(http_answers) == rounds
-    assert len(collector.wait("em/results", rounds, timeout=30)) == rounds
-    wait_until(lambda: billed(billing) == 2 * rounds, 20, "every answer billed")
+    def burst(http_clients: int, per_client: int, mqtt: int, tag: str) -> None:
+        workers = [threading.Thread(target=http_side, args=(per_client, 10 * c))
+                   for c in range(http_clients)]
+        for worker in workers:
+            worker.start()
+        for i in range(mqtt):
+            body: dict[str, Any] = {"id": f"{tag}{i}",
+                                    "tensor": (x_test[i] / 16).reshape(1, 8, 8).tolist()}
+            collector.publish(f"em/in/{tag}", json.dumps(body).encode())
+        for worker in workers:
+            worker.join(60)
+
+    burst(5, 1, 5, "a")
+    assert collector.wait("em/results", 5, timeout=30) and http_answers == [1] * 5
+    assert module.metric("edge_module_items_inferred_total") == 10
+    assert module.metric("edge_module_batch_size_count") == 1  # one batch, both transports
+    burst(4, 5, 20, "b")
+    assert len(http_answers) == 25 and sum(http_answers) == 25
+    assert len(collector.wait("em/results", 25, timeout=30)) == 25
+    wait_until(lambda: billed(billing) == 50, 20, "every answer billed")
     time.sleep(0.5)
-    assert billed(billing) == 2 * rounds
-    # dynamic batching merged inputs: fewer batches than requests
-    inferred = module.metric("edge_module_items_inferred_total")
-    assert inferred == 2 * rounds
+    assert billed(billing) == 50
+    assert module.metric("edge_module_items_inferred_total") == 50
