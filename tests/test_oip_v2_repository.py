@@ -50,15 +50,20 @@ class Repository(SingleModel):
 
 
 @pytest.fixture
-def server() -> Iterator[str]:
+def api() -> Iterator[HttpApi]:
     http = HttpApi(HttpSettings.model_validate({"Host": "127.0.0.1", "Port": 0}),
                    lambda: b"", lambda: (True, "serving"))
     repository = Repository(load_model(ModelSettings.model_validate({"Name": "digits"})))
     assert isinstance(repository, ModelRepository)
     V2Api(http, repository, lambda _: False, lambda: (True, "serving"), lambda: True, 5.0)
     http.start()
-    yield f"http://127.0.0.1:{http.port}"
+    yield http
     http.stop()
+
+
+@pytest.fixture
+def server(api: HttpApi) -> str:
+    return f"http://127.0.0.1:{api.port}"
 
 
 def call(url: str, body: bytes | None = None) -> tuple[int, object]:
@@ -94,3 +99,23 @@ def test_a_full_intake_is_503_without_waiting(server: str) -> None:
                                    "datatype": "FP32", "data": [0.0] * 64}]}).encode()
     status, refused = call(server + "/v2/models/digits/infer", body)
     assert status == 503 and refused["code"] == "Overloaded"  # type: ignore[index]
+
+
+def test_openapi_and_swagger_describe_exactly_the_routes_served(
+    api: HttpApi, server: str,
+) -> None:
+    status, document = call(server + "/openapi.json")
+    assert status == 200 and isinstance(document, dict)
+    served = {(r.method.lower(), r.pattern) for r in api.router.routes()}
+    described = {(method, path) for path, operations in document["paths"].items()
+                 for method in operations}
+    assert described == served
+    assert ("post", "/v2/models/{name}/versions/{version}/infer") in described
+    params = document["paths"]["/v2/models/{name}/versions/{version}/infer"]["post"]
+    assert [p["name"] for p in params["parameters"]] == ["name", "version"]
+    with urllib.request.urlopen(server + "/swagger", timeout=10) as page:
+        assert page.headers["content-type"].startswith("text/html")
+        text = page.read().decode()
+    assert "<script" not in text and "http" not in text.replace("/openapi.json", "")
+    for _, path in served:
+        assert f"<code>{path}</code>" in text, path

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_module.api.openapi import openapi, swagger_page
 from edge_module.api.router import (
     AsyncHandler,
     HttpError,
@@ -124,6 +125,11 @@ class HttpApi:
         self.add("/ContainerReadiness", self._readiness, protected=False)
         self.router.add("GET", "/metrics", lambda _: Response(
             200, self._metrics() + generate_latest(self._registry), CONTENT_TYPE_LATEST))
+        self.router.add("GET", "/openapi.json", lambda _: Response.json(
+            200, openapi(self.router)), blocking=False)
+        self.router.add("GET", "/swagger", lambda _: Response(
+            200, swagger_page(openapi(self.router)).encode(), "text/html; charset=utf-8"),
+            blocking=False)
         self.server = HttpServer(self.router, settings.host, settings.port, limits_of(settings),
                                  tls=settings.tls)
         self.port = self.server.port

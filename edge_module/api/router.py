@@ -134,6 +134,9 @@ class Router:
         self._routes.append(Route(method, normalise(pattern), handler, blocking, is_async,
                                   _compile(normalise(pattern), prefix)))
 
+    def routes(self) -> list[Route]:
+        return list(self._routes)
+
     def patterns(self) -> list[str]:
         return sorted({r.pattern for r in self._routes})
 
