@@ -127,3 +127,11 @@ profile: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# The OIP v2 gRPC stubs, committed with their .proto (README: dependencies): regenerate
+# after editing edge_module/api/grpc_v2/grpc_predict_v2.proto.
+grpc-stubs: $(STAMP)
+	cd edge_module/api/grpc_v2 && ../../../$(BIN)/python -m grpc_tools.protoc -I. \
+		--python_out=. --pyi_out=. --grpc_python_out=. grpc_predict_v2.proto
+	sed -i 's/^import grpc_predict_v2_pb2 as/from edge_module.api.grpc_v2 import grpc_predict_v2_pb2 as/' \
+		edge_module/api/grpc_v2/grpc_predict_v2_pb2_grpc.py

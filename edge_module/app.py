@@ -17,6 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from edge_module import CONTAINER_TYPE, __version__
+from edge_module.api.grpc_server import GrpcServer, InferenceService
 from edge_module.api.http import HttpApi
 from edge_module.api.v2 import V2Api
 from edge_module.billing_api import BillingClient
@@ -112,10 +113,26 @@ class App:
             self.v2 = V2Api(self.http, self.catalog, self.pipeline.offer, self.readiness,
                             lambda: not self.stopping.is_set(),
                             settings.http.answer_timeout_seconds)
+            self.grpc = self._grpc() if settings.grpc.enabled else None
         except OSError as exc:
             raise ConfigError("Http:Port", f"cannot listen on {settings.http.host}:"
                               f"{settings.http.port} ({exc.strerror}); fix: choose a free port "
                               "with Http:Port=<n>") from exc
+
+    def _grpc(self) -> GrpcServer:
+        """The OIP v2 gRPC server (``Grpc:Enabled``) on the same catalog and pipeline."""
+        http = self.settings.http
+        key = http.api_key.get_secret_value().encode() if http.api_key is not None else None
+        service = InferenceService(self.catalog, self.pipeline.offer, self.readiness,
+                                   lambda: not self.stopping.is_set(),
+                                   http.answer_timeout_seconds, key)
+        try:
+            return GrpcServer(self.settings.grpc, http.tls, service, http.max_body_bytes)
+        except (OSError, RuntimeError) as exc:
+            grpc = self.settings.grpc
+            raise ConfigError("Grpc:Port", f"cannot listen on {grpc.host}:{grpc.port} "
+                              f"({exc}); fix: choose a free port with Grpc:Port=<n> or set "
+                              "Grpc:Enabled=false") from exc
 
     def _load_model(self) -> Model:
         path = model_path(self.settings.model)
@@ -216,6 +233,8 @@ class App:
 
     def start(self) -> None:
         self.http.start()
+        if self.grpc is not None:
+            self.grpc.start()
         answer = self.licensing.check()  # before serving, as Azure AI containers do
         decision = self.licensing.decide()
         log.info("licence_checked", status=decision.status, state=decision.state.value,
@@ -233,7 +252,8 @@ class App:
             self.reporter.start(spawn)
         log.info("module_started", version=__version__, container_type=CONTAINER_TYPE,
                  container_id=self.container_id, transport=self.settings.transport,
-                 http_port=self.http.port)
+                 http_port=self.http.port,
+                 grpc_port=self.grpc.port if self.grpc is not None else None)
 
     def _export_loop(self) -> None:
         assert self.usage_log is not None
@@ -270,6 +290,8 @@ class App:
         if self.billing is not None:
             self.billing.close()
         self.ledger.close()
+        if self.grpc is not None:
+            self.grpc.stop()
         self.http.stop()
         log.info("module_stopped")
 

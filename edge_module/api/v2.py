@@ -35,6 +35,7 @@ from edge_module.errors import ErrorCode, info
 from edge_module.inference.catalog import Catalog, ModelState, VersionInfo
 from edge_module.inference.models import Model
 from edge_module.logs import get_logger
+from edge_module.transport.base import Inbound
 from edge_module.transport.http import Answer, HttpInbound
 
 log = get_logger("http")
@@ -57,7 +58,7 @@ class ModelRepository(Protocol):
 
 
 class Offer(Protocol):
-    def __call__(self, inbound: HttpInbound) -> bool:
+    def __call__(self, inbound: Inbound) -> bool:
         """Queue ``inbound`` without blocking; False when the intake is full."""
 
 

@@ -113,6 +113,31 @@ def parse_infer(body: bytes, headers: Mapping[str, str], model: Model) -> InferR
     return InferRequest(request_id, payload, wanted, binary, binary_all)
 
 
+def tensor_payload(name: str, datatype: str, shape: list[int], data: Any,
+                   model: Model) -> bytes:
+    """The pipeline payload of one input tensor (gRPC: ``data`` is the raw bytes or the
+    typed contents as a list; BYTES contents as a list of bytes)."""
+    spec = model.descriptor.input
+    if name != spec.name:
+        raise bad(f"unknown input {name!r}; the model's input is {spec.name!r}")
+    return _payload({"name": name, "datatype": datatype, "shape": shape}, data, model)
+
+
+def result_tensors(envelope: dict[str, Any], model: Model) -> dict[str, np.ndarray]:
+    """The output tensors of a result envelope, by name, per the model's head."""
+    return _tensors(model.head.name, envelope["results"])
+
+
+def to_bytes(value: np.ndarray) -> bytes:
+    """A tensor as OIP v2 raw bytes (little-endian; BYTES length-prefixed)."""
+    return _binary(value)
+
+
+def datatype_of(value: np.ndarray) -> str:
+    return "BYTES" if value.dtype == object else V2_OF.get(
+        value.dtype.newbyteorder("<").str, "FP32")
+
+
 def _input_data(tensor: dict[str, Any], blobs: bytes) -> tuple[Any, int]:
     """The tensor's ``data`` (JSON) or its bytes from the binary part, and bytes used."""
     params = tensor.get("parameters") or {}
@@ -182,10 +207,13 @@ def _bytes_elements(data: Any, count: int) -> list[bytes]:
         flat = data if isinstance(data, list) else [data]
         while flat and isinstance(flat[0], list) and len(flat) == 1:
             flat = flat[0]
-        if not all(isinstance(x, str) for x in flat):
+        if all(isinstance(x, bytes) for x in flat):  # gRPC bytes_contents
+            items = list(flat)
+        elif all(isinstance(x, str) for x in flat):
+            items = [_json_bytes(x) for x in flat]
+        else:
             raise bad("BYTES data must be strings (base64 JPEG/PNG in JSON)",
                       ErrorCode.TENSOR_DTYPE_INVALID)
-        items = [_json_bytes(x) for x in flat]
     if len(items) != count:
         raise bad(f"BYTES data holds {len(items)} elements; the shape needs {count}",
                   ErrorCode.TENSOR_SHAPE_MISMATCH)
@@ -278,8 +306,7 @@ def answer(envelope: dict[str, Any], model: Model,
     blobs: list[bytes] = []
     for name in names:
         value = tensors[name]
-        datatype = "BYTES" if value.dtype == object else V2_OF.get(
-            value.dtype.newbyteorder("<").str, "FP32")
+        datatype = datatype_of(value)
         out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(value.shape)}
         if request.binary_all or name in request.binary:
             blob = _binary(value)

@@ -582,6 +582,30 @@ class HttpSettings(Section):
     tls: HttpTlsSettings = Field(default_factory=HttpTlsSettings, alias="Tls")
 
 
+class GrpcSettings(Section):
+    enabled: bool = Field(
+        False,
+        alias="Enabled",
+        description="Serve the Open Inference Protocol v2 over gRPC "
+        "(`inference.GRPCInferenceService`) on `Grpc:Port`. Off by default so the module "
+        "holds no port it was not asked for. Uses `Http:ApiKey` and `Http:Tls` too.",
+    )
+    host: str = Field("0.0.0.0", alias="Host", description="Address the gRPC server listens on.")
+    port: int = Field(
+        8001, alias="Port", ge=0, le=65535,
+        description="gRPC port (8001, like Triton). 0 picks a free port.",
+    )
+    threads: int = Field(
+        8, alias="Threads", ge=1, le=256,
+        description="Threads serving gRPC calls; each waits for its answer from the pipeline.",
+    )
+    max_concurrent_calls: int = Field(
+        64, alias="MaxConcurrentCalls", ge=1, le=10000,
+        description="Calls in progress at once; one more is refused at once with "
+        "`RESOURCE_EXHAUSTED`.",
+    )
+
+
 class DataSettings(Section):
     path: Path = Field(
         Path("edge-module-data"),
@@ -695,6 +719,7 @@ class Settings(Section):
                                              alias="Development")
     mounts: MountsSettings = Field(default_factory=MountsSettings, alias="Mounts")
     http: HttpSettings = Field(default_factory=HttpSettings, alias="Http")
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings, alias="Grpc")
     data: DataSettings = Field(default_factory=DataSettings, alias="Data")
     log: LogSettings = Field(default_factory=LogSettings, alias="Log")
 

@@ -1,12 +1,14 @@
-"""The HTTP transport: OIP v2 requests as ``Inbound``s of the one pipeline, answers as futures.
+"""The HTTP and gRPC transports: OIP v2 requests as ``Inbound``s of the one pipeline, answers
+as futures.
 
 An HTTP handler (``api/v2.py``, on the server's event loop thread) builds an
 :class:`HttpInbound` and offers it to the pipeline without blocking; the pipeline's
 commit (or decode) thread calls ``send_result``/``send_error``, which complete the
 inbound's asyncio future on its loop (``call_soon_threadsafe``). The handler awaits that
-future with a deadline. :class:`Transports` puts this adapter beside the module's main
-transport (MQTT or edgeHub), so the pipeline keeps one ``Transport`` and batches inputs
-from both together.
+future with a deadline. A gRPC handler thread (``api/grpc_server.py``) waits on a
+:class:`GrpcInbound`'s ``concurrent.futures.Future`` the same way. :class:`Transports`
+puts these adapters beside the module's main transport (MQTT or edgeHub), so the
+pipeline keeps one ``Transport`` and batches inputs from all of them together.
 
 Threads: ``send_*`` run on pipeline threads; everything else on whoever calls it.
 """
@@ -14,6 +16,7 @@ Threads: ``send_*`` run on pipeline threads; everything else on whoever calls it
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 from dataclasses import dataclass, field
 
@@ -36,6 +39,13 @@ class HttpInbound(Inbound):
     reply: asyncio.Future[Answer] | None = field(default=None, repr=False)
 
 
+@dataclass
+class GrpcInbound(Inbound):
+    """An input that arrived over gRPC; its answer completes ``reply`` (any thread)."""
+
+    reply: concurrent.futures.Future[Answer] | None = field(default=None, repr=False)
+
+
 def _complete(future: asyncio.Future[Answer], answer: Answer) -> None:
     if not future.done():  # the client may have gone (cancelled) or timed out
         future.set_result(answer)
@@ -53,7 +63,8 @@ def answer_http(inbound: HttpInbound, answer: Answer) -> None:
 class Transports:
     """The module's main transport plus the HTTP adapter, seen by the pipeline as one.
 
-    Answers to :class:`HttpInbound`\\ s go back to their HTTP handler; every other
+    Answers to :class:`HttpInbound`\\ s and :class:`GrpcInbound`\\ s go back to their
+    handler; every other
     call goes to the main transport (whose intake, connection and shutdown it owns).
     """
 
@@ -64,14 +75,21 @@ class Transports:
         self.main.start(deliver)
 
     def send_result(self, inbound: Inbound, body: bytes) -> None:
-        if isinstance(inbound, HttpInbound):
-            answer_http(inbound, Answer(True, body))
-        else:
-            self.main.send_result(inbound, body)
+        self._send(inbound, body, True)
 
     def send_error(self, inbound: Inbound, body: bytes) -> None:
+        self._send(inbound, body, False)
+
+    def _send(self, inbound: Inbound, body: bytes, ok: bool) -> None:
         if isinstance(inbound, HttpInbound):
-            answer_http(inbound, Answer(False, body))
+            answer_http(inbound, Answer(ok, body))
+        elif isinstance(inbound, GrpcInbound):
+            if inbound.reply is not None and not inbound.reply.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    inbound.reply.set_result(Answer(ok, body))
+            inbound.settle()
+        elif ok:
+            self.main.send_result(inbound, body)
         else:
             self.main.send_error(inbound, body)
 
