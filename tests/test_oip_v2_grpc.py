@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from simulator.billing import BillingSimulator, KeyInfo
 from simulator.broker import free_port
+from simulator.certs import make_client_cert, make_server_cert
 from simulator.datasets import digits_split
 from tests.support import Module, digit_png, wait_until
 
@@ -82,8 +84,8 @@ def test_grpc_unlicensed_and_api_key_refusals(
     revoked = "revoked-key-0123456789"
     billing.state.keys[revoked] = KeyInfo("edge-module", revoked=True)
     key = "grpc-api-key-0123456789abcdef"
-    module, triton = grpc_module(start_module, f"Http:ApiKey={key}", api_key=revoked,
-                                 wait_ready=False)
+    module, triton = grpc_module(start_module, f"Http:ApiKey={key}", "Http:MaxBodyBytes=4096",
+                                 api_key=revoked, wait_ready=False)
     module.wait_serving_or_gated()
     wait_until(triton.is_server_live, 10, "gRPC live")  # open without the key
     with pytest.raises(InferenceServerException) as anonymous:
@@ -95,4 +97,41 @@ def test_grpc_unlicensed_and_api_key_refusals(
         triton.infer("digits", [tensor_input(np.zeros((1, 1, 8, 8)))], headers=headers)
     assert gated.value.status() == "StatusCode.PERMISSION_DENIED"
     assert "Unlicensed" in str(gated.value)
+    with pytest.raises(InferenceServerException) as large:  # over Http:MaxBodyBytes
+        triton.infer("digits", [tensor_input(np.zeros((20, 1, 8, 8)))], headers=headers)
+    assert large.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert key not in module.log_text()
+
+
+def test_grpc_mutual_tls_refuses_a_client_without_a_certificate(
+    start_module: Callable[..., Module], tmp_path: Path,
+) -> None:
+    server = make_server_cert(tmp_path / "server", ["127.0.0.1"])
+    clients = make_client_cert(tmp_path / "client")
+    port = free_port()
+    module = start_module("Grpc:Enabled=true", f"Grpc:Port={port}",
+                          f"Http:Tls:CertFile={server.cert}", f"Http:Tls:KeyFile={server.key}",
+                          f"Http:Tls:ClientCaFile={clients.ca}", wait_ready=False)
+    trusted = tg.InferenceServerClient(
+        f"127.0.0.1:{port}", ssl=True, root_certificates=str(server.ca),
+        private_key=str(clients.key), certificate_chain=str(clients.cert))
+
+    def live() -> bool:
+        if module.exited() is not None:
+            raise AssertionError(module.log_tail())
+        try:
+            return bool(trusted.is_server_live())
+        except InferenceServerException:
+            return False
+    wait_until(live, 30, "gRPC over mTLS live")
+    labels = trusted.infer("digits", [tensor_input(np.zeros((1, 1, 8, 8)))]).as_numpy("label")
+    assert labels is not None and labels.shape == (1,)
+    anonymous = tg.InferenceServerClient(f"127.0.0.1:{port}", ssl=True,
+                                         root_certificates=str(server.ca))
+    with pytest.raises(InferenceServerException) as refused:
+        anonymous.is_server_live(client_timeout=5)
+    assert refused.value.status() in ("StatusCode.UNAVAILABLE",
+                                      "StatusCode.DEADLINE_EXCEEDED"), refused.value
+    plain = tg.InferenceServerClient(f"127.0.0.1:{port}")
+    with pytest.raises(InferenceServerException):
+        plain.is_server_live(client_timeout=5)
