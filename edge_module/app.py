@@ -96,12 +96,12 @@ class App:
         self.reporter: Reporter | None = None
         self.edgehub: EdgeHubTransport | None = None
         self.transport = self._transport()
-        self.catalog = catalog or SingleModel(self.model)
-        # HTTP (OIP v2) inputs join the same pipeline: answers to them go back to their
-        # HTTP handler, every other answer to the main transport.
+        # HTTP and gRPC (OIP v2) inputs join the same pipeline: answers to them go back to
+        # their handler, every other answer to the main transport.
         self.transports = Transports(self.transport)
         self.pipeline = Pipeline(self.model, settings.pipeline, self.transports, self.metrics,
                                  self.meter, gate=self.licensing, top_k=settings.model.top_k)
+        self.catalog = catalog or ServedModel(self.pipeline)
         self.control = Controller(settings, self.pipeline, self.licensing, self.ledger,
                                   self.drainer, self.metrics, self._status)
         if self.edgehub is not None:
@@ -305,6 +305,22 @@ class App:
         log.info("stop_requested", signal=name)
         self.shutdown()
         return 0
+
+
+class ServedModel(SingleModel):
+    """The one model the pipeline serves now: a live reload (twin, ``ReloadModel``) swaps it,
+    and the OIP v2 APIs see the swap at once."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    @property
+    def model(self) -> Model:
+        return self._pipeline.model
+
+    @model.setter
+    def model(self, value: Model) -> None:
+        raise AttributeError("the served model changes through Pipeline.reconfigure")
 
 
 def build_licensing(settings: Settings, identity: Identity, data_path: Path,

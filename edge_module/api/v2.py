@@ -13,7 +13,8 @@ one pipeline as an :class:`HttpInbound`: it is batched with MQTT inputs, gated b
 licence, metered and answered like them. A full intake answers 503 ``Overloaded`` with
 ``Retry-After`` at once; the answer is awaited up to ``Http:AnswerTimeoutSeconds``.
 
-Threads: handlers run on the HTTP event loop thread (``http``), except repository
+Threads: handlers run on the HTTP event loop thread (``http``; an infer body over 64 KiB is
+parsed on a worker thread so the loop stays responsive), except repository
 load/unload, which may block and run in the handler pool. Statistics are updated and read
 on the loop thread only.
 """
@@ -41,6 +42,7 @@ from edge_module.transport.http import Answer, HttpInbound
 log = get_logger("http")
 SERVER_NAME = "edge-module"
 OVERLOAD_RETRY_SECONDS = 1
+PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread
 
 
 @runtime_checkable
@@ -218,7 +220,10 @@ class V2Api:
         if not self.accepting():
             raise HttpError(503, ErrorCode.SHUTTING_DOWN, "the module is stopping",
                             info(ErrorCode.SHUTTING_DOWN).fix, {"Retry-After": "1"})
-        parsed = parse_infer(request.body, request.headers, model)
+        if len(request.body) > PARSE_ON_LOOP_BYTES:  # keep the loop (and /health) responsive
+            parsed = await asyncio.to_thread(parse_infer, request.body, request.headers, model)
+        else:
+            parsed = parse_infer(request.body, request.headers, model)
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Answer] = loop.create_future()
         inbound = HttpInbound(parsed.payload, "http", correlation_id=parsed.id,
