@@ -446,6 +446,9 @@ class Pipeline:
         # committed before any of them is published. Replays were billed when first
         # answered. Nothing is billed that is not answered, nothing answered unbilled.
         shaped = self._shape(group)
+        for job in (job for inferred in group for job in inferred.jobs):
+            if id(job) in shaped and not job.inbound.claim():  # nobody waits: not billed
+                del shaped[id(job)]
         fresh = [job for inferred in group for job in inferred.fresh]
         # Every admitted (fresh) job holds a reservation in the meter until its commit
         # is attempted (``commit`` gives it back, committed or not); whatever fails

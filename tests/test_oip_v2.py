@@ -271,3 +271,23 @@ def test_mqtt_and_http_at_once_are_batched_together_and_billed_once_each(
     time.sleep(0.5)
     assert billed(billing) == 50
     assert module.metric("edge_module_items_inferred_total") == 50
+
+
+def test_an_answer_nobody_waits_for_any_more_is_neither_billed_nor_sent(
+    start_module: Callable[..., Module], billing: BillingSimulator,
+) -> None:
+    # The batcher holds a lone request for 800 ms; the client gives up after 200 ms: 504
+    # AnswerTimeout, and the late answer is dropped before its usage record is written.
+    module = start_module(*FAST_DRAIN, "Http:AnswerTimeoutSeconds=0.2",
+                          "Pipeline:MaxQueueDelayMs=800", "Pipeline:MaxBatchSize=64")
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                   "data": [0.25] * 64}]}).encode()
+    for _ in range(3):
+        status, headers, answer = post(module, "/v2/models/digits/infer", body)
+        assert status == 504 and json.loads(answer)["code"] == "AnswerTimeout"
+    wait_until(lambda: module.metric("edge_module_items_inferred_total") == 3, 10,
+               "the abandoned requests inferred")
+    time.sleep(1.0)  # past the metering flush interval
+    assert module.metric("edge_module_ledger_pending_records") == 0
+    assert billed(billing) == 0
+    assert "http_answer_timeout" in module.log_text()

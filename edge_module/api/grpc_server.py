@@ -29,7 +29,7 @@ from edge_module import __version__
 from edge_module.api.grpc_v2 import grpc_predict_v2_pb2 as pb
 from edge_module.api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from edge_module.api.router import HttpError
-from edge_module.api.v2 import SERVER_NAME, Offer
+from edge_module.api.v2 import CLAIMED_GRACE_SECONDS, SERVER_NAME, Offer
 from edge_module.api.v2_tensors import (
     datatype_of,
     metadata,
@@ -189,12 +189,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not self.offer(inbound):
             raise CallError(ErrorCode.OVERLOADED, "the intake queue is full "
                             "(Pipeline:IntakeQueue)")
+        # a client that cancels or whose deadline passes is billed nothing not yet claimed
+        context.add_callback(inbound.abandon)
         try:
             answer = reply.result(timeout=min(self.answer_timeout,
                                               context.time_remaining() or self.answer_timeout))
         except concurrent.futures.TimeoutError:
-            raise CallError(ErrorCode.ANSWER_TIMEOUT, "no answer within "
-                            f"{self.answer_timeout:g} s (Http:AnswerTimeoutSeconds)") from None
+            if inbound.abandon():
+                raise CallError(ErrorCode.ANSWER_TIMEOUT, "no answer within "
+                                f"{self.answer_timeout:g} s (Http:AnswerTimeoutSeconds)"
+                                ) from None
+            answer = reply.result(timeout=CLAIMED_GRACE_SECONDS)  # billed: moments away
         envelope = json.loads(answer.body)
         if not answer.ok:
             error = dict(envelope.get("error") or {})

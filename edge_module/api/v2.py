@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 from edge_module import __version__
 from edge_module.api.http import HttpApi
@@ -43,6 +43,7 @@ log = get_logger("http")
 SERVER_NAME = "edge-module"
 OVERLOAD_RETRY_SECONDS = 1
 PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread
+CLAIMED_GRACE_SECONDS = 30.0  # an answer already billed is awaited this much longer
 
 
 @runtime_checkable
@@ -235,15 +236,15 @@ class V2Api:
                             "(Pipeline:IntakeQueue)", info(ErrorCode.OVERLOADED).fix,
                             {"Retry-After": str(OVERLOAD_RETRY_SECONDS)})
         try:
-            result = await asyncio.wait_for(reply, self.answer_timeout)
+            result = await asyncio.wait_for(asyncio.shield(reply), self.answer_timeout)
+        except asyncio.CancelledError:  # the client went away: bill nothing not yet claimed
+            inbound.abandon()
+            raise
         except TimeoutError:
-            log.warning("http_answer_timeout", model=model.provenance.name,
-                        timeout_s=self.answer_timeout, fix="the module is saturated: send "
-                        "less, or raise Http:AnswerTimeoutSeconds")
-            raise HttpError(504, ErrorCode.ANSWER_TIMEOUT, "no answer within "
-                            f"{self.answer_timeout:g} s (Http:AnswerTimeoutSeconds)",
-                            info(ErrorCode.ANSWER_TIMEOUT).fix,
-                            {"Retry-After": str(OVERLOAD_RETRY_SECONDS)}) from None
+            if not inbound.abandon():  # already billed: its answer is moments away
+                result = await asyncio.wait_for(reply, CLAIMED_GRACE_SECONDS)
+            else:
+                self._timed_out(model)
         envelope = json.loads(result.body)
         if not result.ok:
             return error_response(envelope)
@@ -261,6 +262,16 @@ class V2Api:
         stats.execution_count += 1
         stats.last_inference = int(time.time() * 1000)
         return Response(200, body, content_type, headers)
+
+    def _timed_out(self, model: Model) -> NoReturn:
+        log.warning("http_answer_timeout", model=model.provenance.name,
+                    timeout_s=self.answer_timeout, effect="answered 504 and not billed",
+                    fix="the module is saturated: send less, or raise "
+                    "Http:AnswerTimeoutSeconds")
+        raise HttpError(504, ErrorCode.ANSWER_TIMEOUT, "no answer within "
+                        f"{self.answer_timeout:g} s (Http:AnswerTimeoutSeconds)",
+                        info(ErrorCode.ANSWER_TIMEOUT).fix,
+                        {"Retry-After": str(OVERLOAD_RETRY_SECONDS)})
 
     # -- repository extension ------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import threading
 from dataclasses import dataclass, field
 
 from edge_module.transport.base import Deliver, Inbound, Transport
@@ -32,7 +33,35 @@ class Answer:
 
 
 @dataclass
-class HttpInbound(Inbound):
+class WaitedInbound(Inbound):
+    """An input whose client waits with a deadline: it is billed only if the pipeline
+    claims it before the client gives up (``abandon``), never after.
+
+    ``claim`` (pipeline commit thread) and ``abandon`` (the waiting handler) race under a
+    lock: whichever comes first wins, so an answer is either billed and delivered, or
+    neither."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _state: str = field(default="waiting", repr=False, compare=False)
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "claimed"
+            return True
+
+    def abandon(self) -> bool:
+        """Give up waiting; False when the answer is already claimed (it is on its way)."""
+        with self._lock:
+            if self._state == "claimed":
+                return False
+            self._state = "abandoned"
+            return True
+
+
+@dataclass
+class HttpInbound(WaitedInbound):
     """An input that arrived over HTTP; its answer completes ``reply`` on ``loop``."""
 
     loop: asyncio.AbstractEventLoop | None = None
@@ -40,7 +69,7 @@ class HttpInbound(Inbound):
 
 
 @dataclass
-class GrpcInbound(Inbound):
+class GrpcInbound(WaitedInbound):
     """An input that arrived over gRPC; its answer completes ``reply`` (any thread)."""
 
     reply: concurrent.futures.Future[Answer] | None = field(default=None, repr=False)
