@@ -284,6 +284,7 @@ def test_an_answer_nobody_waits_for_any_more_is_neither_billed_nor_sent(
                                    "data": [0.25] * 64}]}).encode()
     for _ in range(3):
         status, headers, answer = post(module, "/v2/models/digits/infer", body)
+        assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "1"
         assert status == 504 and json.loads(answer)["code"] == "AnswerTimeout"
     wait_until(lambda: module.metric("edge_module_items_inferred_total") == 3, 10,
                "the abandoned requests inferred")
