@@ -112,7 +112,8 @@ class App:
             self.http.add_prefix("/records/usage-logs", self._usage_logs)
             self.v2 = V2Api(self.http, self.catalog, self.pipeline.offer, self.readiness,
                             lambda: not self.stopping.is_set(),
-                            settings.http.answer_timeout_seconds)
+                            settings.http.answer_timeout_seconds,
+                            lambda: self.pipeline.serving.max_batch)
             self.grpc = self._grpc() if settings.grpc.enabled else None
         except OSError as exc:
             raise ConfigError("Http:Port", f"cannot listen on {settings.http.host}:"
@@ -125,7 +126,8 @@ class App:
         key = http.api_key.get_secret_value().encode() if http.api_key is not None else None
         service = InferenceService(self.catalog, self.pipeline.offer, self.readiness,
                                    lambda: not self.stopping.is_set(),
-                                   http.answer_timeout_seconds, key)
+                                   http.answer_timeout_seconds, key,
+                                   lambda: self.pipeline.serving.max_batch)
         try:
             return GrpcServer(self.settings.grpc, http.tls, service, http.max_body_bytes)
         except (OSError, RuntimeError) as exc:

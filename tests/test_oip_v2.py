@@ -154,6 +154,12 @@ def test_tensor_models_answer_over_json_and_binary(
     triton = client(module)
     meta = triton.get_model_metadata("pump")
     assert meta["inputs"] == [{"name": "vector", "datatype": "FP32", "shape": [-1, 8]}]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]}]
+    config = triton.get_model_config("pump")  # what perf_analyzer reads
+    assert config["max_batch_size"] >= 1
+    assert config["input"] == [{"name": "vector", "data_type": "TYPE_FP32", "dims": [8]}]
+    assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32",
+                                 "dims": [4]}]
     rows = np.random.default_rng(3).normal(size=(5, 8)).astype(np.float32)
     answers = []
     for binary in (False, True):

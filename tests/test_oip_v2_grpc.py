@@ -51,6 +51,9 @@ def test_grpc_metadata_and_inference_are_metered_like_mqtt(
     meta = triton.get_model_metadata("digits")
     assert meta.name == "digits" and [i.datatype for i in meta.inputs] == ["BYTES"]
     assert [o.name for o in meta.outputs] == ["label", "score", "result"]
+    config = triton.get_model_config("digits").config  # Triton's own message parses ours
+    assert config.name == "digits" and config.max_batch_size >= 1
+    assert [(i.name, i.data_type) for i in config.input] == [("image", 13)]  # TYPE_STRING
     # images as BYTES in raw contents
     files = np.array([digit_png(x_test[i]) for i in range(4)], dtype=np.object_)
     images = tg.InferInput("image", [4], "BYTES")

@@ -31,8 +31,10 @@ from edge_module.api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from edge_module.api.router import HttpError
 from edge_module.api.v2 import CLAIMED_GRACE_SECONDS, SERVER_NAME, Offer
 from edge_module.api.v2_tensors import (
+    TRITON_TYPES,
     datatype_of,
     metadata,
+    model_config,
     result_tensors,
     tensor_payload,
     to_bytes,
@@ -91,8 +93,9 @@ def _abort(context: grpc.ServicerContext, error: CallError) -> None:
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, catalog: Catalog, offer: Offer, ready: Callable[[], tuple[bool, str]],
                  accepting: Callable[[], bool], answer_timeout: float,
-                 api_key: bytes | None) -> None:
+                 api_key: bytes | None, max_batch: Callable[[], int] = lambda: 1) -> None:
         self.catalog = catalog
+        self.max_batch = max_batch
         self.offer = offer
         self.ready = ready
         self.accepting = accepting
@@ -160,6 +163,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"])
                          for t in doc["outputs"]])
         return self._guarded(context, meta)
+
+    def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def config() -> Any:
+            doc = model_config(self._model(request.name, request.version), self.max_batch())
+            return pb.ModelConfigResponse(config=pb.ModelConfig(
+                name=doc["name"], platform=doc["platform"], backend=doc["backend"],
+                max_batch_size=doc["max_batch_size"],
+                input=[pb.ModelConfig.Input(name=t["name"], dims=t["dims"],
+                                            data_type=TRITON_TYPES[t["data_type"][5:]
+                                                                   .replace("STRING", "BYTES")])
+                       for t in doc["input"]],
+                output=[pb.ModelConfig.Output(name=t["name"], dims=t["dims"],
+                                              data_type=TRITON_TYPES[t["data_type"][5:]
+                                                                     .replace("STRING", "BYTES")])
+                        for t in doc["output"]]))
+        return self._guarded(context, config)
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._guarded(context, lambda: self._infer(request, context))

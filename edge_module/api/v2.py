@@ -31,7 +31,7 @@ from typing import Any, NoReturn, Protocol, runtime_checkable
 from edge_module import __version__
 from edge_module.api.http import HttpApi
 from edge_module.api.router import HttpError, Request, Response
-from edge_module.api.v2_tensors import answer, metadata, parse_infer
+from edge_module.api.v2_tensors import answer, metadata, model_config, parse_infer
 from edge_module.errors import ErrorCode, info
 from edge_module.inference.catalog import Catalog, ModelState, VersionInfo
 from edge_module.inference.models import Model
@@ -136,8 +136,9 @@ class V2Api:
 
     def __init__(self, http: HttpApi, catalog: Catalog, offer: Offer,
                  ready: Callable[[], tuple[bool, str]], accepting: Callable[[], bool],
-                 answer_timeout: float) -> None:
+                 answer_timeout: float, max_batch: Callable[[], int] = lambda: 1) -> None:
         self.catalog = catalog
+        self.max_batch = max_batch
         self.offer = offer
         self.ready = ready
         self.accepting = accepting
@@ -152,6 +153,7 @@ class V2Api:
             http.route("GET", base, self._model_metadata)
             http.route("GET", base + "/ready", self._model_ready)
             http.route("GET", base + "/stats", self._model_stats)
+            http.route("GET", base + "/config", self._model_config)
             http.route("POST", base + "/infer", self._infer)
         http.route("POST", "/v2/repository/index", self._index)
         http.route("POST", "/v2/repository/models/{name}/load", self._load)
@@ -183,6 +185,10 @@ class V2Api:
         versions = [v.version for v in self.catalog.versions()
                     if v.name == model.provenance.name and v.state == ModelState.READY]
         return Response.json(200, metadata(model, versions))
+
+    async def _model_config(self, request: Request) -> Response:
+        """Triton's model configuration (what perf_analyzer reads)."""
+        return Response.json(200, model_config(self._model(request), self.max_batch()))
 
     async def _model_ready(self, request: Request) -> Response:
         model = self._model(request)

@@ -45,6 +45,9 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
 }
 V2_OF = {dtype.str: name for name, dtype in DTYPES.items()}
+ORT_TYPES = {"float": "FP32", "double": "FP64", "float16": "FP16", "int64": "INT64",
+             "int32": "INT32", "int16": "INT16", "int8": "INT8", "uint8": "UINT8",
+             "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64", "bool": "BOOL"}
 
 
 def bad(message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST,
@@ -271,7 +274,15 @@ def metadata(model: Model, versions: list[str]) -> dict[str, Any]:
         inputs = [{"name": spec.name, "datatype": "BYTES", "shape": [-1],
                    "parameters": {"alternative": {"datatype": "FP32", "shape": batch_shape}}}]
     if model.head.name == "tensor":
-        outputs = [{"name": n, "datatype": "FP32", "shape": [-1]} for n in model.head.outputs]
+        graph = {o.name: o for o in model.session.get_outputs()}
+        outputs = []
+        for name in model.head.outputs:
+            out = graph.get(name)
+            shape = [d if isinstance(d, int) and d > 0 else -1 for d in out.shape] \
+                if out is not None else [-1]
+            kind = str(out.type)[7:-1] if out is not None else "float"  # "tensor(float)"
+            outputs.append({"name": name, "datatype": ORT_TYPES.get(kind, "FP32"),
+                            "shape": [-1, *shape[1:]]})
     elif model.head.name == "classification":
         outputs = [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                    {"name": "score", "datatype": "FP32", "shape": [-1]},
@@ -280,6 +291,26 @@ def metadata(model: Model, versions: list[str]) -> dict[str, Any]:
         outputs = [{"name": "result", "datatype": "BYTES", "shape": [-1]}]
     return {"name": model.provenance.name, "versions": versions, "platform": "onnxruntime_onnx",
             "inputs": inputs, "outputs": outputs}
+
+
+TRITON_TYPES = {"BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 4, "UINT64": 5, "INT8": 6,
+                "INT16": 7, "INT32": 8, "INT64": 9, "FP16": 10, "FP32": 11, "FP64": 12,
+                "BYTES": 13}  # Triton's inference.DataType
+
+
+def model_config(model: Model, max_batch: int) -> dict[str, Any]:
+    """Triton's model configuration (``/v2/models/{m}/config``), which ``perf_analyzer``
+    reads: the batch limit the module batches up to, inputs and outputs without the batch
+    dimension."""
+    doc = metadata(model, [model.provenance.version])
+
+    def tensors(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"name": t["name"],
+                 "data_type": "TYPE_" + t["datatype"].replace("BYTES", "STRING"),
+                 "dims": list(t["shape"][1:]) or [1]} for t in items]
+    return {"name": model.provenance.name, "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime", "max_batch_size": max_batch,
+            "input": tensors(doc["inputs"]), "output": tensors(doc["outputs"])}
 
 
 def _tensors(head: str, results: list[dict[str, Any]]) -> dict[str, np.ndarray]:
