@@ -115,7 +115,7 @@ bench-quick: install
 # bench/results/peers.{json,md}. Installs the peers and perf_analyzer into
 # .cache/peers/ first (needs the registries once). `make bench-peers PEERS=--quick`
 # only checks the harness (short windows, numbers not final).
-.PHONY: bench-peers
+.PHONY: bench-peers grpc-stubs
 bench-peers: install
 	bench/peers/install.sh $(PYTHON)
 	$(BIN)/python -m bench.peers $(PEERS)
@@ -135,3 +135,7 @@ grpc-stubs: $(STAMP)
 		--python_out=. --pyi_out=. --grpc_python_out=. grpc_predict_v2.proto
 	sed -i 's/^import grpc_predict_v2_pb2 as/from edge_module.api.grpc_v2 import grpc_predict_v2_pb2 as/' \
 		edge_module/api/grpc_v2/grpc_predict_v2_pb2_grpc.py
+	# A private descriptor pool: Triton's client defines the same `inference.*` messages, and
+	# both in one process (tests, tools) would clash in protobuf's default pool.
+	sed -i 's/_descriptor_pool.Default().AddSerializedFile(/_descriptor_pool.DescriptorPool().AddSerializedFile(/' \
+		edge_module/api/grpc_v2/grpc_predict_v2_pb2.py

@@ -127,7 +127,7 @@ class App:
         service = InferenceService(self.catalog, self.pipeline.offer, self.readiness,
                                    lambda: not self.stopping.is_set(),
                                    http.answer_timeout_seconds, key,
-                                   lambda: self.pipeline.serving.max_batch)
+                                   lambda: self.pipeline.serving.max_batch, self.v2.stats)
         try:
             return GrpcServer(self.settings.grpc, http.tls, service, http.max_body_bytes)
         except (OSError, RuntimeError) as exc:

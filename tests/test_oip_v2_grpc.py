@@ -79,6 +79,16 @@ def test_grpc_metadata_and_inference_are_metered_like_mqtt(
     assert "TensorShapeMismatch" in str(shape.value)
     time.sleep(0.5)
     assert int(billing.totals()["records"]) == 2  # failures are not billed
+    stats = triton.get_inference_statistics("digits").model_stats[0]
+    assert stats.name == "digits" and stats.inference_count == 7
+    assert stats.inference_stats.success.count == 2
+    assert stats.inference_stats.fail.count == 1  # the bad shape (the unknown model: no key)
+    with pytest.raises(InferenceServerException) as no_repository:
+        triton.get_model_repository_index()
+    assert no_repository.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert "RepositoryUnsupported" in str(no_repository.value)
+    with pytest.raises(InferenceServerException):
+        triton.load_model("digits")
 
 
 def test_grpc_unlicensed_and_api_key_refusals(

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from edge_module.api.http import HttpApi
@@ -119,3 +120,39 @@ def test_openapi_and_swagger_describe_exactly_the_routes_served(
     assert "<script" not in text and "http" not in text.replace("/openapi.json", "")
     for _, path in served:
         assert f"<code>{path}</code>" in text, path
+
+
+def test_the_repository_extension_over_grpc() -> None:
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    from edge_module.api.grpc_server import GrpcServer, InferenceService
+    from edge_module.config import GrpcSettings, HttpTlsSettings
+
+    repository = Repository(load_model(ModelSettings.model_validate({"Name": "digits"})))
+    service = InferenceService(repository, lambda _: False, lambda: (True, "serving"),
+                               lambda: True, 5.0, None)
+    server = GrpcServer(GrpcSettings.model_validate({"Host": "127.0.0.1", "Port": 0}),
+                        HttpTlsSettings(), service, 1 << 20)
+    server.start()
+    try:
+        triton = tg.InferenceServerClient(f"127.0.0.1:{server.port}")
+        index = triton.get_model_repository_index().models
+        assert [(m.name, m.version, m.state) for m in index] == [("digits", "1.0.0", "READY")]
+        triton.unload_model("digits")
+        assert not triton.is_model_ready("digits")
+        assert triton.get_model_repository_index().models[0].state == "UNLOADED"
+        triton.load_model("digits")
+        assert triton.is_model_ready("digits")
+        with pytest.raises(InferenceServerException) as failed:
+            triton.load_model("ghost")
+        assert failed.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "ModelLoadFailed" in str(failed.value) and "ghost" in str(failed.value)
+        with pytest.raises(InferenceServerException) as full:  # the intake is always full
+            tensor = tg.InferInput("image", [1, 1, 8, 8], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, 1, 8, 8), dtype=np.float32))
+            triton.infer("digits", [tensor])
+        assert full.value.status() == "StatusCode.UNAVAILABLE"
+        assert "Overloaded" in str(full.value)
+    finally:
+        server.stop(0.5)

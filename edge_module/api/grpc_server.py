@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import hmac
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,13 @@ from edge_module import __version__
 from edge_module.api.grpc_v2 import grpc_predict_v2_pb2 as pb
 from edge_module.api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from edge_module.api.router import HttpError
-from edge_module.api.v2 import CLAIMED_GRACE_SECONDS, SERVER_NAME, Offer
+from edge_module.api.v2 import (
+    CLAIMED_GRACE_SECONDS,
+    SERVER_NAME,
+    ModelRepository,
+    Offer,
+    StatsBook,
+)
 from edge_module.api.v2_tensors import (
     TRITON_TYPES,
     datatype_of,
@@ -93,8 +100,10 @@ def _abort(context: grpc.ServicerContext, error: CallError) -> None:
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, catalog: Catalog, offer: Offer, ready: Callable[[], tuple[bool, str]],
                  accepting: Callable[[], bool], answer_timeout: float,
-                 api_key: bytes | None, max_batch: Callable[[], int] = lambda: 1) -> None:
+                 api_key: bytes | None, max_batch: Callable[[], int] = lambda: 1,
+                 stats: StatsBook | None = None) -> None:
         self.catalog = catalog
+        self.stats = stats if stats is not None else StatsBook()
         self.max_batch = max_batch
         self.offer = offer
         self.ready = ready
@@ -180,10 +189,69 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         for t in doc["output"]]))
         return self._guarded(context, config)
 
-    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._guarded(context, lambda: self._infer(request, context))
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def stats() -> Any:
+            if request.name:
+                p = self._model(request.name, request.version).provenance
+                keys = [(p.name, p.version)]
+            else:
+                keys = [(v.name, v.version) for v in self.catalog.versions()]
+            out = []
+            for name, version in keys:
+                doc = self.stats.as_dict(name, version)
+                durations = {k: pb.StatisticDuration(count=v["count"], ns=v["ns"])
+                             for k, v in doc["inference_stats"].items()}
+                out.append(pb.ModelStatistics(
+                    name=name, version=version, last_inference=doc["last_inference"],
+                    inference_count=doc["inference_count"],
+                    execution_count=doc["execution_count"],
+                    inference_stats=pb.InferStatistics(**durations)))
+            return pb.ModelStatisticsResponse(model_stats=out)
+        return self._guarded(context, stats)
 
-    def _infer(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def _repository(self) -> ModelRepository:
+        if not isinstance(self.catalog, ModelRepository):
+            raise CallError(ErrorCode.REPOSITORY_UNSUPPORTED, "this module serves one fixed "
+                            "model; it has no model repository")
+        return self.catalog
+
+    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def index() -> Any:
+            entry = pb.RepositoryIndexResponse.ModelIndex
+            return pb.RepositoryIndexResponse(models=[
+                entry(name=v.name, version=v.version, state=v.state.value.upper(),
+                      reason=v.reason or "") for v in self._repository().index()
+                if not request.ready or v.state == ModelState.READY])
+        return self._guarded(context, index)
+
+    def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._guarded(context, lambda: self._change(request.model_name, True))
+
+    def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._guarded(context, lambda: self._change(request.model_name, False))
+
+    def _change(self, name: str, load: bool) -> Any:
+        repository = self._repository()
+        try:
+            (repository.load if load else repository.unload)(name)
+        except Exception as exc:  # the repository's own errors: answered, never INTERNAL
+            raise CallError(ErrorCode.MODEL_LOAD_FAILED,
+                            f"{'load' if load else 'unload'} of {name!r} failed: {exc}"
+                            ) from None
+        return pb.RepositoryModelLoadResponse() if load else pb.RepositoryModelUnloadResponse()
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter_ns()
+        model = self.catalog.resolve(request.model_name, request.model_version or None)
+        try:
+            return self._guarded(context, lambda: self._infer(request, context, started))
+        except Exception:
+            if model is not None:
+                p = model.provenance
+                self.stats.failed((p.name, p.version), time.perf_counter_ns() - started)
+            raise
+
+    def _infer(self, request: Any, context: grpc.ServicerContext, started: int) -> Any:
         model = self._model(request.model_name, request.model_version)
         if not self.accepting():
             raise CallError(ErrorCode.SHUTTING_DOWN, "the module is stopping")
@@ -235,13 +303,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                             f"model answers {', '.join(tensors)}")
         provenance = envelope.get("model") or {}
         out = pb.ModelInferResponse.InferOutputTensor
-        return pb.ModelInferResponse(
+        shaping = time.perf_counter_ns()
+        response = pb.ModelInferResponse(
             model_name=provenance.get("name", model.provenance.name),
             model_version=provenance.get("version", model.provenance.version),
             id=request.id,
             outputs=[out(name=n, datatype=datatype_of(tensors[n]),
                          shape=list(tensors[n].shape)) for n in names],
             raw_output_contents=[to_bytes(tensors[n]) for n in names])
+        done = time.perf_counter_ns()
+        p = model.provenance
+        self.stats.answered((p.name, p.version), done - started, envelope, done - shaping)
+        return response
 
 
 class GrpcServer:

@@ -15,14 +15,15 @@ licence, metered and answered like them. A full intake answers 503 ``Overloaded`
 
 Threads: handlers run on the HTTP event loop thread (``http``; an infer body over 64 KiB is
 parsed on a worker thread so the loop stays responsive), except repository
-load/unload, which may block and run in the handler pool. Statistics are updated and read
-on the loop thread only.
+load/unload, which may block and run in the handler pool. Statistics (``StatsBook``) are
+shared with the gRPC API under a lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,41 @@ class ModelStats:
                 "batch_stats": []}
 
 
+class StatsBook:
+    """Every model's statistics, kept by the HTTP and gRPC APIs alike (any thread: a lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, str], ModelStats] = {}
+
+    def failed(self, key: tuple[str, str], ns: int) -> None:
+        with self._lock:
+            self._models.setdefault(key, ModelStats()).fail.add(ns)
+
+    def answered(self, key: tuple[str, str], ns: int, envelope: dict[str, Any],
+                 output_ns: int) -> None:
+        """One answered request: its time, and the envelope's decode/infer/queue times."""
+        timing = envelope.get("timingMs") or {}
+        with self._lock:
+            stats = self._models.setdefault(key, ModelStats())
+            stats.success.add(ns)
+            for slot, part in ((stats.compute_input, "decode"),
+                               (stats.compute_infer, "infer")):
+                if isinstance(timing.get(part), (int, float)):
+                    slot.add(int(timing[part] * 1e6))
+            if isinstance(timing.get("total"), (int, float)):
+                spent = timing["total"] - timing.get("decode", 0) - timing.get("infer", 0)
+                stats.queue.add(max(0, int(spent * 1e6)))
+            stats.compute_output.add(output_ns)
+            stats.inference_count += len(envelope.get("results") or ())
+            stats.execution_count += 1
+            stats.last_inference = int(time.time() * 1000)
+
+    def as_dict(self, name: str, version: str) -> dict[str, Any]:
+        with self._lock:
+            return self._models.get((name, version), ModelStats()).as_dict(name, version)
+
+
 def _unknown(name: str, version: str | None) -> HttpError:
     which = f"{name!r} version {version!r}" if version else repr(name)
     return HttpError(404, ErrorCode.UNKNOWN_MODEL, f"no ready model {which}",
@@ -136,14 +172,15 @@ class V2Api:
 
     def __init__(self, http: HttpApi, catalog: Catalog, offer: Offer,
                  ready: Callable[[], tuple[bool, str]], accepting: Callable[[], bool],
-                 answer_timeout: float, max_batch: Callable[[], int] = lambda: 1) -> None:
+                 answer_timeout: float, max_batch: Callable[[], int] = lambda: 1,
+                 stats: StatsBook | None = None) -> None:
         self.catalog = catalog
         self.max_batch = max_batch
         self.offer = offer
         self.ready = ready
         self.accepting = accepting
         self.answer_timeout = answer_timeout
-        self.stats: dict[tuple[str, str], ModelStats] = {}
+        self.stats = stats if stats is not None else StatsBook()
         live = Response.json(200, {"live": True})
         http.route("GET", "/v2/health/live", lambda _: live, protected=False)
         http.route("GET", "/v2/health/ready", self._server_ready, protected=False)
@@ -197,14 +234,12 @@ class V2Api:
 
     async def _model_stats(self, request: Request) -> Response:
         model = self._model(request)
-        key = (model.provenance.name, model.provenance.version)
-        stats = self.stats.get(key, ModelStats())
-        return Response.json(200, {"model_stats": [stats.as_dict(*key)]})
+        p = model.provenance
+        return Response.json(200, {"model_stats": [self.stats.as_dict(p.name, p.version)]})
 
     async def _all_stats(self, _: Request) -> Response:
-        body = [self.stats.get((v.name, v.version), ModelStats()).as_dict(v.name, v.version)
-                for v in self.catalog.versions()]
-        return Response.json(200, {"model_stats": body})
+        return Response.json(200, {"model_stats": [
+            self.stats.as_dict(v.name, v.version) for v in self.catalog.versions()]})
 
     # -- inference ----------------------------------------------------------
 
@@ -212,18 +247,14 @@ class V2Api:
         started = time.perf_counter_ns()
         model = self._model(request)
         key = (model.provenance.name, model.provenance.version)
-        stats = self.stats.setdefault(key, ModelStats())
         try:
-            response = await self._infer_model(request, model, stats)
+            return await self._infer_model(request, model, key, started)
         except HttpError:
-            stats.fail.add(time.perf_counter_ns() - started)
+            self.stats.failed(key, time.perf_counter_ns() - started)
             raise
-        (stats.success if response.status == 200 else stats.fail).add(
-            time.perf_counter_ns() - started)
-        return response
 
-    async def _infer_model(self, request: Request, model: Model,
-                           stats: ModelStats) -> Response:
+    async def _infer_model(self, request: Request, model: Model, key: tuple[str, str],
+                           started: int) -> Response:
         if not self.accepting():
             raise HttpError(503, ErrorCode.SHUTTING_DOWN, "the module is stopping",
                             info(ErrorCode.SHUTTING_DOWN).fix, {"Retry-After": "1"})
@@ -253,20 +284,12 @@ class V2Api:
                 self._timed_out(model)
         envelope = json.loads(result.body)
         if not result.ok:
+            self.stats.failed(key, time.perf_counter_ns() - started)
             return error_response(envelope)
-        timing = envelope.get("timingMs") or {}
-        for slot, part in ((stats.compute_input, "decode"), (stats.compute_infer, "infer")):
-            if isinstance(timing.get(part), (int, float)):
-                slot.add(int(timing[part] * 1e6))
-        if isinstance(timing.get("total"), (int, float)):
-            spent = timing["total"] - timing.get("decode", 0) - timing.get("infer", 0)
-            stats.queue.add(max(0, int(spent * 1e6)))
         shaping = time.perf_counter_ns()
         body, headers, content_type = answer(envelope, model, parsed)
-        stats.compute_output.add(time.perf_counter_ns() - shaping)
-        stats.inference_count += len(envelope.get("results") or ())
-        stats.execution_count += 1
-        stats.last_inference = int(time.time() * 1000)
+        done = time.perf_counter_ns()
+        self.stats.answered(key, done - started, envelope, done - shaping)
         return Response(200, body, content_type, headers)
 
     def _timed_out(self, model: Model) -> NoReturn:
