@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edge-module needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements-dev.lock -e '.[dev]'
+	# Triton's client for the OIP v2 tests, without its numpy<2 pin (README: dependencies)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps \
+		"$$(grep '^tritonclient==' requirements-dev.lock)"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -112,7 +115,7 @@ bench-quick: install
 # bench/results/peers.{json,md}. Installs the peers and perf_analyzer into
 # .cache/peers/ first (needs the registries once). `make bench-peers PEERS=--quick`
 # only checks the harness (short windows, numbers not final).
-.PHONY: bench-peers
+.PHONY: bench-peers grpc-stubs
 bench-peers: install
 	bench/peers/install.sh $(PYTHON)
 	$(BIN)/python -m bench.peers $(PEERS)
@@ -124,3 +127,15 @@ profile: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# The OIP v2 gRPC stubs, committed with their .proto (README: dependencies): regenerate
+# after editing edge_module/api/grpc_v2/grpc_predict_v2.proto.
+grpc-stubs: $(STAMP)
+	cd edge_module/api/grpc_v2 && ../../../$(BIN)/python -m grpc_tools.protoc -I. \
+		--python_out=. --pyi_out=. --grpc_python_out=. grpc_predict_v2.proto
+	sed -i 's/^import grpc_predict_v2_pb2 as/from edge_module.api.grpc_v2 import grpc_predict_v2_pb2 as/' \
+		edge_module/api/grpc_v2/grpc_predict_v2_pb2_grpc.py
+	# A private descriptor pool: Triton's client defines the same `inference.*` messages, and
+	# both in one process (tests, tools) would clash in protobuf's default pool.
+	sed -i 's/_descriptor_pool.Default().AddSerializedFile(/_descriptor_pool.DescriptorPool().AddSerializedFile(/' \
+		edge_module/api/grpc_v2/grpc_predict_v2_pb2.py

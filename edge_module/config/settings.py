@@ -507,6 +507,36 @@ class MountsSettings(Section):
     )
 
 
+class HttpTlsSettings(Section):
+    cert_file: Path | None = Field(
+        None, alias="CertFile", description="PEM server certificate (chain). Setting it (with "
+        "`KeyFile`) turns TLS on for the whole HTTP API; off by default."
+    )
+    key_file: Path | None = Field(
+        None, alias="KeyFile", description="PEM private key of `CertFile`. Never logged."
+    )
+    client_ca_file: Path | None = Field(
+        None, alias="ClientCaFile", description="PEM CA bundle: when set, every client must "
+        "present a certificate signed by it (mutual TLS); a client without one is refused "
+        "during the handshake."
+    )
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> HttpTlsSettings:
+        for key, path in (("CertFile", self.cert_file), ("KeyFile", self.key_file),
+                          ("ClientCaFile", self.client_ca_file)):
+            if path is not None and not path.is_file():
+                raise SettingError(key, f"file {path} does not exist")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise SettingError("KeyFile" if self.key_file is None else "CertFile",
+                               "CertFile and KeyFile go together",
+                               "set both Http:Tls:CertFile and Http:Tls:KeyFile, or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise SettingError("ClientCaFile", "client certificates need TLS",
+                               "set Http:Tls:CertFile and Http:Tls:KeyFile too")
+        return self
+
+
 class HttpSettings(Section):
     host: str = Field("0.0.0.0", alias="Host", description="Address the HTTP API listens on.")
     port: int = Field(
@@ -573,6 +603,48 @@ class HttpSettings(Section):
         description="Threads that run handlers which may block (status, ledger reads, usage "
         "logs). The server itself is one event loop thread; requests beyond 8 waiting per "
         "handler thread are answered 503 with `Retry-After`.",
+    )
+    answer_timeout_seconds: float = Field(
+        30.0,
+        alias="AnswerTimeoutSeconds",
+        gt=0,
+        le=600,
+        description="Longest an OIP v2 inference request waits for its answer from the "
+        "pipeline; past it the answer is 504 `AnswerTimeout`.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        alias="ApiKey",
+        description="When set, inference, model and control routes (`/v2/...` except the "
+        "health routes, `/status`, `/records/...`) need `Authorization: Bearer <key>` or "
+        "`X-Api-Key: <key>` (checked in constant time); `/health`, `/ready`, `/metrics` and "
+        "`/v2/health/*` stay open. Unset (the default): anyone who reaches the port may "
+        "infer, and is billed to you. Never logged.",
+    )
+    tls: HttpTlsSettings = Field(default_factory=HttpTlsSettings, alias="Tls")
+
+
+class GrpcSettings(Section):
+    enabled: bool = Field(
+        False,
+        alias="Enabled",
+        description="Serve the Open Inference Protocol v2 over gRPC "
+        "(`inference.GRPCInferenceService`) on `Grpc:Port`. Off by default so the module "
+        "holds no port it was not asked for. Uses `Http:ApiKey` and `Http:Tls` too.",
+    )
+    host: str = Field("0.0.0.0", alias="Host", description="Address the gRPC server listens on.")
+    port: int = Field(
+        8001, alias="Port", ge=0, le=65535,
+        description="gRPC port (8001, like Triton). 0 picks a free port.",
+    )
+    threads: int = Field(
+        8, alias="Threads", ge=1, le=256,
+        description="Threads serving gRPC calls; each waits for its answer from the pipeline.",
+    )
+    max_concurrent_calls: int = Field(
+        64, alias="MaxConcurrentCalls", ge=1, le=10000,
+        description="Calls in progress at once; one more is refused at once with "
+        "`RESOURCE_EXHAUSTED`.",
     )
 
 
@@ -716,6 +788,7 @@ class Settings(Section):
                                              alias="Development")
     mounts: MountsSettings = Field(default_factory=MountsSettings, alias="Mounts")
     http: HttpSettings = Field(default_factory=HttpSettings, alias="Http")
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings, alias="Grpc")
     data: DataSettings = Field(default_factory=DataSettings, alias="Data")
     log: LogSettings = Field(default_factory=LogSettings, alias="Log")
 

@@ -36,6 +36,12 @@ class Inbound:
     model: str | None = None
     version: str | None = None
 
+    def claim(self) -> bool:
+        """Called by the pipeline just before this input's usage is recorded: False when
+        nobody waits for the answer any more (an HTTP/gRPC client that timed out), so it is
+        neither billed nor sent. Always True for broker transports."""
+        return True
+
 
 class Deliver(Protocol):
     def __call__(self, inbound: Inbound) -> None: ...

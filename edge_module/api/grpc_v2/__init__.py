@@ -1,0 +1,1 @@
+"""Generated OIP v2 gRPC stubs (``make grpc-stubs``) and their .proto."""
