@@ -298,3 +298,42 @@ def test_an_answer_nobody_waits_for_any_more_is_neither_billed_nor_sent(
     assert module.metric("edge_module_ledger_pending_records") == 0
     assert billed(billing) == 0
     assert "http_answer_timeout" in module.log_text()
+
+
+def test_the_model_repository_through_tritonclient(
+    tmp_path: Path, start_module: Callable[..., Module], billing: BillingSimulator,
+) -> None:
+    """The real repository (two digits versions, telemetry) behind the v2 repository
+    extension: index, per-version inference, unload (then UnknownModel, unbilled), load."""
+    from tests.fast.test_repository import add_version
+
+    root = tmp_path / "repository"
+    add_version(root, "digits", 1)
+    add_version(root, "digits", 2)
+    (root / "digits" / "config.json").write_text(json.dumps({"versionPolicy": {"all": {}}}))
+    add_version(root, "telemetry", 1)
+    module = start_module(f"Model:Repository={root}", "Model:Default=digits",
+                          "Metering:MaxDelaySeconds=0.2")
+    triton = client(module)
+    assert "model_repository" in triton.get_server_metadata()["extensions"]
+    index = {(m["name"], m.get("version")): m["state"]
+             for m in triton.get_model_repository_index()}
+    assert index[("digits", "1")] == index[("digits", "2")] == "READY"
+    assert index[("telemetry", "1")] == "READY"
+    x, y = digits()
+    files = [digit_png(x[0])]
+    for version in ("1", "2"):
+        result = triton.infer("digits", [image_input(files, True)], model_version=version)
+        assert result.as_numpy("label").astype(str).tolist() == [str(y[0])]
+    triton.unload_model("telemetry")
+    assert not triton.is_model_ready("telemetry")
+    before = billed(billing)
+    tensor = th.InferInput("vector", [1, 8], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 8), dtype=np.float32))
+    with pytest.raises(InferenceServerException) as gone:
+        triton.infer("telemetry", [tensor])
+    assert gone.value.status() == "404" and "UnknownModel" in str(gone.value)
+    triton.load_model("telemetry")
+    wait_until(lambda: triton.is_model_ready("telemetry"), 20, "telemetry loaded again")
+    wait_until(lambda: billed(billing) == before, 5, "nothing billed for the refusal")
+    wait_until(lambda: billed(billing) == 2, 10, "the two answers billed")
