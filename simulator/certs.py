@@ -27,13 +27,11 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.chmod(0o600)
 
 
-def make_server_cert(folder: Path, names: list[str], days: int = 30,
-                     expired: bool = False) -> ServerCert:
-    """A new CA and a server certificate for ``names`` (DNS names or IP addresses)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
+def _new_ca(common_name: str, now: dt.datetime,
+            days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Name, x509.Certificate]:
+    """A self-signed CA (key, name, certificate) valid a day either side of ``days``."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-module test CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(days=1))
@@ -42,6 +40,15 @@ def make_server_cert(folder: Path, names: list[str], days: int = 30,
                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
                                             False), critical=True)
                .sign(ca_key, hashes.SHA256()))
+    return ca_key, ca_name, ca_cert
+
+
+def make_server_cert(folder: Path, names: list[str], days: int = 30,
+                     expired: bool = False) -> ServerCert:
+    """A new CA and a server certificate for ``names`` (DNS names or IP addresses)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key, ca_name, ca_cert = _new_ca("edge-module test CA", now, days)
     key = ec.generate_private_key(ec.SECP256R1())
     alt: list[x509.GeneralName] = []
     for name in names:
@@ -75,16 +82,7 @@ def make_client_cert(folder: Path, name: str = "edge-module test client",
     server trusts for clients (``Http:Tls:ClientCaFile``), ``cert``/``key`` the client's."""
     folder.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-module client CA")])
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(days=1))
-               .not_valid_after(now + dt.timedelta(days=days + 1))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                            False), critical=True)
-               .sign(ca_key, hashes.SHA256()))
+    ca_key, ca_name, ca_cert = _new_ca("edge-module client CA", now, days)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
