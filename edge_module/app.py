@@ -75,6 +75,7 @@ class App:
         self.licensing = build_licensing(settings, self.identity, self.data_path,
                                          self.ledger, self.trusted_keys)
         self.ledger.clock_ms = self.licensing.clock.now_ms  # requestTime in trusted time
+        self.licensing.watch_usage(lambda: self.ledger.pending, self.ledger.oldest_pending_ms())
         self.repository: ModelRepository | None = None
         self._poll_stop = threading.Event()  # set after the supervisor stops
         catalog: Catalog

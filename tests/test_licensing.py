@@ -134,6 +134,39 @@ def test_grace_then_gated_then_back_online_without_restart(
     assert '"licence_state"' in module.log_text()
 
 
+def test_status_answers_alone_do_not_keep_a_module_serving_whose_usage_is_refused(
+    start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator,
+) -> None:
+    """A relay that lets status checks through but blocks uploads: the module stays
+    Valid only for one lease grace after the last accepted upload, then gates until
+    usage is accepted again; nothing answered is lost from the bill."""
+    billing.state.lease.grace_seconds = 3
+    module = start_module("Licensing:CheckIntervalSeconds=0.5",
+                          "Licensing:RetrySeconds=0.3", "Metering:MaxDelaySeconds=0.2",
+                          "Metering:MaxBackoffSeconds=0.5")
+    assert module.status()["grace"]["state"] == "online"
+    billing.set_fault("usage-refuse")
+    collector.publish("em/in/x", TENSOR)
+    assert collector.wait(RESULTS, 1)[0]["id"] == "t1"
+    wait_until(lambda: any(o == "refuse" for _, o in billing.calls()), 10, "upload refused")
+    body = module.status()
+    # A refused upload reads as CouldNotConnect (grace) until the next Valid status
+    # check: either way the allowance runs from the last accepted upload, not the lease.
+    assert body["grace"]["state"] in ("online", "grace") and body["backlog"]["pending"] == 1
+    assert 0 < body["grace"]["remainingSeconds"] <= 3
+    wait_until(lambda: module.status()["grace"]["state"] == "gated", 15,
+               "gated although status checks stay Valid")
+    body = module.status()
+    assert "accepted no usage" in body["apiStatusMessage"]
+    assert any(o == "200" for _, o in billing.calls("/billing/v1/status")[-3:])
+    collector.publish("em/in/x", TENSOR.replace(b"t1", b"t2"))
+    assert collector.wait(ERRORS, 1)[0]["error"]["code"] == "Unlicensed"
+    billing.set_fault("none")
+    wait_until(lambda: module.status()["grace"]["state"] == "online", 15,
+               "online once usage is accepted")
+    wait_until(lambda: billing.totals()["records"] == 1, 10, "the one answer billed")
+
+
 def test_grace_expires_in_trusted_time_and_rollback_does_not_extend_it(
     tmp_path: Path, billing: BillingSimulator, proxy: FaultProxy, identity: Identity
 ) -> None:

@@ -23,7 +23,12 @@ endpoint in each signed lease, which only a status answer bound to the call's
 nonce can bring (and which alone sets the trusted time); the module can never
 extend it, and the trusted clock makes rolling the wall clock back useless. A
 Valid that no check renewed for two check intervals and a call's deadline stops
-counting: the lease's grace decides.
+counting: the lease's grace decides. And status answers alone cannot keep the
+module serving: when usage is pending and no upload has been accepted (a signed
+receipt) for longer than a lease's whole grace (its ``expiresAt - issuedAt``,
+set by the vendor, not by a setting), a Valid status no longer counts and the
+module is gated until usage is accepted again. A relay that lets status checks
+through but blocks uploads therefore earns no more than one grace of unbilled use.
 
 Threads: the licensing thread (periodic checks), HTTP handler threads
 (``GET /status``), the drain thread (``observe`` of upload answers) and the
@@ -116,6 +121,10 @@ class Licensing:
         self.retry_after: float | None = None
         self.checked = False
         self.on_online: list[Callable[[], None]] = []
+        # How many usage records wait for upload (the ledger's in-memory count); the
+        # app wires it. Usage counts as accepted while nothing is pending.
+        self.pending_usage: Callable[[], int] = lambda: 0
+        self._usage_ok_ms = clock.now_ms()  # trusted time usage was last known accepted
         self._last_answer: Answer | None = None
         self._last_checked = 0.0
         self._state: GraceState | None = None
@@ -129,6 +138,14 @@ class Licensing:
                         "is never Valid and has no offline grace",
                         fix=f"development: set {DEV_SWITCH} to the simulator's public key; "
                         "customers: run the vendor's release image")
+
+    def watch_usage(self, pending: Callable[[], int], unsettled_since_ms: int | None) -> None:
+        """Wire the ledger: its pending count, and the trusted time of its oldest pending
+        record at start (a restart does not begin a fresh allowance for old usage)."""
+        self.pending_usage = pending
+        if unsettled_since_ms is not None:
+            with self._lock:
+                self._usage_ok_ms = min(self._usage_ok_ms, unsettled_since_ms)
 
     @property
     def disconnected(self) -> bool:
@@ -167,6 +184,8 @@ class Licensing:
             self.status = answer.status
             if answer.status is ApiStatus.VALID:
                 self._valid_at = time.monotonic()
+                if nonce is None:  # an upload whose signed receipt verified
+                    self._usage_ok_ms = now
             self.status_message = answer.error if not answer.ok and answer.error else \
                 explain(answer.status).message
             self.retry_after = answer.retry_after
@@ -203,10 +222,24 @@ class Licensing:
         now = self.clock.now_ms()
         if self.license_source is not None:
             return self._decide_from_license(now)
+        pending = self.pending_usage()
         with self._lock:
+            if pending == 0:
+                self._usage_ok_ms = max(self._usage_ok_ms, now)
             status, message, lease = self.status, self.status_message, self.lease
-            retry_after = self.retry_after
+            retry_after, usage_ok_ms = self.retry_after, self._usage_ok_ms
         expires = lease.expires_at if lease is not None else None
+        unaccepted: str | None = None  # why the grace ends before the lease does
+        if lease is not None and pending:
+            usage_limit = usage_ok_ms + (lease.expires_at - lease.issued_at)
+            if usage_limit < lease.expires_at:
+                expires = usage_limit  # the grace runs from the last accepted upload
+                unaccepted = (f"the billing endpoint has accepted no usage for "
+                              f"{(now - usage_ok_ms) / 1000:.0f} s; {pending} records wait "
+                              "for upload")
+            if status is ApiStatus.VALID and now >= usage_limit and unaccepted:
+                status = ApiStatus.UNKNOWN
+                message = f"status checks pass, but {unaccepted}"
         remaining = max(0.0, (expires - now) / 1000) if expires is not None else None
         remedy = explain(status).remedy
         if status is ApiStatus.VALID and self._valid_is_stale():
@@ -228,8 +261,9 @@ class Licensing:
             return Decision(True, GraceState.GRACE, status, message,
                             f"{remedy} The module serves within its offline grace meanwhile "
                             f"({remaining:.0f} s left).", None, expires, remaining)
-        why = "the offline grace has expired" if expires is not None else \
-            "no lease was ever granted, so there is no offline grace"
+        why = "no lease was ever granted, so there is no offline grace" if expires is None \
+            else f"the grace after the last accepted upload has expired: {unaccepted}" \
+            if unaccepted else "the offline grace has expired"
         wait = retry_after if retry_after is not None else self.settings.retry_seconds
         return Decision(False, GraceState.GATED, status, f"{message} ({why})",
                         f"{remedy} The module refuses work until a Valid answer arrives.",

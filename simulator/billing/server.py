@@ -7,18 +7,20 @@
 * Fault modes switched at run time through the admin API, applied to the
   ``/billing/`` routes only (the admin API keeps working):
 
-  ========== ===========================================================
-  mode       effect
-  ========== ===========================================================
-  none       normal service
-  refuse     the connection is reset at once, nothing is answered
-  blackhole  the request is read and never answered (the socket stays open)
-  busy       503 ``BillingEndpointBusy`` with ``Retry-After``
-  quota      429 ``OutOfQuota`` with ``Retry-After``
-  slow       answers after ``delaySeconds``
-  error500   500 with no body
-  drop       usage is committed, then the connection is closed unanswered
-  ========== ===========================================================
+  ============ =========================================================
+  mode         effect
+  ============ =========================================================
+  none         normal service
+  refuse       the connection is reset at once, nothing is answered
+  blackhole    the request is read and never answered (the socket stays open)
+  busy         503 ``BillingEndpointBusy`` with ``Retry-After``
+  quota        429 ``OutOfQuota`` with ``Retry-After``
+  slow         answers after ``delaySeconds``
+  error500     500 with no body
+  drop         usage is committed, then the connection is closed unanswered
+  usage-refuse status checks are answered; uploads are reset unread (a relay
+               that lets only status through)
+  ============ =========================================================
 
 Admin API: ``POST /admin/fault {"mode", "retryAfter", "delaySeconds"}``,
 ``GET /admin/usage`` (totals), ``GET /admin/records`` (what was received),
@@ -67,7 +69,8 @@ MAX_RECORDS = 500
 EXPIRY_MS = 30 * 24 * 3600 * 1000
 RECORD_FIELDS = {"id", "containerType", "containerVersion", "containerId", "meter",
                  "requestTime", "apiType"}
-MODES = {"none", "refuse", "blackhole", "busy", "quota", "slow", "error500", "drop"}
+MODES = {"none", "refuse", "blackhole", "busy", "quota", "slow", "error500", "drop",
+         "usage-refuse"}
 
 
 @dataclass
@@ -427,6 +430,10 @@ def _handler(sim: BillingSimulator) -> type[BaseHTTPRequestHandler]:
                 return
             body = self._body()
             fault = sim.state.fault
+            if fault.mode == "usage-refuse" and self.path != "/billing/v1/usage":
+                fault = Fault("none", fault.retry_after, fault.delay_seconds)
+            if fault.mode == "usage-refuse":  # a relay that passes status checks only
+                fault = Fault("refuse", fault.retry_after, fault.delay_seconds)
             if fault.mode not in ("none", "slow", "drop"):
                 sim.log_call(self.path, fault.mode)
             if fault.mode == "refuse":
