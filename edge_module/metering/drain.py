@@ -236,8 +236,7 @@ class Drainer:
                     ApiStatus.UNKNOWN, 400, answer.body,
                     error=f"HTTP 400 without a signed rejection: {answer.error}"))
             reason = f"HTTP 400: {receipt.rejected[batch[0].id]}"
-            self.ledger.keep_receipt(receipt.raw, [batch[0].seq])
-            self.ledger.settle([], quarantined=[(batch[0].seq, reason)])
+            self.ledger.settle([], quarantined=[(batch[0].seq, reason)], receipt=receipt.raw)
             self._count_quarantine(batch[0].id, reason)
             return BatchOutcome(quarantined=1, answer=Answer(ApiStatus.VALID))
         if not answer.ok:
@@ -296,10 +295,7 @@ class Drainer:
                 self._count_quarantine(record.id, reason)
             else:  # unanswered, or Rejected with retryable: offered again
                 retried.append(record.seq)
-        if delivered or quarantined:
-            self.ledger.keep_receipt(receipt.raw, [seq for seq, _ in delivered] +
-                                     [seq for seq, _ in quarantined])
-        self.ledger.settle(delivered, quarantined, retried)
+        self.ledger.settle(delivered, quarantined, retried, receipt=receipt.raw)
         self.backoff.reset()
         if self.metrics is not None:
             self.metrics.drain_acknowledged.inc(len(delivered) - duplicates)

@@ -490,13 +490,20 @@ class Ledger:
 
     def settle(self, delivered: Iterable[tuple[int, int]],
                quarantined: Iterable[tuple[int, str]] = (),
-               retried: Iterable[int] = ()) -> None:
-        """Mark records: ``(seq, ACCEPTED|DUPLICATE)``, ``(seq, reason)`` quarantined."""
+               retried: Iterable[int] = (), receipt: dict[str, Any] | None = None) -> None:
+        """Mark records: ``(seq, ACCEPTED|DUPLICATE)``, ``(seq, reason)`` quarantined.
+
+        ``receipt``: the verified receipt that settles them, stored and linked to every
+        delivered and quarantined record in the same transaction, so no record is ever
+        settled without the receipt that proves it.
+        """
         now_ms = int(time.time() * 1000)
         done = [(state, now_ms, seq) for seq, state in delivered]
         bad = [(now_ms, reason[:500], seq) for seq, reason in quarantined]
         again = [(seq,) for seq in retried]
         with self._write("settle uploaded records") as conn:
+            if receipt is not None and (done or bad):
+                self._store_receipt(conn, receipt, [d[2] for d in done] + [b[2] for b in bad])
             before = conn.total_changes
             conn.executemany("UPDATE records SET state = ?, settled_at = ?, "
                              "attempts = attempts + 1 WHERE seq = ? AND state = 0", done)
@@ -512,15 +519,16 @@ class Ledger:
             # draining a large backlog quadratic.
             self._pending -= left_pending
 
-    def keep_receipt(self, receipt: dict[str, Any], seqs: Sequence[int]) -> None:
-        """Store a verified receipt and link the records it settles (before ``settle``)."""
+    @staticmethod
+    def _store_receipt(conn: sqlite3.Connection, receipt: dict[str, Any],
+                       seqs: Sequence[int]) -> None:
+        """Store a verified receipt and link the records it settles (inside ``settle``)."""
         body = json.dumps(receipt, separators=(",", ":"), sort_keys=True)
-        with self._write("keep a usage receipt") as conn:
-            cursor = conn.execute(
-                "INSERT INTO receipts (received_at, key_id, body) VALUES (?, ?, ?)",
-                (int(time.time() * 1000), str(receipt.get("keyId")), body))
-            conn.executemany("UPDATE records SET receipt_id = ? WHERE seq = ?",
-                             [(cursor.lastrowid, seq) for seq in seqs])
+        cursor = conn.execute(
+            "INSERT INTO receipts (received_at, key_id, body) VALUES (?, ?, ?)",
+            (int(time.time() * 1000), str(receipt.get("keyId")), body))
+        conn.executemany("UPDATE records SET receipt_id = ? WHERE seq = ?",
+                         [(cursor.lastrowid, seq) for seq in seqs])
 
     def receipt_of(self, record_id: str) -> dict[str, Any] | None:
         """The signed receipt that settled a record (audits), if it is still kept."""

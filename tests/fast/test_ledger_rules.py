@@ -7,6 +7,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from edge_module.identity import Identity
 from edge_module.metering.ledger import ACCEPTED, DUPLICATE, MIGRATIONS, Ledger
 from edge_module.metering.records import RECORD_FIELDS, MeterSpec, RecordWriter, Usage
@@ -162,3 +164,24 @@ def test_every_ledger_write_goes_through_the_transaction_helper() -> None:
                  if path.name != "transaction.py" and any(
                      word in path.read_text() for word in ('"BEGIN', '"ROLLBACK', '"COMMIT'))]
     assert offenders == []
+
+
+def test_a_receipt_is_stored_in_the_transaction_that_settles_its_records(
+        tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path / "l.db")
+    ledger.admit(2)
+    ids = ledger.append(METER, [Usage(1), Usage(1)])
+    seqs = [p.seq for p in ledger.pending_batch(10)]
+    receipt = {"keyId": "k1", "accepted": [ids[0]], "signature": "s"}
+    ledger.settle([(seqs[0], ACCEPTED)], retried=[seqs[1]], receipt=receipt)
+    assert ledger.receipt_of(ids[0]) == receipt
+    assert ledger.receipt_of(ids[1]) is None  # still pending: no receipt claims it
+    # A settle that fails rolls the receipt back with it: no receipt without its records.
+    ledger._conn.execute("CREATE TRIGGER no_settle BEFORE UPDATE OF state ON records "
+                         "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with pytest.raises(Exception, match="refused"):
+        ledger.settle([(seqs[1], ACCEPTED)], receipt={"keyId": "k2", "accepted": [ids[1]]})
+    assert ledger.receipt_of(ids[1]) is None and ledger.pending == 1
+    count = ledger._conn.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+    assert count == 1
+    ledger.close()
