@@ -420,6 +420,16 @@ class Codec:
                     f"{spec.shape} (-1: any size), or k of them batch first")
             counts.add(tensor.shape[0] if len(tensor.shape) == rank + 1 else 1)
             elements += math.prod(tensor.shape)
+        tied: dict[str, tuple[str, int]] = {}  # a size the graph names: its first holder
+        for key, spec in self.named.items():
+            item = sent[key].shape[len(sent[key].shape) - len(spec.shape):]
+            for dim, size in zip(self.model.dim_names.get(key, ()), item, strict=False):
+                holder, first = tied.setdefault(dim, (key, size)) if dim else (key, size)
+                if size != first:
+                    raise RequestError(
+                        ErrorCode.TENSOR_SHAPE_MISMATCH,
+                        f"input {key} has size {size} for {dim!r}, input {holder} has "
+                        f"{first}: the graph ties these sizes, so send them equal")
         if len(counts) != 1 or 0 in counts:
             raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                                "the inputs carry different numbers of items (or none): "

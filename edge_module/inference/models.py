@@ -102,6 +102,8 @@ class Model:
             raise ModelError(f"onnxruntime cannot load {path}: {exc}") from exc
         # The named tensor inputs (empty for a model of one ``input``).
         self.named_inputs: tuple[NamedInput, ...] = tuple(self.descriptor.inputs or ())
+        # Per named input, the graph's name of each item size (None: fixed or unnamed).
+        self.dim_names: dict[str, tuple[str | None, ...]] = {}
         if self.named_inputs:
             self.item_shape: tuple[int, ...] = ()
             self.batch_limit = self._check_named_inputs()
@@ -141,6 +143,9 @@ class Model:
         batches: set[int] = set()
         for spec in self.named_inputs:
             graph = inputs[spec.name]
+            # A dynamic size the graph names (e.g. "L" in two inputs) ties those sizes.
+            self.dim_names[spec.name] = tuple(d if isinstance(d, str) and d else None
+                                              for d in graph.shape[1:])
             if graph.type != TENSOR_TYPES[spec.dtype]:
                 raise ModelError(f"{where}; input {spec.name} is {graph.type}, the descriptor "
                                  f"says {spec.dtype} ({TENSOR_TYPES[spec.dtype]})")

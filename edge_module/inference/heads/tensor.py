@@ -41,7 +41,7 @@ class TensorOptions(BaseModel):
 def as_npy(values: np.ndarray) -> str:
     """The tensor as base64 ``.npy`` bytes (``numpy.load`` reads them back)."""
     out = io.BytesIO()
-    np.save(out, np.ascontiguousarray(values), allow_pickle=False)
+    np.save(out, values, allow_pickle=False)  # (ascontiguousarray would make a 0-d array 1-d)
     return base64.b64encode(out.getvalue()).decode("ascii")
 
 
