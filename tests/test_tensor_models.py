@@ -167,6 +167,14 @@ def test_named_inputs_are_checked_against_the_graph_at_load(tmp_path: Path) -> N
     with pytest.raises(RequestError) as corrupt:
         codec.decode(lying.getvalue())
     assert corrupt.value.code == "UnsupportedPayload" and "declares shape" in corrupt.value.message
+    # many members: refused by the end record's count, before the directory is parsed
+    crowded = io.BytesIO()
+    with zipfile.ZipFile(crowded, "w") as archive:
+        for i in range(50):
+            archive.writestr(f"m{i}.npy", b"")
+    with pytest.raises(RequestError) as many:
+        codec.decode(crowded.getvalue())
+    assert many.value.code == "UnsupportedPayload" and "declares 50 members" in many.value.message
 
 
 # -- one module serving the repository over MQTT, HTTP and gRPC --------------------------
