@@ -109,7 +109,7 @@ def limit(model_path: Path, frames: list[bytes], seconds: float) -> dict[str, An
                 for _ in range(batch):
                     items.append(codec.decode(frames[i % len(frames)]).items[0])
                     i += 1
-                model.run(np.stack(items))
+                model.run(model.stack(items))
                 done += batch
             rate = done / (time.perf_counter() - started)
             configs.append({"intraOpThreads": intra, "batch": batch, "itemsPerS": round(rate, 1)})

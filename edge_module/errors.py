@@ -37,6 +37,8 @@ class ErrorCode(StrEnum):
     TENSOR_DTYPE_INVALID = "TensorDtypeInvalid"
     TENSOR_VALUE_INVALID = "TensorValueInvalid"
     TENSOR_TOO_LARGE = "TensorTooLarge"
+    TENSOR_NAME_MISMATCH = "TensorNameMismatch"
+    OUTPUT_TOO_LARGE = "OutputTooLarge"
     BATCH_TOO_LARGE = "BatchTooLarge"
     INFERENCE_FAILED = "InferenceFailed"
     OUTPUT_TOPIC_LOOP = "OutputTopicLoop"
@@ -83,10 +85,11 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         "than 32 levels, or holds more than 65,536 arrays, objects and strings in all",
         "fix the JSON"),
     ErrorCode.UNKNOWN_FIELD: ErrorInfo(
-        "a field other than `id`, `model`, `version`, `image`, `tensor`, `items` (or, in "
-        "an item, `image`, `tensor`)", "remove or rename it"),
+        "a field other than `id`, `model`, `version`, `image`, `tensor`, `items`, `inputs`, "
+        "`output` (or, in an item, `image`, `tensor`)", "remove or rename it"),
     ErrorCode.INVALID_REQUEST: ErrorInfo(
-        "none or several of `image`/`tensor`/`items`; bad `id`; empty `items`",
+        "none or several of `image`/`tensor`/`items`/`inputs`; bad `id`; empty `items`; "
+        "`output` other than `json`/`npy`",
         "send exactly one"),
     ErrorCode.NOT_FOUND: ErrorInfo(
         "HTTP: no route at this path", "see the README's HTTP section for the routes",
@@ -121,6 +124,14 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         "a tensor (a `.npy` by its header, before its data is read) with more than "
         "`Pipeline:MaxTensorElements` elements", "send fewer rows per message or raise the "
         "limit", http_status=413),
+    ErrorCode.TENSOR_NAME_MISMATCH: ErrorInfo(
+        "a model of named inputs (descriptor `inputs`) got a tensor named for none of them, "
+        "or lacks one of them", "send one tensor per input, named as the model's metadata "
+        "names them"),
+    ErrorCode.OUTPUT_TOO_LARGE: ErrorInfo(
+        "a tensor model with dynamic dimensions answered more than its "
+        "`headOptions.maxElements` values for one item (the answer is withheld and not billed)",
+        "send smaller inputs, or raise maxElements in the descriptor", http_status=413),
     ErrorCode.BATCH_TOO_LARGE: ErrorInfo(
         "more items than `Pipeline:MaxBatchItems`", "split the batch"),
     ErrorCode.INFERENCE_FAILED: ErrorInfo(

@@ -9,7 +9,8 @@ Threads and queues (docs/architecture.md draws them):
 * one inference thread gathers decoded requests into a batch (up to
   ``MaxBatchSize`` items, waiting at most ``MaxQueueDelayMs`` after the first,
   like Triton's dynamic batcher; one model version per batch, the others'
-  requests held for their own next batch), asks the gate and the meter
+  requests held for their own next batch; for a model with dynamic input sizes,
+  only items of equal shapes share a batch), asks the gate and the meter
   whether it may serve, and runs the model once;
 * one commit thread takes every inferred batch waiting, commits their usage
   records in one transaction (group commit), and only then publishes the
@@ -49,7 +50,7 @@ from edge_module.inference.codecs import (
     requested_model,
 )
 from edge_module.inference.heads import Answering, Frame
-from edge_module.inference.models import Model
+from edge_module.inference.models import Item, Model
 from edge_module.logs import get_logger
 from edge_module.metering.records import MeterSpec, Usage
 from edge_module.metrics import Metrics
@@ -143,10 +144,13 @@ class Inferred:
 class Job:
     inbound: Inbound
     request_id: str
-    items: list[np.ndarray]
+    items: Sequence[Item]
     frames: list[Frame | None]
     decode_ms: float
     serving: Serving
+    # The items' shapes when the model has dynamic sizes: only equal keys share a batch.
+    shape_key: tuple[tuple[int, ...], ...] | None = None
+    tensors: str = "json"  # a tensor model's answer form: "json" lists or "npy"
     replay_of: str | None = None  # record id when this answers a redelivered input again
     # "id:<hash of source and request id>" when the client named the request (the
     # payload's "id", MQTT v5 correlation data, an edgeHub correlation id): the same name
@@ -349,7 +353,8 @@ class Pipeline:
             client_key = "id:" + hashlib.blake2b(
                 f"{inbound.source}\0{named}".encode(), digest_size=16).hexdigest()
         self.batches.put(Job(inbound, request_id, decoded.items, decoded.frames,
-                             elapsed * 1000, serving, client_key=client_key))
+                             elapsed * 1000, serving, decoded.shape_key, decoded.tensors,
+                             client_key=client_key))
         self.metrics.batch_depth.set(self.batches.qsize())
 
     def _route(self, inbound: Inbound) -> tuple[Serving, dict[str, Any] | None]:
@@ -400,7 +405,7 @@ class Pipeline:
             full = False
             held: deque[Job] = deque()
             for job in waiting:  # the same model's jobs already taken join this batch
-                if not full and job is not _STOP and job.serving is first.serving:
+                if not full and job is not _STOP and _batchable(job, first):
                     if count + len(job.items) <= max_items:
                         jobs.append(job)
                         count += len(job.items)
@@ -419,8 +424,8 @@ class Pipeline:
                 if job is _STOP:
                     waiting.append(job)
                     break
-                if job.serving is not first.serving:
-                    waiting.append(job)  # another model's: it waits for its own batch
+                if not _batchable(job, first):
+                    waiting.append(job)  # another model's (or shape's): its own batch
                     continue
                 if count + len(job.items) > max_items:
                     waiting.append(job)
@@ -619,10 +624,11 @@ class Pipeline:
         shaped: dict[int, list[dict[str, Any]]] = {}
         for inferred in group:
             serving = inferred.serving
-            answering = Answering(serving.top_k, serving.score_threshold)
             offset = 0
             for job in inferred.jobs:
                 n = len(job.items)
+                answering = Answering(serving.top_k, serving.score_threshold,
+                                      "npy" if job.tensors == "npy" else "json")
                 try:
                     results = serving.model.head.shape(
                         {name: value[offset:offset + n]
@@ -632,6 +638,9 @@ class Pipeline:
                         raise ValueError(f"the {serving.model.head.name} head gave "
                                          f"{len(results)} results for {n} items")
                     shaped[id(job)] = results
+                except Refusal as refusal:  # an answer too large for this request
+                    self._send_error(job.inbound, job.request_id, refusal.code,
+                                     refusal.message, **refusal.details)
                 except Exception as exc:  # a head bug, or an output its load checks missed
                     log.error("answer_shaping_failed", id=job.request_id,
                               model=serving.model.provenance.name,
@@ -643,13 +652,14 @@ class Pipeline:
                 offset += n
         return shaped
 
-    def _infer(self, serving: Serving, items: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, serving: Serving, items: list[Item]) -> dict[str, np.ndarray]:
         max_items = serving.max_batch
         outputs: list[dict[str, np.ndarray]] = []
         for start in range(0, len(items), max_items):
-            chunk = np.stack(items[start:start + max_items])
+            chunk = items[start:start + max_items]
+            feeds = serving.model.stack(chunk)
             t0 = time.perf_counter()
-            outputs.append(serving.model.run(chunk))
+            outputs.append(serving.model.run(feeds))
             self.metrics.inference_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(chunk))
             self.metrics.items_inferred.inc(len(chunk))
@@ -662,6 +672,12 @@ class Pipeline:
         self.metrics.errors.labels(code=code).inc()
         log.info("request_refused", code=code, id=request_id, reason=message)
         self.transport.send_error(inbound, error_envelope(request_id, code, message, **extra))
+
+
+def _batchable(job: Job, first: Job) -> bool:
+    """Whether ``job`` may join ``first``'s batch: the same model version, and (for
+    dynamic input sizes) the same item shapes."""
+    return job.serving is first.serving and job.shape_key == first.shape_key
 
 
 def _named_id(body: dict[str, Any] | None) -> str | None:

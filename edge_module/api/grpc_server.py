@@ -42,6 +42,7 @@ from edge_module.api.v2_tensors import (
     datatype_of,
     metadata,
     model_config,
+    named_payload,
     result_tensors,
     tensor_payload,
     to_bytes,
@@ -255,19 +256,31 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         model = self._model(request.model_name, request.model_version)
         if not self.accepting():
             raise CallError(ErrorCode.SHUTTING_DOWN, "the module is stopping")
-        if len(request.inputs) != 1:
+        names = model.descriptor.input_names()
+        if len(request.inputs) != 1 and not model.named_inputs:
             raise CallError(ErrorCode.INVALID_REQUEST, "send exactly one input "
-                            f"{model.descriptor.input.name!r} (the model takes one)")
-        tensor = request.inputs[0]
-        if request.raw_input_contents:
-            data: Any = request.raw_input_contents[0]
+                            f"{names[0]!r} (the model takes one)")
+        if request.raw_input_contents and \
+                len(request.raw_input_contents) != len(request.inputs):
+            raise CallError(ErrorCode.INVALID_REQUEST, "raw_input_contents must hold one "
+                            "entry per input")
+        sent: list[tuple[dict[str, Any], Any]] = []
+        for i, tensor in enumerate(request.inputs):
+            if request.raw_input_contents:
+                data: Any = request.raw_input_contents[i]
+            else:
+                field = CONTENTS.get(tensor.datatype)
+                if field is None:
+                    raise CallError(ErrorCode.TENSOR_DTYPE_INVALID,
+                                    f"datatype {tensor.datatype!r} is not supported")
+                data = list(getattr(tensor.contents, field))
+            sent.append(({"name": tensor.name, "datatype": tensor.datatype,
+                          "shape": list(tensor.shape)}, data))
+        if model.named_inputs:
+            payload = named_payload(sent, model)
         else:
-            field = CONTENTS.get(tensor.datatype)
-            if field is None:
-                raise CallError(ErrorCode.TENSOR_DTYPE_INVALID,
-                                f"datatype {tensor.datatype!r} is not supported")
-            data = list(getattr(tensor.contents, field))
-        payload = tensor_payload(tensor.name, tensor.datatype, list(tensor.shape), data, model)
+            spec, data = sent[0]
+            payload = tensor_payload(spec["name"], spec["datatype"], spec["shape"], data, model)
         wanted = [o.name for o in request.outputs]
         reply: concurrent.futures.Future[Answer] = concurrent.futures.Future()
         inbound = GrpcInbound(payload, "grpc", correlation_id=request.id or None,

@@ -5,8 +5,10 @@ An OIP v2 input becomes a payload the module's codec already reads, so the HTTP 
 decodes, checks and bounds inputs exactly like MQTT: a numeric tensor becomes ``.npy``
 bytes (its shape checked against the model's item shape by the codec), a ``BYTES``
 tensor of JPEG/PNG files becomes the image itself (one) or a JSON ``items`` request
-(several), decoded and preprocessed by the module. Answers come back as the pipeline's
-result envelope and are turned into outputs per the model's head:
+(several), decoded and preprocessed by the module. A model of named inputs (descriptor
+``inputs``) takes one tensor per input, by name, in any order; they travel to the codec
+as one ``.npz`` (``numpy.savez``), which checks names, dtypes and shapes. Answers come
+back as the pipeline's result envelope and are turned into outputs per the model's head:
 
 * ``classification``: ``label`` (BYTES [N]), ``score`` (FP32 [N]), ``result`` (BYTES [N],
   each the item's JSON result with ``topK``);
@@ -85,16 +87,30 @@ def parse_infer(body: bytes, headers: Mapping[str, str], model: Model) -> InferR
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 256):
         raise bad("id must be a string of at most 256 characters")
     inputs = doc.get("inputs")
-    spec = model.descriptor.input
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise bad(f"send exactly one input, {spec.name!r} (the model takes one)")
-    tensor = inputs[0]
-    if tensor.get("name") != spec.name:
-        raise bad(f"unknown input {tensor.get('name')!r}; the model's input is {spec.name!r}")
-    data, used = _input_data(tensor, blobs)
-    if used != len(blobs):
-        raise bad(f"the binary part has {len(blobs)} bytes; the inputs declare {used}")
-    payload = _payload(tensor, data, model)
+    if model.named_inputs:
+        if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+            raise bad("inputs must be a list of tensors")
+        named: list[tuple[dict[str, Any], Any]] = []
+        used = 0
+        for tensor in inputs:
+            data, size = _input_data(tensor, blobs[used:])
+            used += size
+            named.append((tensor, data))
+        if used != len(blobs):
+            raise bad(f"the binary part has {len(blobs)} bytes; the inputs declare {used}")
+        payload = named_payload(named, model)
+    else:
+        names = model.descriptor.input_names()
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            raise bad(f"send exactly one input, {names[0]!r} (the model takes one)")
+        tensor = inputs[0]
+        if tensor.get("name") != names[0]:
+            raise bad(f"unknown input {tensor.get('name')!r}; the model's input is "
+                      f"{names[0]!r}", ErrorCode.TENSOR_NAME_MISMATCH)
+        data, used = _input_data(tensor, blobs)
+        if used != len(blobs):
+            raise bad(f"the binary part has {len(blobs)} bytes; the inputs declare {used}")
+        payload = _payload(tensor, data, model)
     params = doc.get("parameters") or {}
     binary_all = bool(isinstance(params, dict) and params.get("binary_data_output"))
     wanted: list[str] | None = None
@@ -120,10 +136,34 @@ def tensor_payload(name: str, datatype: str, shape: list[int], data: Any,
                    model: Model) -> bytes:
     """The pipeline payload of one input tensor (gRPC: ``data`` is the raw bytes or the
     typed contents as a list; BYTES contents as a list of bytes)."""
-    spec = model.descriptor.input
-    if name != spec.name:
-        raise bad(f"unknown input {name!r}; the model's input is {spec.name!r}")
+    if model.named_inputs:
+        return named_payload([({"name": name, "datatype": datatype, "shape": shape}, data)],
+                             model)
+    expected = model.descriptor.input_names()[0]
+    if name != expected:
+        raise bad(f"unknown input {name!r}; the model's input is {expected!r}",
+                  ErrorCode.TENSOR_NAME_MISMATCH)
     return _payload({"name": name, "datatype": datatype, "shape": shape}, data, model)
+
+
+def named_payload(tensors: list[tuple[dict[str, Any], Any]], model: Model) -> bytes:
+    """The ``.npz`` payload of a model of named inputs: one member per tensor, by name
+    (the codec checks names, dtypes and shapes against the model's inputs)."""
+    known = [spec.name for spec in model.named_inputs]
+    arrays: dict[str, np.ndarray] = {}
+    for tensor, data in tensors:
+        name = tensor.get("name")
+        if not isinstance(name, str) or name not in known or name in arrays:
+            raise bad(f"input {name!r} is not one of the model's inputs ({', '.join(known)}) "
+                      "or is sent twice", ErrorCode.TENSOR_NAME_MISMATCH)
+        if tensor.get("datatype") == "BYTES":
+            raise bad(f"input {name!r} takes numbers, not BYTES",
+                      ErrorCode.INPUT_KIND_MISMATCH, "send the datatype the model's "
+                      "metadata gives")
+        arrays[name] = _array(tensor, data)
+    out = io.BytesIO()
+    np.savez(out, allow_pickle=False, **arrays)
+    return out.getvalue()
 
 
 def result_tensors(envelope: dict[str, Any], model: Model) -> dict[str, np.ndarray]:
@@ -164,12 +204,20 @@ def _shape(tensor: dict[str, Any]) -> list[int]:
 
 
 def _payload(tensor: dict[str, Any], data: Any, model: Model) -> bytes:
+    if tensor.get("datatype") == "BYTES":
+        shape = _shape(tensor)
+        items = _bytes_elements(data, math.prod(shape))
+        return _images(items, model)
+    out = io.BytesIO()
+    np.save(out, _array(tensor, data), allow_pickle=False)
+    return out.getvalue()
+
+
+def _array(tensor: dict[str, Any], data: Any) -> np.ndarray:
+    """A numeric input tensor: its data (JSON list or raw bytes) in its shape."""
     shape = _shape(tensor)
     count = math.prod(shape)
     datatype = tensor.get("datatype")
-    if datatype == "BYTES":
-        items = _bytes_elements(data, count)
-        return _images(items, model)
     dtype = DTYPES.get(str(datatype))
     if dtype is None:
         raise bad(f"datatype {datatype!r} is not supported; use FP32 (or another numeric "
@@ -188,9 +236,7 @@ def _payload(tensor: dict[str, Any], data: Any, model: Model) -> bytes:
         if array.size != count:
             raise bad(f"data holds {array.size} values; shape {shape} needs {count}",
                       ErrorCode.TENSOR_SHAPE_MISMATCH)
-    out = io.BytesIO()
-    np.save(out, array.reshape(shape), allow_pickle=False)
-    return out.getvalue()
+    return array.reshape(shape)
 
 
 def _bytes_elements(data: Any, count: int) -> list[bytes]:
@@ -268,8 +314,11 @@ def metadata(model: Model, versions: list[str]) -> dict[str, Any]:
     """The v2 model metadata: inputs from the descriptor, outputs from the head."""
     spec = model.descriptor.input
     batch_shape = [-1, *model.item_shape]
-    inputs: list[dict[str, Any]] = [{"name": spec.name, "datatype": "FP32",
-                                     "shape": batch_shape}]
+    inputs: list[dict[str, Any]] = [
+        {"name": named.name, "datatype": V2_OF[np.dtype(named.dtype).newbyteorder("<").str],
+         "shape": [-1, *named.shape]} for named in model.named_inputs]
+    if spec is not None:
+        inputs = [{"name": spec.name, "datatype": "FP32", "shape": batch_shape}]
     if isinstance(spec, ImageInput):  # JPEG/PNG files, or the preprocessed tensor
         inputs = [{"name": spec.name, "datatype": "BYTES", "shape": [-1],
                    "parameters": {"alternative": {"datatype": "FP32", "shape": batch_shape}}}]

@@ -10,6 +10,11 @@ before OpenCV or numpy allocate a single pixel or element:
   coefficients, so 1,000 repeated 33-byte scans make a 4096x4096 JPEG take 15 s;
 * ``npy_header``: dtype, shape and data offset of ``.npy`` bytes (numpy's own
   header reader, which parses the header text without touching the data);
+* ``open_npz``: the members of ``.npz`` bytes (``numpy.savez``), their count
+  read from the zip's end record before its directory is parsed, with each
+  member's ``.npy`` header, read from at most ~10 KB of the member; a member's
+  data is read later, only as many bytes as its zip entry declares (so a
+  deflated member cannot expand past the size its checked header implies);
 * ``json_refusal``: whether a JSON text nests too deeply or holds too many
   arrays, objects and strings, counted without recursion or parsing, so that
   100,000 nested brackets cannot exhaust the Python stack and 4 MiB of ``[],``
@@ -25,6 +30,8 @@ import io
 import math
 import re
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +64,81 @@ class NpyHeader:
     @property
     def elements(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class NpzMember:
+    """One array of a ``.npz``: its ``.npy`` header and its zip entry."""
+
+    header: NpyHeader
+    info: zipfile.ZipInfo
+
+
+NPZ_MAGIC = b"PK\x03\x04"
+# The zip errors a corrupt or hostile archive raises while it is read.
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
+              NotImplementedError, RuntimeError)
+
+
+def open_npz(data: bytes, max_members: int) -> tuple[zipfile.ZipFile, dict[str, NpzMember]]:
+    """The archive and its arrays by name (``a.npy`` is ``a``), headers checked: at
+    most ``max_members`` members, stored or deflated, unencrypted, each entry's size
+    exactly its header plus the data its dtype and shape declare."""
+    # The entry count from the end-of-central-directory record first: parsing the
+    # directory costs ~500 bytes of Python per entry, and 4 MiB hold 90,000 entries.
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 65_535))
+    if end < 0 or end + 22 > len(data):
+        raise MalformedHeader("the .npz has no end-of-central-directory record")
+    (entries,) = struct.unpack_from("<H", data, end + 10)
+    if entries > max_members:
+        raise MalformedHeader(f"the .npz declares {entries} members; at most {max_members} "
+                              "(one per model input) are accepted")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+        if len(infos) > max_members:
+            raise MalformedHeader(f"the .npz holds {len(infos)} members; at most "
+                                  f"{max_members} (one per model input) are accepted")
+        members: dict[str, NpzMember] = {}
+        for info in infos:
+            if not info.filename.endswith(".npy") or info.filename[:-4] in members:
+                raise MalformedHeader(f"the .npz member {info.filename!r} is not a uniquely "
+                                      "named .npy (numpy.savez writes <input name>.npy)")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or \
+                    info.flag_bits & 0x1:
+                raise MalformedHeader(f"the .npz member {info.filename!r} is encrypted or "
+                                      "compressed other than by deflate (numpy.savez or "
+                                      "savez_compressed)")
+            with archive.open(info) as stream:
+                head = stream.read(min(info.file_size, NPY_MAX_HEADER + 16))
+            header = npy_header(head)
+            declared = header.data_offset + header.elements * header.dtype.itemsize
+            if info.file_size != declared:
+                raise MalformedHeader(
+                    f"the .npz member {info.filename!r} declares shape {list(header.shape)} "
+                    f"({declared:,} bytes with its header) but holds {info.file_size:,}")
+            members[info.filename[:-4]] = NpzMember(header, info)
+    except MalformedHeader:
+        raise
+    except ZIP_ERRORS as exc:
+        raise MalformedHeader(f"the .npz cannot be read: {exc}") from None
+    return archive, members
+
+
+def npz_array(archive: zipfile.ZipFile, member: NpzMember) -> np.ndarray:
+    """A member's array, read once its header passed the caller's limits."""
+    header = member.header
+    try:
+        with archive.open(member.info) as stream:
+            raw = stream.read(member.info.file_size)
+    except ZIP_ERRORS as exc:
+        raise MalformedHeader(f"the .npz member {member.info.filename!r} cannot be read: "
+                              f"{exc}") from None
+    if len(raw) != member.info.file_size:
+        raise MalformedHeader(f"the .npz member {member.info.filename!r} is truncated")
+    array = np.frombuffer(raw, dtype=header.dtype, count=header.elements,
+                          offset=header.data_offset)
+    return array.reshape(header.shape, order="F" if header.fortran_order else "C")
 
 
 def image_dimensions(data: bytes) -> tuple[int, int]:

@@ -5,7 +5,18 @@ Accepted payloads (docs/mqtt-topics.md has the full reference):
 * raw JPEG or PNG bytes, recognised by their magic bytes;
 * raw ``.npy`` bytes holding a tensor;
 * a JSON object ``{"id", "image": "<base64>"}``, ``{"id", "tensor": [...]}`` or
-  ``{"id", "items": [{"image"|"tensor": ...}, ...]}``.
+  ``{"id", "items": [{"image"|"tensor": ...}, ...]}``;
+* for a model of named inputs (descriptor ``inputs``): a JSON object
+  ``{"id", "inputs": {"<name>": {"shape", "dtype", "data"}, ...}}``, raw ``.npz``
+  bytes (``numpy.savez``, one member per input), or, when the model has one
+  input, the forms above for a tensor. Every input carries one item (its item
+  shape) or the same number k of items (batch first); an item is a dict of
+  arrays by input name, and the items of one message share their shapes
+  (``Decoded.shape_key``: only items of equal shapes are batched together).
+  Dtypes must cast safely to the input's (int32 to int64, not float to int).
+
+``"output": "npy"`` in a JSON request asks a tensor model for base64 ``.npy``
+outputs instead of nested lists (``Decoded.tensors``).
 
 Every way a payload can be wrong maps to one stable error code (``ErrorCode``),
 so that clients can branch on it. Images are decoded and normalised with
@@ -32,8 +43,9 @@ import base64
 import binascii
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -41,14 +53,18 @@ import numpy as np
 from edge_module.errors import ErrorCode
 from edge_module.exceptions import PayloadError
 from edge_module.inference.bounds import (
+    NPZ_MAGIC,
     MalformedHeader,
     image_dimensions,
     jpeg_scans,
     json_refusal,
     npy_header,
+    npz_array,
+    open_npz,
 )
+from edge_module.inference.descriptor import TENSOR_TYPES
 from edge_module.inference.heads import Frame
-from edge_module.inference.models import ImageInput, Model
+from edge_module.inference.models import ImageInput, Item, Model
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -70,8 +86,9 @@ MESSAGE_PIXELS_PER_IMAGE_LIMIT = 4
 # (even a repeated one, which libjpeg only warns about) costs a pass over the whole image.
 MAX_JPEG_SCANS = 64
 DEFAULT_MAX_TENSOR_ELEMENTS = 16 * 1024 * 1024
-REQUEST_FIELDS = {"id", "model", "version", "image", "tensor", "items"}
+REQUEST_FIELDS = {"id", "model", "version", "image", "tensor", "items", "inputs", "output"}
 ITEM_FIELDS = {"image", "tensor"}
+NAMED_FIELDS = {"shape", "dtype", "data"}
 
 
 @dataclass(frozen=True)
@@ -85,11 +102,15 @@ class Limits:
 @dataclass
 class Decoded:
     """A decoded request: its id (if the payload named one), its items, and for each
-    item the ``Frame`` it was fitted from (None for a tensor)."""
+    item the ``Frame`` it was fitted from (None for a tensor). ``shape_key``: the
+    items' shapes when the model has dynamic sizes (only equal keys share a batch);
+    ``tensors``: how a tensor model answers (``"output"`` field)."""
 
     request_id: str | None
-    items: list[np.ndarray]
+    items: Sequence[Item]
     frames: list[Frame | None] = field(default_factory=list)
+    shape_key: tuple[tuple[int, ...], ...] | None = None
+    tensors: Literal["json", "npy"] = "json"
 
     def __post_init__(self) -> None:
         if not self.frames:
@@ -112,6 +133,7 @@ class Codec:
         self.limits = limits
         self.spec = model.descriptor.input
         self.item_shape = model.item_shape
+        self.named = {spec.name: spec for spec in model.named_inputs}
 
     def decode(self, payload: bytes, body: dict[str, Any] | None = None) -> Decoded:
         """Decode one message; ``body`` is its JSON object when ``parse_json`` already
@@ -132,7 +154,11 @@ class Codec:
             blob, frame = self._image(payload)
             return Decoded(None, [blob], [frame])
         if payload.startswith(NPY_MAGIC):
+            if self.named:
+                return self._named(None, {self._sole_input(): self._npy_sent(payload)})
             return Decoded(None, self._tensor(self._load_npy(payload)))
+        if payload.startswith(NPZ_MAGIC):
+            return self._named(None, self._npz_sent(payload))
         if payload.lstrip()[:1] == b"{":
             return self._json(payload)
         raise RequestError(
@@ -153,18 +179,24 @@ class Codec:
                 raise RequestError(
                     ErrorCode.UNKNOWN_FIELD,
                     f"unknown field(s) {', '.join(unknown)}; allowed: id, model, version, image, "
-                    "tensor, items",
+                    "tensor, items, inputs, output",
                 )
-            present = [f for f in ("image", "tensor", "items") if f in body]
+            tensors = self._output_format(body.get("output", "json"))
+            present = [f for f in ("image", "tensor", "items", "inputs") if f in body]
             if len(present) != 1:
                 raise RequestError(
                     ErrorCode.INVALID_REQUEST,
-                    "a request carries exactly one of image, tensor or items"
+                    "a request carries exactly one of image, tensor, items or inputs"
                     + (f" (found {', '.join(present)})" if present else ""),
                 )
-            if present[0] == "items":
-                return Decoded(request_id, *self._items(body["items"]))
-            return Decoded(request_id, *self._decode_parts([self._item(body, present[0])]))
+            if self.named or present[0] == "inputs":
+                decoded = self._named_body(body, present[0])
+            elif present[0] == "items":
+                decoded = Decoded(None, *self._items(body["items"]))
+            else:
+                decoded = Decoded(None, *self._decode_parts([self._item(body, present[0])]))
+            decoded.request_id, decoded.tensors = request_id, tensors
+            return decoded
         except RequestError as exc:
             exc.request_id = request_id
             raise
@@ -233,6 +265,196 @@ class Codec:
                 decoded.extend(part)
                 frames.extend([None] * len(part))
         return decoded, frames
+
+    def _output_format(self, value: Any) -> Literal["json", "npy"]:
+        if value not in ("json", "npy"):
+            raise RequestError(ErrorCode.INVALID_REQUEST,
+                               f"output {value!r}: json (lists) or npy (base64 .npy)")
+        if value == "npy" and self.model.head.name != "tensor":
+            raise RequestError(ErrorCode.INVALID_REQUEST,
+                               f"output npy is for tensor models; model "
+                               f"{self.model.descriptor.name} answers with its "
+                               f"{self.model.head.name} head")
+        return "npy" if value == "npy" else "json"
+
+    # -- named tensor inputs ---------------------------------------------
+
+    def _sole_input(self) -> str:
+        """The input a bare tensor feeds: the model's only one."""
+        if len(self.named) != 1:
+            raise RequestError(
+                ErrorCode.TENSOR_NAME_MISMATCH,
+                f"model {self.model.descriptor.name} takes {len(self.named)} named inputs "
+                f"({', '.join(self.named)}): send them by name (JSON inputs, or .npz)")
+        return next(iter(self.named))
+
+    def _named_body(self, body: dict[str, Any], present: str) -> Decoded:
+        if not self.named:
+            raise RequestError(ErrorCode.INVALID_REQUEST,
+                               f"model {self.model.descriptor.name} takes one input; send "
+                               "image, tensor or items, not inputs")
+        if present == "tensor":
+            array = _json_tensor(body["tensor"], "tensor")
+            return self._named(None, {self._sole_input(): _Sent(
+                array.dtype, tuple(array.shape), lambda: array)})
+        if present != "inputs":
+            if present == "image":
+                raise RequestError(ErrorCode.INPUT_KIND_MISMATCH,
+                                   f"model {self.model.descriptor.name} takes named tensors "
+                                   f"({', '.join(self.named)}), not images")
+            raise RequestError(ErrorCode.INVALID_REQUEST,
+                               "a model of named inputs takes one inputs object per message "
+                               "(one item, or k items batch first), not items")
+        inputs = body["inputs"]
+        if not isinstance(inputs, dict) or not inputs:
+            raise RequestError(ErrorCode.INVALID_REQUEST,
+                               "inputs must be an object: {\"<input name>\": {\"shape\", "
+                               "\"dtype\", \"data\"}, ...}")
+        return self._named(None, {str(name): self._json_sent(str(name), entry)
+                                  for name, entry in inputs.items()})
+
+    def _json_sent(self, name: str, entry: Any) -> _Sent:
+        where = f"inputs.{name}"
+        if not isinstance(entry, dict):
+            raise RequestError(ErrorCode.INVALID_REQUEST,
+                               f"{where} must be an object with shape, dtype and data")
+        unknown = sorted(set(entry) - NAMED_FIELDS)
+        if unknown:
+            raise RequestError(ErrorCode.UNKNOWN_FIELD, f"{where}: unknown field(s) "
+                               f"{', '.join(unknown)}; a tensor has shape, dtype and data")
+        if "data" not in entry:
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"{where} has no data")
+        spec = self.named.get(name)
+        declared = entry.get("dtype", spec.dtype if spec is not None else "float32")
+        if declared not in TENSOR_TYPES:
+            raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
+                               f"{where}: dtype {declared!r} is not one of "
+                               f"{', '.join(sorted(TENSOR_TYPES))}")
+        dtype = np.dtype(declared)
+        array = _json_tensor(entry["data"], where, booleans=True)
+        if (array.dtype.kind == "f" and dtype.kind != "f") or \
+                (array.dtype.kind == "i" and dtype.kind in "bu" and (array < 0).any()):
+            raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
+                               f"{where}: the data holds values that are not {declared}")
+        if "shape" in entry:
+            shape = entry["shape"]
+            if not isinstance(shape, list) or len(shape) > 9 or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
+                                   f"{where}: shape must be a list of at most 9 sizes >= 0")
+            if math.prod(shape) != array.size:
+                raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
+                                   f"{where}: data holds {array.size} values; shape {shape} "
+                                   f"needs {math.prod(shape)}")
+            array = array.reshape(shape)
+        return _Sent(dtype, tuple(array.shape), lambda: array)
+
+    def _npy_sent(self, payload: bytes) -> _Sent:
+        try:
+            header = npy_header(payload)
+        except MalformedHeader as exc:
+            raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, f"the .npy is corrupt: {exc}") \
+                from None
+        needed = header.elements * header.dtype.itemsize
+        if len(payload) - header.data_offset != needed:
+            raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD,
+                               f"the .npy is corrupt: its header declares shape "
+                               f"{list(header.shape)} ({needed:,} bytes of data) but the "
+                               f"message carries {len(payload) - header.data_offset:,}")
+
+        def load() -> np.ndarray:
+            array = np.frombuffer(payload, dtype=header.dtype, count=header.elements,
+                                  offset=header.data_offset)
+            return array.reshape(header.shape, order="F" if header.fortran_order else "C")
+        return _Sent(header.dtype, header.shape, load)
+
+    def _npz_sent(self, payload: bytes) -> dict[str, _Sent]:
+        if not self.named:
+            raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD,
+                               f"model {self.model.descriptor.name} takes one input: send "
+                               ".npy, not .npz (which is for models of named inputs)")
+        try:
+            archive, members = open_npz(payload, len(self.named))
+        except MalformedHeader as exc:
+            raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, str(exc)) from None
+
+        def loader(member: Any) -> Callable[[], np.ndarray]:
+            def load() -> np.ndarray:
+                try:
+                    return npz_array(archive, member)
+                except MalformedHeader as exc:
+                    raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, str(exc)) from None
+            return load
+        return {name: _Sent(m.header.dtype, m.header.shape, loader(m))
+                for name, m in members.items()}
+
+    def _named(self, request_id: str | None, sent: dict[str, _Sent]) -> Decoded:
+        """Items of named tensors, checked by name, dtype and shape before any data is
+        read or cast."""
+        name = self.model.descriptor.name
+        unknown = [n for n in sent if n not in self.named]
+        missing = [n for n in self.named if n not in sent]
+        if unknown or missing:
+            raise RequestError(
+                ErrorCode.TENSOR_NAME_MISMATCH,
+                f"model {name} takes inputs {', '.join(self.named)}"
+                + (f"; {', '.join(unknown)} is not one of them" if unknown else "")
+                + (f"; {', '.join(missing)} is missing" if missing else ""))
+        counts: set[int] = set()
+        elements = 0
+        for key, spec in self.named.items():
+            tensor = sent[key]
+            if tensor.dtype.hasobject or tensor.dtype.kind not in "biuf" or \
+                    not np.can_cast(tensor.dtype, np.dtype(spec.dtype), "safe"):
+                raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
+                                   f"input {key} is {spec.dtype}; {tensor.dtype} does not "
+                                   "convert to it safely")
+            rank = len(spec.shape)
+            if len(tensor.shape) not in (rank, rank + 1) or any(
+                    d != -1 and d != got
+                    for d, got in zip(spec.shape, tensor.shape[-rank:] if rank else (),
+                                      strict=True)):
+                raise RequestError(
+                    ErrorCode.TENSOR_SHAPE_MISMATCH,
+                    f"input {key} got shape {list(tensor.shape)}; it takes items of shape "
+                    f"{spec.shape} (-1: any size), or k of them batch first")
+            counts.add(tensor.shape[0] if len(tensor.shape) == rank + 1 else 1)
+            elements += math.prod(tensor.shape)
+        tied: dict[str, tuple[str, int]] = {}  # a size the graph names: its first holder
+        for key, spec in self.named.items():
+            item = sent[key].shape[len(sent[key].shape) - len(spec.shape):]
+            for dim, size in zip(self.model.dim_names.get(key, ()), item, strict=False):
+                holder, first = tied.setdefault(dim, (key, size)) if dim else (key, size)
+                if size != first:
+                    raise RequestError(
+                        ErrorCode.TENSOR_SHAPE_MISMATCH,
+                        f"input {key} has size {size} for {dim!r}, input {holder} has "
+                        f"{first}: the graph ties these sizes, so send them equal")
+        if len(counts) != 1 or 0 in counts:
+            raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
+                               "the inputs carry different numbers of items (or none): "
+                               "give each input the same k, batch first")
+        limit = self.limits.max_tensor_elements
+        if elements > limit:
+            raise RequestError(ErrorCode.TENSOR_TOO_LARGE,
+                               f"the inputs hold {elements:,} elements; the limit is "
+                               f"{limit:,} (Pipeline:MaxTensorElements)")
+        rows = counts.pop()
+        if rows > self.limits.max_batch_items:
+            raise RequestError(ErrorCode.BATCH_TOO_LARGE,
+                               f"{rows} items; at most {self.limits.max_batch_items} per "
+                               "message (Pipeline:MaxBatchItems)")
+        arrays: dict[str, np.ndarray] = {}
+        for key, spec in self.named.items():
+            array = np.ascontiguousarray(sent[key].load(), dtype=spec.dtype)
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise RequestError(ErrorCode.TENSOR_VALUE_INVALID,
+                                   f"input {key} holds NaN or infinite values")
+            arrays[key] = array if array.ndim == len(spec.shape) + 1 else array[None]
+        items: list[Item] = [{key: arrays[key][i] for key in self.named} for i in range(rows)]
+        dynamic = any(spec.dynamic for spec in self.named.values())
+        shape_key = tuple(arrays[key].shape[1:] for key in self.named) if dynamic else None
+        return Decoded(request_id, items, shape_key=shape_key)
 
     # -- images and tensors -----------------------------------------------
 
@@ -341,6 +563,16 @@ class Codec:
         return array.reshape(header.shape, order="F" if header.fortran_order else "C")
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """One named tensor as sent: its dtype and shape (from a header or the JSON), and
+    how to read its data once they passed the checks."""
+
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+
+
 INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR,
                  "nearest": cv2.INTER_NEAREST, "cubic": cv2.INTER_CUBIC}
 
@@ -419,7 +651,7 @@ def _b64(value: Any, where: str) -> bytes:
                            f"{where}: image is not valid base64: {exc}") from exc
 
 
-def _json_tensor(value: Any, where: str) -> np.ndarray:
+def _json_tensor(value: Any, where: str, booleans: bool = False) -> np.ndarray:
     if not isinstance(value, list):
         raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                            f"{where}: tensor must be a (nested) list of numbers")
@@ -431,7 +663,7 @@ def _json_tensor(value: Any, where: str) -> np.ndarray:
     if array.dtype == object:
         raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                            f"{where}: tensor is ragged (rows of different lengths)")
-    if array.dtype.kind not in "fiu":
+    if array.dtype.kind not in ("fiub" if booleans else "fiu"):
         raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                            f"{where}: tensor holds {array.dtype.kind!r}-kind values; send numbers")
     return array

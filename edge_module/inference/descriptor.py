@@ -5,6 +5,10 @@ thread of its own (read while a model loads). docs/models.md documents every
 field. The head named by ``head`` validates ``headOptions`` with its own schema
 (``edge_module/inference/heads/``), so a new head needs no change here.
 
+Inputs: either one ``input`` (an image, or a float32 tensor of a fixed item
+shape) or a list ``inputs`` of named tensors, each with its dtype and an item
+shape in which ``-1`` marks a dynamic size (any length, request by request).
+
 Normalisation rule: ``mean`` and ``std`` hold either one value, applied to every
 channel, or exactly one value per channel; any other length is refused at load.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -69,6 +73,51 @@ class TensorInput(_Strict):
     shape: list[int] = Field(min_length=1)
 
 
+# Element types a named tensor input may declare (numpy names; onnxruntime's in TENSOR_TYPES).
+TENSOR_TYPES: dict[str, str] = {
+    "float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
+    "int64": "tensor(int64)", "int32": "tensor(int32)", "int16": "tensor(int16)",
+    "int8": "tensor(int8)", "uint8": "tensor(uint8)", "uint16": "tensor(uint16)",
+    "uint32": "tensor(uint32)", "uint64": "tensor(uint64)", "bool": "tensor(bool)",
+}
+TensorType = Literal["float32", "float64", "float16", "int64", "int32", "int16", "int8",
+                     "uint8", "uint16", "uint32", "uint64", "bool"]
+
+
+class NamedInput(_Strict):
+    """One of a model's named tensor inputs (descriptor ``inputs``): its per-item shape,
+    batch dimension left out, with ``-1`` for a dynamic size, and its element type."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["tensor"] = "tensor"
+    shape: list[int] = Field(max_length=8)
+    dtype: TensorType = "float32"
+    # The item shape the load probe and the warm-up run (every -1 given a size); by
+    # default each -1 becomes 1, which a model that downsamples (a map) may refuse.
+    probeShape: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _sizes(self) -> NamedInput:
+        if any(d == 0 or d < -1 for d in self.shape):
+            raise ValueError(f"shape {self.shape}: each size is > 0, or -1 for a dynamic one")
+        if self.probeShape is not None and (len(self.probeShape) != len(self.shape) or any(
+                p <= 0 or (d != -1 and p != d)
+                for p, d in zip(self.probeShape, self.shape, strict=True))):
+            raise ValueError(f"probeShape {self.probeShape} must give shape {self.shape} "
+                             "with every -1 replaced by a size > 0")
+        return self
+
+    @property
+    def dynamic(self) -> bool:
+        return -1 in self.shape
+
+    def probe(self) -> tuple[int, ...]:
+        """The item shape the load probe runs."""
+        if self.probeShape is not None:
+            return tuple(self.probeShape)
+        return tuple(1 if d == -1 else d for d in self.shape)
+
+
 class Output(_Strict):
     name: str
     kind: Literal["probabilities", "logits"] = "probabilities"
@@ -84,7 +133,9 @@ class Descriptor(_Strict):
     name: str
     version: str
     description: str = ""
-    input: ImageInput | TensorInput = Field(discriminator="kind")
+    # Exactly one of ``input`` (one image or float32 tensor) and ``inputs`` (named tensors).
+    input: Annotated[ImageInput | TensorInput, Field(discriminator="kind")] | None = None
+    inputs: list[NamedInput] | None = Field(None, min_length=1, max_length=64)
     # The output head (edge_module/inference/heads/) that turns outputs into answers.
     head: str = "classification"
     headOptions: dict[str, Any] = Field(default_factory=dict)
@@ -96,6 +147,23 @@ class Descriptor(_Strict):
     # Most items per session.run for this model (Triton's max_batch_size): large inputs
     # need smaller batches, or activations dominate memory. None: Pipeline:MaxBatchSize.
     maxBatch: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_input_form(self) -> Descriptor:
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError("give exactly one of input (one image or tensor) and inputs "
+                             "(a list of named tensors)")
+        names = [spec.name for spec in self.inputs or ()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"inputs name {names}: each name once")
+        return self
+
+    def input_names(self) -> list[str]:
+        """The names of the graph inputs this descriptor feeds."""
+        if self.inputs is not None:
+            return [spec.name for spec in self.inputs]
+        assert self.input is not None
+        return [self.input.name]
 
 
 def load_descriptor(path: Path) -> Descriptor:

@@ -3,11 +3,14 @@
 The descriptor (``descriptor.py``, docs/models.md) says what the model takes (an
 image with its size, layout and normalisation, or a numeric tensor of a fixed
 shape), which output head reads its answers, its labels, and how its use is
-billed (meter name and apiType). Loading checks the graph's inputs (names,
-dtype, rank, fixed sizes), runs a one-item probe whose output shapes the head
-checks (``heads/``), computes the file's sha256 for provenance and warms the
-session up so the first real request pays no start-up cost. A model that does
-not fit is refused here with a ``ModelError`` naming its inputs and outputs.
+billed (meter name and apiType). A model may instead take several named
+tensor inputs (descriptor ``inputs``) of any numeric dtype with dynamic sizes;
+an item of such a model is a dict of arrays by input name (``Item``). Loading
+checks the graph's inputs (names, dtype, rank, fixed sizes), runs a one-item
+probe whose output shapes the head checks (``heads/``), computes the file's
+sha256 for provenance and warms the session up so the first real request pays
+no start-up cost. A model that does not fit is refused here with a
+``ModelError`` naming its inputs and outputs.
 Loaded by whichever thread loads models (start-up, or the control thread on a
 reload); ``run`` is called by the pipeline's inference thread.
 """
@@ -15,7 +18,7 @@ reload); ``run`` is called by the pipeline's inference thread.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +28,11 @@ import onnxruntime as ort
 from edge_module.config import BUILTIN_MODELS, ModelSettings, descriptor_path
 from edge_module.exceptions import ModelError
 from edge_module.inference.descriptor import (
+    TENSOR_TYPES,
     Descriptor,
     ImageInput,
     Metering,
+    NamedInput,
     Output,
     TensorInput,
     load_descriptor,
@@ -35,8 +40,12 @@ from edge_module.inference.descriptor import (
 from edge_module.inference.encryption import decrypt_model, is_encrypted
 from edge_module.inference.heads import Head, HeadMismatch, build_head
 
-__all__ = ["Descriptor", "ImageInput", "Metering", "Model", "Output", "Provenance",
-           "TensorInput", "load_descriptor", "load_model", "model_path"]
+__all__ = ["Descriptor", "ImageInput", "Item", "Metering", "Model", "NamedInput", "Output",
+           "Provenance", "TensorInput", "load_descriptor", "load_model", "model_path"]
+
+# One item: a float32 array (a model of one ``input``), or its arrays by input name (a
+# model of named ``inputs``).
+Item = np.ndarray | dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,15 @@ class Model:
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime cannot load {path}: {exc}") from exc
-        self.item_shape, self.batch_limit = self._check_inputs()
+        # The named tensor inputs (empty for a model of one ``input``).
+        self.named_inputs: tuple[NamedInput, ...] = tuple(self.descriptor.inputs or ())
+        # Per named input, the graph's name of each item size (None: fixed or unnamed).
+        self.dim_names: dict[str, tuple[str | None, ...]] = {}
+        if self.named_inputs:
+            self.item_shape: tuple[int, ...] = ()
+            self.batch_limit = self._check_named_inputs()
+        else:
+            self.item_shape, self.batch_limit = self._check_inputs()
         shapes = self._probe()
         try:
             self.head: Head = build_head(self.descriptor, shapes)
@@ -106,9 +123,57 @@ class Model:
     def _graph_inputs(self) -> str:
         return ", ".join(f"{i.name} {i.shape} {i.type}" for i in self.session.get_inputs())
 
+    def _graph_outputs(self) -> str:
+        return ", ".join(f"{o.name} {o.shape} {o.type}" for o in self.session.get_outputs())
+
+    def _check_named_inputs(self) -> int | None:
+        """Check the named inputs against the graph's; the batch size the graph fixes."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        where = (f"{self.path}: the graph takes {self._graph_inputs()} and answers "
+                 f"{self._graph_outputs()}")
+        declared = [spec.name for spec in self.named_inputs]
+        unknown = [n for n in declared if n not in inputs]
+        missing = [n for n in inputs if n not in declared]
+        if unknown or missing:
+            raise ModelError(
+                f"{where}; the descriptor's inputs name {', '.join(declared)}"
+                + (f": {', '.join(unknown)} not in the graph" if unknown else "")
+                + (f"; {', '.join(missing)} would be missing" if missing else "")
+                + ": list every graph input once in \"inputs\"")
+        batches: set[int] = set()
+        for spec in self.named_inputs:
+            graph = inputs[spec.name]
+            # A dynamic size the graph names (e.g. "L" in two inputs) ties those sizes.
+            self.dim_names[spec.name] = tuple(d if isinstance(d, str) and d else None
+                                              for d in graph.shape[1:])
+            if graph.type != TENSOR_TYPES[spec.dtype]:
+                raise ModelError(f"{where}; input {spec.name} is {graph.type}, the descriptor "
+                                 f"says {spec.dtype} ({TENSOR_TYPES[spec.dtype]})")
+            if len(graph.shape) != 1 + len(spec.shape):
+                raise ModelError(f"{where}; input {spec.name} has rank {len(graph.shape)}, so "
+                                 f"its item shape has {len(graph.shape) - 1} sizes (batch "
+                                 f"first, left out), not {spec.shape}")
+            for i, (want, actual) in enumerate(zip(spec.shape, graph.shape[1:], strict=True)):
+                if isinstance(actual, int) and actual > 0 and want != actual:
+                    raise ModelError(f"{where}; input {spec.name} fixes size {i + 1} to "
+                                     f"{actual}; the descriptor's shape {spec.shape} says "
+                                     f"{want}: give {actual}")
+            if isinstance(graph.shape[0], int) and graph.shape[0] > 0:
+                batches.add(graph.shape[0])
+        return min(batches) if batches else None
+
+    def probe_feeds(self) -> dict[str, np.ndarray]:
+        """One zero item per input, dynamic sizes from ``probeShape`` (or 1)."""
+        if self.named_inputs:
+            return {spec.name: np.zeros((1, *spec.probe()), dtype=spec.dtype)
+                    for spec in self.named_inputs}
+        return {self.descriptor.input_names()[0]:
+                np.zeros((1, *self.item_shape), dtype=np.float32)}
+
     def _check_inputs(self) -> tuple[tuple[int, ...], int | None]:
         """The per-item input shape, and the batch size when the graph fixes one."""
         spec = self.descriptor.input
+        assert spec is not None
         inputs = {i.name: i for i in self.session.get_inputs()}
         where = f"{self.path}: the graph takes {self._graph_inputs()}"
         if spec.name not in inputs:
@@ -141,24 +206,37 @@ class Model:
 
     def _probe(self) -> dict[str, tuple[int, ...]]:
         """Every output's shape for one zero item: what the head is checked against."""
-        probe = np.zeros((1, *self.item_shape), dtype=np.float32)
+        feeds = self.probe_feeds()
         try:
-            values = self.session.run(None, {self.descriptor.input.name: probe})
+            values = self.session.run(None, feeds)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelError(f"{self.path}: the model fails on one zero item of shape "
-                             f"{list(self.item_shape)}: {exc}; fix: check the descriptor's "
-                             "input size") from None
+            shapes = ", ".join(f"{n} {list(v.shape[1:])}" for n, v in feeds.items())
+            raise ModelError(f"{self.path}: the model fails on one zero item ({shapes}): "
+                             f"{exc}; fix: check the descriptor's input sizes (for dynamic "
+                             "ones, give probeShape)") from None
         names = [o.name for o in self.session.get_outputs()]
         return {name: tuple(np.asarray(v).shape) for name, v in zip(names, values, strict=True)}
 
     def warm_up(self) -> None:
         """Run a zero batch once so allocations and kernel choice happen now."""
-        self.run(np.zeros((1, *self.item_shape), dtype=np.float32))
+        self.run(self.probe_feeds())
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """The head's outputs by name for a float32 batch ``[N, *item_shape]``, batch first."""
+    def stack(self, items: Sequence[Item]) -> dict[str, np.ndarray]:
+        """The feeds of a batch of items (named items must share their shapes)."""
+        if self.named_inputs:
+            named = [item for item in items if isinstance(item, dict)]
+            return {spec.name: np.stack([item[spec.name] for item in named])
+                    for spec in self.named_inputs}
+        arrays = [item for item in items if isinstance(item, np.ndarray)]
+        return {self.descriptor.input_names()[0]: np.stack(arrays)}
+
+    def run(self, batch: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The head's outputs by name for a batch, batch first: a float32 array
+        ``[N, *item_shape]`` for a model of one input, or the feeds by input name."""
         names = list(self.head.outputs)
-        values = self.session.run(names, {self.descriptor.input.name: batch})
+        feeds = {self.descriptor.input_names()[0]: batch} if isinstance(batch, np.ndarray) \
+            else dict(batch)
+        values = self.session.run(names, feeds)
         return {name: np.asarray(v) for name, v in zip(names, values, strict=True)}
 
 

@@ -6,7 +6,8 @@ output shapes of a one-item probe run, and refuses there (``HeadMismatch``)
 when the graph does not fit it, so a model that loaded never fails to shape an
 answer. ``shape`` runs on the pipeline's commit thread, before the answer's
 usage is recorded: a head that raises makes that answer ``InternalError`` and
-unbilled. Heads hold no state between answers, so several models (each with
+unbilled, unless it raises ``Refusal`` (an answer too large for this request):
+then that code, also unbilled. Heads hold no state between answers, so several models (each with
 its own head) can be served at once.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -44,10 +45,12 @@ class Frame:
 
 @dataclass(frozen=True)
 class Answering:
-    """The live answer settings (``TopK``, ``ScoreThreshold``) a head may use."""
+    """The live answer settings (``TopK``, ``ScoreThreshold``) a head may use, and how the
+    request asked for tensors (``"output": "npy"``: base64 ``.npy`` instead of lists)."""
 
     top_k: int = 3
     score_threshold: float = 0.0
+    tensors: Literal["json", "npy"] = "json"
 
 
 class HeadMismatch(ModelError):
