@@ -76,11 +76,12 @@ def human_duration(seconds: float) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    """Binary units, as ``Metering:MaxLedgerMb`` counts: ``1.2 MiB``."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} GB"  # pragma: no cover
+        n /= 1024
+    return f"{n:,.1f} GiB"
 
 
 def _iso(value: str | None) -> str:
@@ -165,8 +166,9 @@ class StatusPage:
             "state_text": words.get(state, state),
             "reason": f"{doc.get('apiStatus')}: {doc.get('apiStatusMessage')}",
             "fix": str(doc.get("remedy") or ""),
-            "grace_left": "no grace (online)" if state == "online" and remaining is None else
-            (f"{human_duration(remaining)} left" if remaining is not None else "none"),
+            "grace_left": "none (no lease)" if remaining is None else
+            f"{human_duration(remaining)} if the link drops now" if state == "online" else
+            f"{human_duration(remaining)} left",
             "grace_seconds": "" if remaining is None else str(int(remaining)),
             "pending": f"{int(backlog.get('pending', 0)):,}",
             "oldest": "none waiting" if oldest is None else human_duration(oldest),

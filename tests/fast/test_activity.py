@@ -51,4 +51,4 @@ def test_people_read_durations_and_sizes() -> None:
     assert human_duration(3 * 3600 + 12 * 60 + 5) == "3 h 12 min"
     assert human_duration(725) == "12 min 5 s" and human_duration(42.9) == "42 s"
     assert human_duration(3 * 86400 + 7200) == "3 d 2 h"
-    assert human_bytes(999) == "999 B" and human_bytes(1_234_567) == "1.2 MB"
+    assert human_bytes(999) == "999 B" and human_bytes(1_234_567) == "1.2 MiB"

@@ -29,9 +29,9 @@
   }
 
   function bytes(n) {
-    var units = ["B", "KB", "MB", "GB"];
+    var units = ["B", "KiB", "MiB", "GiB"];
     var i = 0;
-    while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
     return (i === 0 ? numbers.format(Math.round(n)) : n.toFixed(1)) + " " + units[i];
   }
 
@@ -45,6 +45,11 @@
   function ms(value) {
     if (value === null || value === undefined) { return "—"; }
     return (value < 10 ? value.toFixed(2) : numbers.format(Math.round(value))) + " ms";
+  }
+
+  function rate(value) {
+    if (!value) { return "0"; }
+    return value >= 10 ? numbers.format(Math.round(value)) : value.toFixed(value >= 1 ? 1 : 2);
   }
 
   function cell(row, value, cls) {
@@ -93,6 +98,7 @@
     var shown;
     if (left === null) { shown = state === "online" ? "no lease yet" : "none (no lease)"; }
     else if (state === "gated" && left === 0) { shown = "none: the grace has ended"; }
+    else if (state === "online") { shown = duration(left) + " if the link drops now"; }
     else { shown = duration(left) + " left"; }
     el.setAttribute("data-seconds", left === null ? "" : String(Math.floor(left)));
     text("grace-left", shown);
@@ -127,7 +133,8 @@
     text("last-upload", last);
     text("quarantined", count(b.quarantined));
     text("disk", bytes(b.ledgerBytes) + " of " + bytes(cap.maxLedgerBytes) + " (" +
-      Math.round(cap.fillRatio * 100) + " % full)");
+      (cap.fillRatio > 0 && cap.fillRatio < 0.01 ? "under 1" : Math.round(cap.fillRatio * 100)) +
+      " % full)");
 
     $("models-basic").hidden = true;
     $("models-table").hidden = false;
@@ -136,7 +143,7 @@
       var a = m.activity || {};
       return [{ th: m.name }, m.version,
         { text: m.state + (m.reason ? " (" + m.reason + ")" : ""), cls: m.state === "ready" ? "ok" : "bad" },
-        { text: a.answersPerSecond === undefined ? "0" : String(a.answersPerSecond), cls: "num" },
+        { text: rate(a.answersPerSecond), cls: "num" },
         { text: ms(a.p50Ms), cls: "num" }, { text: ms(a.p99Ms), cls: "num" },
         { text: count(a.errors || 0), cls: "num" }];
     }), "No model is loaded.", 7);
