@@ -48,8 +48,7 @@ class Console:
 
 
 @contextmanager
-def open_page(width: int = 1024, height: int = 900, javascript: bool = True
-              ) -> Iterator[tuple[Page, Console]]:
+def open_page(width: int = 1024, height: int = 900) -> Iterator[tuple[Page, Console]]:
     """A fresh headless Chromium page; the browser is closed on exit."""
     executable = chromium_path()
     with sync_playwright() as playwright:
@@ -57,8 +56,7 @@ def open_page(width: int = 1024, height: int = 900, javascript: bool = True
             executable_path=str(executable), headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
-            context = browser.new_context(viewport={"width": width, "height": height},
-                                          java_script_enabled=javascript)
+            context = browser.new_context(viewport={"width": width, "height": height})
             page = context.new_page()
             console = Console()
             page.on("console", console.on_console)

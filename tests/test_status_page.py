@@ -25,6 +25,15 @@ FAST = ("Licensing:CheckIntervalSeconds=1", "Licensing:RetrySeconds=0.3",
         "Licensing:StatusTimeoutSeconds=1", "Metering:MaxDelaySeconds=0.2",
         "Metering:MaxBackoffSeconds=0.5")
 WAIT_MS = 20_000
+# The browser's wall clock a year and a day ahead: the countdown must not care.
+WRONG_CLOCK = """(() => {
+  const Real = Date, ahead = 366 * 86400e3;
+  class Wrong extends Real {
+    constructor(...args) { if (args.length) { super(...args); } else { super(Real.now() + ahead); } }
+    static now() { return Real.now() + ahead; }
+  }
+  globalThis.Date = Wrong;
+})();"""
 
 
 def tensor(request_id: str) -> bytes:
@@ -71,6 +80,7 @@ def test_page_follows_the_licence_and_the_backlog_through_a_cut_link(
     assert code == 200 and b"<noscript>" in html and b"Online: licensed and serving" in html
 
     with open_page(375, 800) as (page, console):  # a phone's width
+        page.add_init_script(WRONG_CLOCK)
         page.goto(f"http://127.0.0.1:{module.http_port}/")
         wait_state(page, "online")
         status = module.status()
