@@ -48,15 +48,20 @@ class Console:
 
 
 @contextmanager
-def open_page(width: int = 1024, height: int = 900) -> Iterator[tuple[Page, Console]]:
-    """A fresh headless Chromium page; the browser is closed on exit."""
+def open_page(width: int = 1024, height: int = 900, ignore_https_errors: bool = False
+              ) -> Iterator[tuple[Page, Console]]:
+    """A fresh headless Chromium page; the browser is closed on exit.
+
+    ``ignore_https_errors``: accept a certificate from a test CA the browser cannot be told
+    to trust (the page is still fetched over TLS)."""
     executable = chromium_path()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(executable), headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
-            context = browser.new_context(viewport={"width": width, "height": height})
+            context = browser.new_context(viewport={"width": width, "height": height},
+                                          ignore_https_errors=ignore_https_errors)
             page = context.new_page()
             console = Console()
             page.on("console", console.on_console)

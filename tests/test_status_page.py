@@ -3,22 +3,27 @@
 One module per scenario, with the billing simulator behind the fault proxy: the page must
 agree with ``/status``, count the grace down while the link is cut, say gated with the
 reason once the lease ends, come back online when the link returns, and follow the backlog
-up and down. With ``Http:ApiKey`` set, the page's data needs the key.
+up and down. Over TLS with ``Http:ApiKey`` set, the page's figures need the key.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 from playwright.sync_api import Page
 
 from simulator.billing import BillingSimulator
 from simulator.browser import open_page
+from simulator.certs import make_server_cert
 from simulator.faultproxy import FaultProxy
-from tests.support import Collector, Module
+from tests.support import Collector, Module, wait_until
 
 RESULTS, ERRORS = "em/results", "em/errors"
 FAST = ("Licensing:CheckIntervalSeconds=1", "Licensing:RetrySeconds=0.3",
@@ -29,7 +34,9 @@ WAIT_MS = 20_000
 WRONG_CLOCK = """(() => {
   const Real = Date, ahead = 366 * 86400e3;
   class Wrong extends Real {
-    constructor(...args) { if (args.length) { super(...args); } else { super(Real.now() + ahead); } }
+    constructor(...args) {
+      if (args.length) { super(...args); } else { super(Real.now() + ahead); }
+    }
     static now() { return Real.now() + ahead; }
   }
   globalThis.Date = Wrong;
@@ -131,17 +138,43 @@ def test_page_follows_the_licence_and_the_backlog_through_a_cut_link(
         assert console.errors == []
 
 
-def test_page_data_needs_the_api_key(
-    start_module: Callable[..., Module], collector: Collector,
+def _get(url: str, context: ssl.SSLContext, headers: dict[str, str] | None = None
+         ) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=5, context=context) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_page_over_tls_needs_the_api_key_for_its_figures(
+    start_module: Callable[..., Module], tmp_path: Path,
 ) -> None:
     key = "page-key-0123456789abcdef"
-    module = start_module(f"Http:ApiKey={key}")
-    assert module.http("/status/page")[0] == 401
-    code, html = module.http("/")  # the shell answers everyone, without any figure
-    assert code == 200 and b'data-auth="required"' in html and b"Online" not in html
+    server = make_server_cert(tmp_path / "server", ["127.0.0.1"])
+    module = start_module(f"Http:ApiKey={key}", f"Http:Tls:CertFile={server.cert}",
+                          f"Http:Tls:KeyFile={server.key}", wait_ready=False)
+    base = f"https://127.0.0.1:{module.http_port}"
+    tls = ssl.create_default_context(cafile=str(server.ca))
 
-    with open_page() as (page, _):
-        page.goto(f"http://127.0.0.1:{module.http_port}/")
+    def ready() -> bool:
+        assert module.exited() is None, module.log_tail()
+        try:
+            return _get(base + "/ready", tls)[0] == 200
+        except OSError:
+            return False
+    wait_until(ready, 30, f"module ready over TLS; log:\n{module.log_tail()}")
+    assert _get(base + "/status/page", tls)[0] == 401
+    code, body = _get(base + "/status/page", tls, {"X-Api-Key": key})
+    assert code == 200 and json.loads(body)["grace"]["state"] == "online"
+    code, html = _get(base + "/", tls)  # the page answers everyone, without any figure
+    assert code == 200 and b'data-auth="required"' in html and b"Online" not in html
+    code, html = _get(base + "/", tls, {"Authorization": f"Bearer {key}"})
+    assert code == 200 and b"Online: licensed and serving" in html  # e.g. behind a proxy
+
+    with open_page(ignore_https_errors=True) as (page, _):
+        page.goto(base + "/")
         page.wait_for_selector("#key-form:not([hidden])", timeout=WAIT_MS)
         assert page.get_attribute("#state-box", "class") == "state state-locked"
         page.fill("#key-input", "wrong-key-0123456789")
