@@ -76,7 +76,7 @@ def test_page_follows_the_licence_and_the_backlog_through_a_cut_link(
     start_module: Callable[..., Module], collector: Collector, billing: BillingSimulator,
     proxy: FaultProxy,
 ) -> None:
-    billing.state.lease.grace_seconds = 8
+    billing.state.lease.grace_seconds = 12
     module = start_module(*FAST, billing=proxy.url)
     for i in range(3):
         collector.publish("em/in/x", tensor(f"on-{i}"))
@@ -108,7 +108,7 @@ def test_page_follows_the_licence_and_the_backlog_through_a_cut_link(
         wait_state(page, "grace")
         assert "CouldNotConnect" in (page.text_content("#reason") or "")
         first = int(page.get_attribute("#grace-left", "data-seconds") or "-1")
-        assert 0 < first <= 8 and (page.text_content("#grace-left") or "").endswith(" s left")
+        assert 0 < first <= 12 and (page.text_content("#grace-left") or "").endswith(" s left")
         page.wait_for_function(
             "f => Number(document.getElementById('grace-left').dataset.seconds) < f",
             arg=first, timeout=WAIT_MS)

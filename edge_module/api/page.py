@@ -24,6 +24,7 @@ figures); the static files are answered on the event loop from memory.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -165,7 +166,9 @@ class StatusPage:
             "state": state,
             "state_text": words.get(state, state),
             "reason": f"{doc.get('apiStatus')}: {doc.get('apiStatusMessage')}",
-            "fix": str(doc.get("remedy") or ""),
+            "fix": re.sub(r"\((\d+) s left\)",
+                          lambda m: f"({human_duration(int(m.group(1)))} left)",
+                          str(doc.get("remedy") or "")),
             "grace_left": "none (no lease)" if remaining is None else
             f"{human_duration(remaining)} if the link drops now" if state == "online" else
             f"{human_duration(remaining)} left",

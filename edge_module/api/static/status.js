@@ -120,7 +120,9 @@
     $("state-box").className = "state state-" + state;
     text("state", WORDS[state] || state);
     text("reason", d.apiStatus + ": " + d.apiStatusMessage);
-    text("fix", d.remedy || "");
+    text("fix", (d.remedy || "").replace(/\((\d+) s left\)/, function (_, n) {
+      return "(" + duration(Number(n)) + " left)";
+    }));
     tick();
 
     var b = d.backlog, cap = d.ledgerCap;
