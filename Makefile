@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: install mosquitto container-tools proxy-tools run test test-fast lint models lock bench bench-quick profile clean docs manifest image
+.PHONY: install mosquitto container-tools proxy-tools browser screenshots run test test-fast lint models lock bench bench-quick profile clean docs manifest image
 
 # What `make run` needs: the venv and mosquitto. buildah/debootstrap only come with
 # `make test` (the image test) and `make image`.
@@ -53,6 +53,23 @@ proxy-tools:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy >/dev/null; \
 	else echo "tinyproxy is missing: install it with your package manager (the proxy tests need it)"; exit 1; fi
 
+# The browser the status page's test drives through Playwright (tests/test_status_page.py):
+# Debian's chromium, installed with apt-get when missing (Playwright's own browser download
+# is never used). CHROMIUM names another binary.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium with apt-get"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is missing: install it with your package manager (the status page test needs it), or set CHROMIUM=<path>"; exit 1; fi
+
+# docs/status-page-{online,grace,gated}.png: the status page in each licence state, taken
+# by a real module with the billing simulator behind the fault proxy.
+screenshots: install browser
+	CHROMIUM=$(CHROMIUM) $(BIN)/python -m tools.screenshots
+
 # The container image (docker when a daemon runs, buildah otherwise); see docs/iot-edge.md.
 image:
 	@docker info >/dev/null 2>&1 || $(MAKE) --no-print-directory container-tools
@@ -64,7 +81,7 @@ RUN_ARGS ?=
 run: install
 	exec $(BIN)/python -m simulator.demo $(RUN_ARGS)
 
-test: install container-tools proxy-tools lint
+test: install container-tools proxy-tools browser lint
 	$(BIN)/python -m pytest
 
 # The in-process tier alone (seconds): pipeline and ledger rules, back-off, the edgeHub

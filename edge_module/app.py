@@ -17,8 +17,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from edge_module import CONTAINER_TYPE, __version__
+from edge_module.activity import WINDOW_SECONDS
 from edge_module.api.grpc_server import GrpcServer, InferenceService
 from edge_module.api.http import HttpApi
+from edge_module.api.page import PageSources, StatusPage
 from edge_module.api.v2 import V2Api
 from edge_module.billing_api import BillingClient
 from edge_module.config import Settings, descriptor_path
@@ -121,6 +123,7 @@ class App:
             self.http = HttpApi(settings.http, self._render_metrics, self.readiness)
             self.http.add("/status", self._status)
             self.http.add_prefix("/records/usage-logs", self._usage_logs)
+            self.page = StatusPage(self.http, self._page_sources())
             self.v2 = V2Api(self.http, self.catalog, self.pipeline.offer, self.readiness,
                             lambda: not self.stopping.is_set(),
                             settings.http.answer_timeout_seconds,
@@ -265,9 +268,50 @@ class App:
     def _status(self) -> tuple[int, Any]:
         """GET /status: check the key now (nothing is metered) and report."""
         self.licensing.check(max_age=1.0)  # probes may call often; the endpoint sees 1/s
+        return 200, self._status_body()
+
+    def _status_body(self) -> dict[str, Any]:
         body = self.licensing.status_body(self.refresh_backlog())
         body["models"] = self.models_status()
-        return 200, body
+        return body
+
+    def _page_sources(self) -> PageSources:
+        """What the status page shows (``/``): /status without a key check of its own (an
+        open page must not call the billing endpoint every refresh; the licensing thread
+        checks on its schedule), the pipeline's recent activity, links and ledger caps."""
+        metering = self.settings.metering
+        return PageSources(
+            status=self._status_body,
+            activity=self.pipeline.activity.models,
+            recent_errors=self.pipeline.activity.recent_errors,
+            transports=self._links,
+            ledger_cap=lambda: {"maxPendingRecords": metering.max_pending_records,
+                                "maxLedgerBytes": int(metering.max_ledger_mb * 1024 * 1024),
+                                "fillRatio": round(self.ledger.fill_ratio(), 4)},
+            trusted_ms=self.licensing.clock.now_ms,
+            window_seconds=WINDOW_SECONDS,
+        )
+
+    def _links(self) -> list[dict[str, Any]]:
+        """The transports' state for people: the main one, the HTTP and gRPC APIs."""
+        s = self.settings
+        connected = self.transport.connected
+        if s.transport == "edgehub":
+            main = {"name": "edgeHub", "detail": "module input and output routes"}
+        else:
+            topics = ", ".join(s.mqtt.input_topic)
+            main = {"name": "MQTT broker",
+                    "detail": f"{s.mqtt.host}:{s.mqtt.port}, inputs on {topics}"}
+        links = [{**main, "ok": connected,
+                  "state": "connected" if connected else "disconnected, reconnecting"}]
+        tls = "TLS" if s.http.tls.cert_file is not None else "plain HTTP"
+        key = "API key required" if s.http.api_key is not None else "no API key"
+        links.append({"name": "HTTP API", "ok": True, "state": "listening",
+                      "detail": f"port {self.http.port}, {tls}, {key}"})
+        if self.grpc is not None:
+            links.append({"name": "gRPC API", "ok": True, "state": "listening",
+                          "detail": f"port {self.grpc.port}, {tls}, {key}"})
+        return links
 
     def _render_metrics(self) -> bytes:
         ready, _ = self.readiness()

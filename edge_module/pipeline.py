@@ -36,6 +36,7 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
+from edge_module.activity import Activity
 from edge_module.config import PipelineSettings
 from edge_module.envelope import error_envelope, result_envelope
 from edge_module.errors import ErrorCode
@@ -190,6 +191,7 @@ class Pipeline:
         self.metrics = metrics
         self.meter = meter
         self.gate = gate or OpenGate()
+        self.activity = Activity()  # recent answers, latencies and errors (status page)
         # Which model answers which input: one model (``SingleModel``) or a repository.
         self.catalog: Catalog = SingleModel(model) if isinstance(model, Model) else model
         self._shape_settings = (top_k, score_threshold)
@@ -481,7 +483,7 @@ class Pipeline:
                         for copy in copies.get(id(job), ())]
             for job, reason in refused:
                 self._send_error(job.inbound, job.request_id, reason.code, reason.message,
-                                 **reason.details)
+                                 job.serving, **reason.details)
             turned_away = {id(job) for job, _ in refused}
             jobs = [job for job in jobs if id(job) not in turned_away]
             fresh = [job for job in fresh if id(job) not in turned_away]
@@ -498,7 +500,7 @@ class Pipeline:
             self.meter.release(len(fresh))
             for job in jobs:
                 self._send_error(job.inbound, job.request_id, ErrorCode.INFERENCE_FAILED,
-                                 f"the model failed on this input: {exc}")
+                                 f"the model failed on this input: {exc}", job.serving)
             return
         infer_ms = (time.perf_counter() - started) * 1000
         self.commits.put(Inferred(serving, jobs, fresh, outputs, infer_ms))
@@ -587,7 +589,8 @@ class Pipeline:
                                              ErrorCode.METERING_UNAVAILABLE,
                                              "the usage record could not be stored, so no "
                                              "result is released; send the input again "
-                                             "once the disk under Data:Path has room")
+                                             "once the disk under Data:Path has room",
+                                             inferred.serving)
             group = [inferred for inferred in group if inferred.serving.meter not in failed]
         jobs = [job for inferred in group for job in inferred.jobs if id(job) in shaped]
         replays = sum(1 for job in jobs if job.replay_of is not None)
@@ -617,6 +620,7 @@ class Pipeline:
                     continue
                 self.metrics.results_out.inc()
                 self.metrics.end_to_end_seconds.observe(total_ms / 1000)
+                self.activity.answered((provenance.name, provenance.version), total_ms)
 
     def _shape(self, group: list[Inferred]) -> dict[int, list[dict[str, Any]]]:
         """Each job's results by ``id(job)``; a job whose answer cannot be shaped is
@@ -668,8 +672,10 @@ class Pipeline:
         return {name: np.concatenate([chunk[name] for chunk in outputs]) for name in outputs[0]}
 
     def _send_error(self, inbound: Inbound, request_id: str, code: str, message: str,
-                    **extra: Any) -> None:
+                    serving: Serving | None = None, **extra: Any) -> None:
         self.metrics.errors.labels(code=code).inc()
+        self.activity.failed(code, None if serving is None else
+                             (serving.model.provenance.name, serving.model.provenance.version))
         log.info("request_refused", code=code, id=request_id, reason=message)
         self.transport.send_error(inbound, error_envelope(request_id, code, message, **extra))
 

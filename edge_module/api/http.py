@@ -146,6 +146,18 @@ class HttpApi:
         self.router.add(method, pattern, handler, blocking=not is_async, is_async=is_async,
                         prefix=prefix)
 
+    @property
+    def key_required(self) -> bool:
+        return self._key is not None
+
+    def authorized(self, request: Request) -> bool:
+        """True when ``Http:ApiKey`` is unset or ``request`` carries it."""
+        try:
+            check_key(self._key, request)
+        except HttpError:
+            return False
+        return True
+
     def add(self, path: str, handler: Handler, *, protected: bool = True) -> None:
         """GET ``path`` -> ``handler() -> (status, JSON body)``, run in the handler pool."""
         self.route("GET", path, lambda _: Response.json(*handler()), protected=protected)
