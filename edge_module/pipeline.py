@@ -644,7 +644,7 @@ class Pipeline:
                     shaped[id(job)] = results
                 except Refusal as refusal:  # an answer too large for this request
                     self._send_error(job.inbound, job.request_id, refusal.code,
-                                     refusal.message, **refusal.details)
+                                     refusal.message, serving, **refusal.details)
                 except Exception as exc:  # a head bug, or an output its load checks missed
                     log.error("answer_shaping_failed", id=job.request_id,
                               model=serving.model.provenance.name,
@@ -652,7 +652,8 @@ class Pipeline:
                               "InternalError and not billed", fix="check that the model's "
                               "descriptor (labels, output) matches its graph")
                     self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
-                                     "the model's answer could not be shaped; see logs")
+                                     "the model's answer could not be shaped; see logs",
+                                     serving)
                 offset += n
         return shaped
 
