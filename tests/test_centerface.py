@@ -156,7 +156,7 @@ def test_a_descriptor_that_does_not_fit_centerface_is_refused_at_load(
         tmp_path: Path) -> None:
     source = centerface()
     descriptor = json.loads(source.with_suffix(".json").read_text())
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"labels": ["face", "mask"]}, "a CenterFace model finds one class"),
         ({"headOptions": {"outputs": {"heatmap": "537", "scale": "539", "offset": "538",
                                       "landmarks": "nope"}}}, "names nope, not in the graph"),

@@ -96,7 +96,8 @@ class CenterFaceHead:
     def shape(self, outputs: Mapping[str, np.ndarray], frames: Sequence[Frame | None],
               answering: Answering) -> list[dict[str, Any]]:
         maps = [np.asarray(outputs[name], dtype=np.float32) for name in self.outputs]
-        return [{"detections": self.detect(*(m[i] for m in maps), frame or self.tensor_frame)}
+        return [{"detections": self.detect(maps[0][i], maps[1][i], maps[2][i], maps[3][i],
+                                           frame or self.tensor_frame)}
                 for i, frame in enumerate(frames)]
 
     def decode(self, heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray,
