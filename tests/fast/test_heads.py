@@ -86,7 +86,7 @@ def test_five_labels_on_the_ten_digit_model_are_refused_at_load(tmp_path: Path) 
 
 def test_an_unknown_head_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="unknown head 'segmentation'; known heads: "
-                       "classification, detection, tensor"):
+                       "centerface, classification, detection, tensor"):
         Model(_copy_builtin(tmp_path, "digits", head="segmentation"))
 
 
