@@ -86,7 +86,7 @@ def test_five_labels_on_the_ten_digit_model_are_refused_at_load(tmp_path: Path) 
 
 def test_an_unknown_head_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="unknown head 'segmentation'; known heads: "
-                       "classification, detection, tensor"):
+                       "centerface, classification, detection, tensor"):
         Model(_copy_builtin(tmp_path, "digits", head="segmentation"))
 
 
@@ -214,6 +214,42 @@ def test_an_item_sent_as_a_tensor_gets_boxes_in_the_model_input_pixels() -> None
     rows = [(60, 32, 20, 10, 1, 0.9)]
     (result,) = head.shape({"out": _prediction("yolov8", rows)[None]}, [None], Answering())
     assert result["detections"][0]["box"] == {"x1": 50.0, "y1": 27.0, "x2": 64.0, "y2": 37.0}
+
+
+def test_nms_in_the_graph_rows_are_thresholded_capped_and_mapped_back() -> None:
+    head = build_head(_descriptor(headOptions={"layout": "nms", "maxDetections": 2}),
+                      {"out": (1, 5, 6)})
+    assert isinstance(head, DetectionHead) and head.outputs == ("out",)
+    rows = np.array([[[0, 16, 20, 26, 0.5, 1],   # a cat, second best
+                      [40, 20, 80, 30, 0.9, 2],  # a cup over the right edge
+                      [0, 16, 4, 20, 0.3, 0],    # third: past the cap
+                      [0, 0, 0, 0, 0.0, 0],      # padding
+                      [1, 1, 2, 2, 0.1, 7]]], dtype=np.float32)  # under the threshold
+    frame = Frame(128, 64, 0.5, 0.5, 0, 16)
+    (result,) = head.shape({"out": rows}, [frame], Answering())
+    assert result["detections"] == [
+        {"label": "cup", "score": 0.9, "box": {"x1": 80.0, "y1": 8.0, "x2": 128.0, "y2": 28.0}},
+        {"label": "cat", "score": 0.5, "box": {"x1": 0.0, "y1": 0.0, "x2": 40.0, "y2": 20.0}}]
+
+
+def test_separate_nms_outputs_read_count_format_offset_and_unknown_classes() -> None:
+    options = {"layout": "nms", "boxFormat": "yxyx", "normalized": True, "classOffset": 1,
+               "outputs": {"boxes": "b", "scores": "s", "classes": "c", "count": "n"}}
+    shapes = {"b": (1, 3, 4), "s": (1, 3), "c": (1, 3), "n": (1,)}
+    head = build_head(_descriptor(headOptions=options), shapes)
+    outputs = {"b": np.array([[[0.25, 0.5, 0.5, 1.0], [0, 0, 0.5, 0.5], [0, 0, 1, 1]]]),
+               "s": np.array([[0.8, 0.7, 0.9]]), "c": np.array([[2, 9, 1]]),
+               "n": np.array([2.0])}  # the third row is past the count
+    (result,) = head.shape(outputs, [None], Answering())
+    assert result["detections"] == [
+        {"label": "cat", "score": 0.8, "box": {"x1": 32.0, "y1": 16.0, "x2": 64.0, "y2": 32.0}},
+        {"label": None, "score": 0.7, "box": {"x1": 0.0, "y1": 0.0, "x2": 32.0, "y2": 32.0}}]
+    with pytest.raises(HeadMismatch, match=r"scores output 's' has shape \[1, 4\]"):
+        build_head(_descriptor(headOptions=options), {**shapes, "s": (1, 4)})
+    with pytest.raises(HeadMismatch, match=r"count output 'n' has shape \[1, 2\]"):
+        build_head(_descriptor(headOptions=options), {**shapes, "n": (1, 2)})
+    with pytest.raises(HeadMismatch, match="layout nms reads"):
+        build_head(_descriptor(headOptions={"layout": "nms"}), {"out": (1, 7, 100)})
 
 
 def test_letterbox_keeps_the_aspect_ratio_and_centres_the_image() -> None:

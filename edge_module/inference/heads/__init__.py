@@ -17,6 +17,7 @@ from edge_module.inference.heads.base import (
     HeadMismatch,
     Shapes,
 )
+from edge_module.inference.heads.centerface import CenterFaceHead
 from edge_module.inference.heads.classification import ClassificationHead
 from edge_module.inference.heads.detection import DetectionHead
 from edge_module.inference.heads.tensor import TensorHead
@@ -25,6 +26,7 @@ __all__ = ["HEADS", "Answering", "Frame", "Head", "HeadMismatch", "build_head", 
 
 HEADS: dict[str, HeadFactory] = {
     "classification": ClassificationHead.build,
+    "centerface": CenterFaceHead.build,
     "detection": DetectionHead.build,
     "tensor": TensorHead.build,
 }
