@@ -163,6 +163,7 @@ class Job:
     # of it was held when this one was admitted: then its commit looks the ledger up again.
     flight: tuple[str, bytes] | None = None
     copy_in_flight: bool = False
+    answered: bool = False  # set by the commit thread once it answered (or dropped) this job
 
     @property
     def repeatable(self) -> bool:
@@ -564,8 +565,9 @@ class Pipeline:
                 self._leave_flights(job for inferred in group for job in inferred.jobs)
                 for inferred in group:
                     for job in inferred.jobs:
-                        self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
-                                         "internal error while publishing; see logs")
+                        if not job.answered:  # one answer per input, never a second
+                            self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
+                                             "internal error while publishing; see logs")
             finally:
                 for _ in group:
                     self.commits.task_done()
@@ -579,6 +581,7 @@ class Pipeline:
         for job in (job for inferred in group for job in inferred.jobs):
             if id(job) in shaped and not job.inbound.claim():  # nobody waits: not billed
                 del shaped[id(job)]
+                job.answered = True
         fresh = [job for inferred in group for job in inferred.fresh]
         # Every admitted (fresh) job holds a reservation in the meter until its commit
         # is attempted (``commit`` gives it back, committed or not); whatever fails
@@ -617,6 +620,7 @@ class Pipeline:
                 if inferred.serving.meter in failed:
                     for job in inferred.jobs:
                         if id(job) in shaped:
+                            job.answered = True
                             self._send_error(job.inbound, job.request_id,
                                              ErrorCode.METERING_UNAVAILABLE,
                                              "the usage record could not be stored, so no "
@@ -639,6 +643,7 @@ class Pipeline:
                                         "total": total_ms})
                 log.debug("result", id=job.request_id, source=job.inbound.source,
                           items=len(job.items), total_ms=round(total_ms, 3))
+                job.answered = True
                 try:
                     self.transport.send_result(job.inbound, body)
                 except Exception as exc:  # one answer's failure must not touch the others
@@ -715,6 +720,7 @@ class Pipeline:
                               error=f"{type(exc).__name__}: {exc}", effect="answered "
                               "InternalError and not billed", fix="check that the model's "
                               "descriptor (labels, output) matches its graph")
+                    job.answered = True
                     self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
                                      "the model's answer could not be shaped; see logs")
                 offset += n
