@@ -317,6 +317,35 @@ def test_named_copies_arriving_while_the_first_is_in_flight_are_billed_once(
     assert module.metric("edge_module_replayed_messages_total") - replays == 2
 
 
+def test_an_http_client_that_hangs_up_while_waiting_is_not_billed(
+    repository_module: Module, collector: Collector,
+) -> None:
+    """Three slow inputs ahead in line (one per batch), then an HTTP request whose client
+    closes the connection once the module has taken it: the request is still inferred,
+    but nobody reads its answer, so it is neither claimed nor billed."""
+    module = repository_module
+    before = billed(module)
+    inferred = module.metric("edge_module_items_inferred_total")
+    taken = module.metric("edge_module_messages_received_total")
+    for i in range(3):
+        collector.publish("em/in/slow", json.dumps({"id": f"ahead{i}",
+                                                    "tensor": [float(i)]}).encode())
+    body = v2_tensor(7.0)
+    head = (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {HTTP_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", module.http_port), timeout=10) as gone:
+        gone.sendall(head + body)
+        wait_until(lambda: module.metric("edge_module_messages_received_total") >= taken + 4,
+                   10, "the HTTP request taken in behind the slow inputs")
+    results = collector.wait(RESULTS, 3, timeout=30)
+    wait_until(lambda: module.metric("edge_module_items_inferred_total") >= inferred + 4, 30,
+               "the abandoned request inferred")
+    time.sleep(0.3)  # its commit, had it been claimed, is done by now
+    assert sorted(r["id"] for r in results) == ["ahead0", "ahead1", "ahead2"]
+    assert billed(module) - before == 3
+
+
 def test_a_full_disk_and_a_full_ledger_refuse_unbilled(
     tmp_path: Path, broker: Broker, billing: BillingSimulator, collector: Collector,
 ) -> None:
