@@ -175,9 +175,19 @@ def v2_tensor(value: float) -> bytes:
 
 
 def new_module(workdir: Path, broker: Broker, billing: BillingSimulator, *extra: str,
-               api_key: str = API_KEY) -> Module:
+               api_key: str = API_KEY, prefix: str = "em") -> Module:
+    """A module on the file's broker; each module has its own topic ``prefix``."""
     return Module(workdir, broker.port, *extra, billing=billing.url, api_key=api_key,
-                  public_key=billing.public_key_b64)
+                  public_key=billing.public_key_b64, prefix=prefix)
+
+
+@contextlib.contextmanager
+def listening(broker: Broker, prefix: str) -> Iterator[Collector]:
+    c = Collector(broker.port, [f"{prefix}/results", f"{prefix}/errors"])
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 @pytest.fixture(scope="module")
@@ -347,11 +357,12 @@ def test_an_http_client_that_hangs_up_while_waiting_is_not_billed(
 
 
 def test_a_full_disk_and_a_full_ledger_refuse_unbilled(
-    tmp_path: Path, broker: Broker, billing: BillingSimulator, collector: Collector,
+    tmp_path: Path, broker: Broker, billing: BillingSimulator,
 ) -> None:
-    with mounted_tmpfs(tmp_path / "data", "3m") as data:
+    results_topic, errors_topic = "md/results", "md/errors"
+    with mounted_tmpfs(tmp_path / "data", "3m") as data, listening(broker, "md") as collector:
         module = new_module(tmp_path, broker, billing, "Metering:MaxPendingRecords=5",
-                            *FAST_DRAIN).start()
+                            *FAST_DRAIN, prefix="md").start()
         ballast = Ballast(data)
         try:
             billing.set_fault("busy", retry_after=60)  # nothing drains: the backlog stays
@@ -359,25 +370,25 @@ def test_a_full_disk_and_a_full_ledger_refuse_unbilled(
 
             def send(prefix: str, count: int) -> None:
                 for i in range(count):
-                    collector.publish("em/in/m", json.dumps(
+                    collector.publish("md/in/m", json.dumps(
                         {"id": f"{prefix}{i}",
                          "tensor": x[i].reshape(1, 8, 8).tolist()}).encode())
 
             ballast.fill()
             send("d", 2)
-            errors = collector.wait(ERRORS, 2)
+            errors = collector.wait(errors_topic, 2)
             ballast.remove()
             wait_until(lambda: module.http("/ready")[0] == 200, 15, "ready after space returned")
             send("c", 7)
-            results = collector.wait(RESULTS, 5)
-            errors = collector.wait(ERRORS, 4)
+            results = collector.wait(results_topic, 5)
+            errors = collector.wait(errors_topic, 4)
             time.sleep(0.3)
-            codes = {e["id"]: e["error"]["code"] for e in collector.json(ERRORS)}
+            codes = {e["id"]: e["error"]["code"] for e in collector.json(errors_topic)}
             assert {k: v for k, v in codes.items() if k.startswith("d")} == \
                 {"d0": "MeteringUnavailable", "d1": "MeteringUnavailable"}
             assert sorted(v for k, v in codes.items() if k.startswith("c")) == \
                 ["MeteringBufferFull"] * 2
-            assert len(collector.on(RESULTS)) == len(results) == 5
+            assert len(collector.on(results_topic)) == len(results) == 5
             assert {e["error"]["code"] for e in errors} == {c.value for c in METERING_CODES}
             assert billed(module) == 5
         finally:
@@ -387,15 +398,17 @@ def test_a_full_disk_and_a_full_ledger_refuse_unbilled(
 
 
 def test_a_gated_module_refuses_unbilled(
-    tmp_path: Path, broker: Broker, billing: BillingSimulator, collector: Collector,
+    tmp_path: Path, broker: Broker, billing: BillingSimulator,
 ) -> None:
     revoked = "revoked-key-0123456789"
     billing.state.keys[revoked] = KeyInfo("edge-module", revoked=True)
-    module = new_module(tmp_path, broker, billing, api_key=revoked).start(wait_ready=False)
+    module = new_module(tmp_path, broker, billing, api_key=revoked,
+                        prefix="gt").start(wait_ready=False)
+    collector = Collector(broker.port, ["gt/results", "gt/errors"])
     try:
         module.wait_serving_or_gated()
-        collector.publish("em/in/g", _good_png())
-        (error,) = collector.wait(ERRORS, 1)
+        collector.publish("gt/in/g", _good_png())
+        (error,) = collector.wait("gt/errors", 1)
         body = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8],
                                        "datatype": "FP32", "data": [0.5] * 64}]}).encode()
         status, answer = request(module, "POST", "/v2/models/digits/infer", body, key=None)
@@ -404,9 +417,10 @@ def test_a_gated_module_refuses_unbilled(
         assert (status, index_status) == (403, 501)
         assert seen == [E.UNLICENSED.value, E.UNLICENSED.value, E.REPOSITORY_UNSUPPORTED.value]
         assert set(seen) == {c.value for c in GATED_CODES}
-        assert collector.on(RESULTS) == []
+        assert collector.on("gt/results") == []
         assert billed(module) == 0
     finally:
+        collector.close()
         module.stop()
 
 
@@ -422,7 +436,7 @@ def test_a_burst_and_a_shutdown_refuse_unbilled_and_bill_every_answer_delivered(
     module = new_module(tmp_path, broker, billing, f"Model:Path={model}",
                         "Pipeline:IntakeQueue=1", "Pipeline:MaxBatchSize=1",
                         "Pipeline:MaxQueueDelayMs=0", "Http:AnswerTimeoutSeconds=60",
-                        *FAST_DRAIN).start()
+                        *FAST_DRAIN, prefix="sd").start()
     answers: list[tuple[int, str]] = []
     lock = threading.Lock()
 
