@@ -428,9 +428,10 @@ def test_a_burst_and_a_shutdown_refuse_unbilled_and_bill_every_answer_delivered(
     tmp_path: Path, broker: Broker, billing: BillingSimulator,
 ) -> None:
     """The slow model behind a one-slot intake: a burst of HTTP requests finds the intake
-    full (``Overloaded``); a SIGTERM while the accepted ones are still queued lets them
-    finish, and a request arriving meanwhile gets ``ShuttingDown``. The ledger holds one
-    record per 200 answer."""
+    full (``Overloaded``); MQTT inputs queue behind them (back-pressure, never refused); a
+    SIGTERM while they are in flight lets the ones taken finish, and an HTTP request
+    arriving meanwhile gets ``ShuttingDown``. The ledger holds one record per HTTP 200
+    and per MQTT result; the MQTT inputs not taken stay with the broker, unbilled."""
     folder = tmp_path / "models"
     model = slow_model(folder)
     module = new_module(tmp_path, broker, billing, f"Model:Path={model}",
@@ -439,6 +440,7 @@ def test_a_burst_and_a_shutdown_refuse_unbilled_and_bill_every_answer_delivered(
                         *FAST_DRAIN, prefix="sd").start()
     answers: list[tuple[int, str]] = []
     lock = threading.Lock()
+    collector = Collector(broker.port, ["sd/results", "sd/errors"])
 
     def one(value: float) -> None:
         try:
@@ -455,6 +457,11 @@ def test_a_burst_and_a_shutdown_refuse_unbilled_and_bill_every_answer_delivered(
             thread.start()
         wait_until(lambda: any(code == "Overloaded" for _, code in list(answers)), 20,
                    "a request refused for a full intake")
+        taken = module.metric("edge_module_messages_received_total")
+        for i in range(3):
+            collector.publish("sd/in/x", json.dumps({"id": f"q{i}", "tensor": [i]}).encode())
+        wait_until(lambda: module.metric("edge_module_messages_received_total") > taken, 10,
+                   "an MQTT input taken in")
         assert module.process is not None
         module.process.send_signal(signal.SIGTERM)
         late: list[tuple[int, str]] = []
@@ -474,10 +481,14 @@ def test_a_burst_and_a_shutdown_refuse_unbilled_and_bill_every_answer_delivered(
         for thread in burst:
             thread.join(60)
         assert module.wait_exit(30) == 0
+        time.sleep(0.5)  # the answers the broker acknowledged reach the collector
+        mqtt_results = collector.json("sd/results")
+        assert collector.on("sd/errors") == []  # MQTT inputs are never refused for stopping
     finally:
+        collector.close()
         module.stop()
     codes = {code for _, code in answers + late if code}
     assert codes == {c.value for c in STOPPING_CODES}, answers + late
     delivered = sum(1 for status, _ in answers if status == 200)
-    assert delivered >= 1
-    assert billed(module) == delivered
+    assert delivered >= 1 and len(mqtt_results) >= 1
+    assert billed(module) == delivered + len(mqtt_results)
