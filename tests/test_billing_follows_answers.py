@@ -29,7 +29,6 @@ import io
 import json
 import signal
 import socket
-import sqlite3
 import threading
 import time
 import urllib.error
@@ -50,7 +49,16 @@ from simulator.datasets import digits_split
 from tests.diskfull import Ballast, mounted_tmpfs
 from tests.fast.test_repository import TELEMETRY_ROW, add_version
 from tests.models import fragile_model, slow_model
-from tests.support import API_KEY, Broker, Collector, Module, digit_png, start_broker, wait_until
+from tests.support import (
+    API_KEY,
+    Broker,
+    Collector,
+    Module,
+    digit_png,
+    ledger_records,
+    start_broker,
+    wait_until,
+)
 
 RESULTS, ERRORS = "em/results", "em/errors"
 FAST_DRAIN = ("Metering:MaxDelaySeconds=0.2", "Metering:MaxBackoffSeconds=1",
@@ -108,8 +116,9 @@ ELSEWHERE: dict[ErrorCode, tuple[str, str]] = {
                        "than the batching delay, which would time out this file's HTTP "
                        "results; that test asserts the ledger and the endpoint hold nothing"),
     E.UNKNOWN_INPUT: ("tests/test_edgehub.py::test_correlation_id_is_carried_and_errors_go_"
-                      "to_errors", "edgeHub only (an input name outside EdgeHub:Inputs), "
-                      "refused by the transport before the pipeline, so it cannot be billed"),
+                      "to_errors", "edgeHub only (an input name outside EdgeHub:Inputs, "
+                      "refused by the transport before the pipeline); that test runs the "
+                      "fake edgeHub and asserts the ledger holds one record per result"),
     E.INTERNAL: ("tests/fast/test_pipeline_rules.py::test_an_answer_that_cannot_be_shaped_"
                  "is_an_error_and_never_billed", "only a bug answers it (a model that loaded "
                  "never reaches it); that test plants a head bug and asserts billed == "
@@ -139,12 +148,7 @@ def test_every_error_code_has_a_scenario() -> None:
 
 # -- helpers -------------------------------------------------------------------------
 
-def billed(module: Module) -> int:
-    """Records in the module's ledger file (read-only; WAL lets it read beside the module)."""
-    path = module.workdir / "data" / "ledger.db"
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
-                                            timeout=10)) as conn:
-        return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
+billed = ledger_records
 
 
 def request(module: Module, method: str, path: str, body: bytes | None = None,
