@@ -369,7 +369,6 @@ class AsgiApp:
                                   "retry; if it persists, report the module log line "
                                   "http_handler_failed")
 
-
     @staticmethod
     async def _unless_gone(handling: Any, receive: Any) -> Response:
         """Await an async handler, cancelling it when the client hangs up meanwhile: an

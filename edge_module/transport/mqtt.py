@@ -316,7 +316,8 @@ class MqttTransport:
                 request_id, ErrorCode.INVALID_REQUEST, f"the MQTT v5 response topic cannot "
                 f"take an answer: {problem}; send a plain topic (no + or #)"))
             return
-        if self._loops(self._result_topic(inbound)):
+        derived = bool(reply_to) or "{topic}" in self.settings.result_topic  # else checked
+        if derived and self._loops(self._result_topic(inbound)):  # at start (settings.py)
             # A result that could not be published must not be served: it would be billed
             # and never delivered. Refused here, unbilled; the error topic says so when it
             # does not loop as well (``_send`` only logs then).
