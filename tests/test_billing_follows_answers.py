@@ -344,6 +344,8 @@ def test_an_http_client_that_hangs_up_while_waiting_is_not_billed(
     for i in range(3):
         collector.publish("em/in/slow", json.dumps({"id": f"ahead{i}",
                                                     "tensor": [float(i)]}).encode())
+    wait_until(lambda: module.metric("edge_module_messages_received_total") >= taken + 3,
+               10, "the slow inputs taken in first")
     body = v2_tensor(7.0)
     head = (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer {HTTP_KEY}\r\nContent-Type: application/json\r\n"
