@@ -138,8 +138,9 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         "onnxruntime failed on this input", "check the model; the message says why",
         http_status=500),
     ErrorCode.OUTPUT_TOPIC_LOOP: ErrorInfo(
-        "an answer's topic (derived with `{topic}`, or a response topic) would match an "
-        "input filter: it is not published, only logged with this code",
+        "the result's topic (derived with `{topic}`, or a response topic) would match an "
+        "input filter: the input is not served (nor billed) and this code goes to the error "
+        "topic; an error topic that would loop as well is not published, only logged",
         "choose `Mqtt:ResultTopic`, `Mqtt:ErrorTopic` and response topics outside "
         "`Mqtt:InputTopic`", http_status=500),
     ErrorCode.UNLICENSED: ErrorInfo(

@@ -20,6 +20,11 @@ Invariant (durable before visible): no result leaves the module before the
 metering record of its transaction is committed. ``Meter.commit`` returns only
 when the records are durable; if it fails, the results are not sent and the
 requests get a ``MeteringUnavailable`` error instead.
+
+Invariant (billed once): a repeat (a redelivery, or a named request sent again with the
+same bytes) is answered again without a second record, also when it arrives while the
+first copy is still between admission and commit: ``InFlight`` marks such copies and
+their commit, which follows the first copy's, looks the ledger up again.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -52,6 +57,7 @@ from edge_module.inference.codecs import (
 )
 from edge_module.inference.heads import Answering, Frame
 from edge_module.inference.models import Item, Model
+from edge_module.inflight import InFlight
 from edge_module.logs import get_logger
 from edge_module.metering.records import MeterSpec, Usage
 from edge_module.metrics import Metrics
@@ -158,6 +164,17 @@ class Job:
     # with the same bytes is the same request, however the transport delivered it again.
     client_key: str | None = None
     _digest: bytes | None = None
+    # The in-flight key this job holds (``Pipeline._flights``), and whether another copy
+    # of it was held when this one was admitted: then its commit looks the ledger up again.
+    flight: tuple[str, bytes] | None = None
+    copy_in_flight: bool = False
+    answered: bool = False  # set by the commit thread once it answered (or dropped) this job
+
+    @property
+    def repeatable(self) -> bool:
+        """Whether a repeat of this input is answered without a new record: the client
+        named it, or the transport says it was delivered before."""
+        return self.client_key is not None or self.inbound.redelivered
 
     @property
     def replay_key(self) -> str | None:
@@ -171,7 +188,7 @@ class Job:
 
 
 _STOP: Any = object()
-SAME_BATCH = "same batch"  # ``replay_of`` of a copy of a request in the same batch
+SAME_COMMIT = "same commit"  # ``replay_of`` of a copy billed with another in one commit
 
 
 class Pipeline:
@@ -212,6 +229,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._accepting = True
         self._repeat_window_ms = int(settings.repeat_window_seconds * 1000)
+        self._flights = InFlight()
 
     def _serving(self, model: Model, top_k: int, score_threshold: float) -> Serving:
         settings = self.settings
@@ -438,6 +456,7 @@ class Pipeline:
                 self._serve(jobs)
             except Exception as exc:  # never lose a batch to a bug: answer every job
                 log.exception("batch_crashed", error=str(exc))
+                self._leave_flights(jobs)
                 for job in jobs:
                     self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
                                      "internal error while serving; see logs")
@@ -451,17 +470,16 @@ class Pipeline:
         # DUP flag, edgeHub message ids), or a request the client named before with the
         # same bytes (QoS 1 is at-least-once: a broker that dies before acknowledging a
         # publish gets it again from the sender and forwards it as a new message).
-        seen: dict[tuple[str, bytes], Job] = {}
-        copies: dict[int, list[Job]] = {}
+        # A copy arriving while another is held (admitted, not yet committed: this batch
+        # or one before it) is marked; its commit, which comes after the other's, looks
+        # the ledger up again (``_bill_once``). Entering before the look-up below closes
+        # the gap: a copy that finds no other held finds the other's record instead.
         for job in jobs:
+            self._enter_flight(job)
             key = job.replay_key
-            if key is None or not (job.client_key is not None or job.inbound.redelivered):
+            if key is None or not job.repeatable:
                 continue
-            first = seen.setdefault((key, job.digest()), job)
-            if first is not job:
-                job.replay_of = SAME_BATCH  # billed once, with the first copy
-                copies.setdefault(id(first), []).append(job)
-            elif job.inbound.redelivered:  # the transport says so: no time limit
+            if job.inbound.redelivered:  # the transport says so: no time limit
                 job.replay_of = self.meter.replayed(key, job.digest())
             else:  # only the name says so: a repeat within the window
                 job.replay_of = self.meter.replayed(key, job.digest(), self._repeat_window_ms)
@@ -478,13 +496,11 @@ class Pipeline:
                     full = self.meter.buffer_full()
                     refused = [(job, full) for job in fresh[allowed:]]
         if refused:
-            # a copy shares the fate of the first: refused with it, never answered unbilled
-            refused += [(copy, reason) for job, reason in list(refused)
-                        for copy in copies.get(id(job), ())]
             for job, reason in refused:
                 self._send_error(job.inbound, job.request_id, reason.code, reason.message,
                                  job.serving, **reason.details)
             turned_away = {id(job) for job, _ in refused}
+            self._leave_flights(job for job, _ in refused)
             jobs = [job for job in jobs if id(job) not in turned_away]
             fresh = [job for job in fresh if id(job) not in turned_away]
             if not jobs:
@@ -492,18 +508,38 @@ class Pipeline:
         started = time.perf_counter()
         for job in jobs:
             self.metrics.queue_seconds.observe(started - job.inbound.received)
+        serving = jobs[0].serving
         try:
-            serving = jobs[0].serving
             outputs = self._infer(serving, [item for job in jobs for item in job.items])
         except Exception as exc:  # onnxruntime raises untyped errors
-            log.error("inference_failed", error=str(exc), batch=len(jobs))
-            self.meter.release(len(fresh))
+            if len(jobs) == 1:
+                self._inference_failed(jobs, fresh, exc)
+                return
+            # One input must not cost the others of its batch their answers: each job is
+            # run alone, and only the ones the model fails on are answered InferenceFailed.
+            log.warning("batch_inference_failed", error=str(exc), batch=len(jobs),
+                        effect="each request of the batch is run on its own")
             for job in jobs:
-                self._send_error(job.inbound, job.request_id, ErrorCode.INFERENCE_FAILED,
-                                 f"the model failed on this input: {exc}", job.serving)
+                mine = [j for j in fresh if j is job]
+                try:
+                    alone = self._infer(serving, list(job.items))
+                except Exception as job_exc:
+                    self._inference_failed([job], mine, job_exc)
+                    continue
+                self.commits.put(Inferred(serving, [job], mine, alone,
+                                          (time.perf_counter() - started) * 1000))
             return
         infer_ms = (time.perf_counter() - started) * 1000
         self.commits.put(Inferred(serving, jobs, fresh, outputs, infer_ms))
+
+    def _inference_failed(self, jobs: list[Job], fresh: list[Job], exc: Exception) -> None:
+        """Answer ``jobs`` InferenceFailed; their admitted room goes back, unbilled."""
+        log.error("inference_failed", error=str(exc), batch=len(jobs))
+        self.meter.release(len(fresh))
+        self._leave_flights(jobs)
+        for job in jobs:
+            self._send_error(job.inbound, job.request_id, ErrorCode.INFERENCE_FAILED,
+                             f"the model failed on this input: {exc}", job.serving)
 
     # -- meter, then publish (the commit thread) ---------------------------
 
@@ -533,10 +569,12 @@ class Pipeline:
                 self._commit_and_publish(group)
             except Exception as exc:  # never lose answers to a bug
                 log.exception("commit_crashed", error=str(exc))
+                self._leave_flights(job for inferred in group for job in inferred.jobs)
                 for inferred in group:
                     for job in inferred.jobs:
-                        self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
-                                         "internal error while publishing; see logs")
+                        if not job.answered:  # one answer per input, never a second
+                            self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
+                                             "internal error while publishing; see logs")
             finally:
                 for _ in group:
                     self.commits.task_done()
@@ -550,6 +588,7 @@ class Pipeline:
         for job in (job for inferred in group for job in inferred.jobs):
             if id(job) in shaped and not job.inbound.claim():  # nobody waits: not billed
                 del shaped[id(job)]
+                job.answered = True
         fresh = [job for inferred in group for job in inferred.fresh]
         # Every admitted (fresh) job holds a reservation in the meter until its commit
         # is attempted (``commit`` gives it back, committed or not); whatever fails
@@ -557,14 +596,15 @@ class Pipeline:
         attempted = 0
         failed: set[MeterSpec] = set()
         try:
-            by_meter: dict[MeterSpec, list[Usage]] = {}
+            by_meter: dict[MeterSpec, list[Job]] = {}
             for inferred in group:
                 by_meter.setdefault(inferred.serving.meter, []).extend(
-                    Usage(len(job.items) * inferred.serving.quantity_per_item,
-                          job.replay_key,
-                          job.digest() if job.replay_key is not None else None)
-                    for job in inferred.fresh if id(job) in shaped)
-            for spec, usages in by_meter.items():
+                    job for job in inferred.fresh if id(job) in shaped)
+            for spec, billable in by_meter.items():
+                usages = [Usage(len(job.items) * job.serving.quantity_per_item,
+                                job.replay_key,
+                                job.digest() if job.replay_key is not None else None)
+                          for job in self._bill_once(billable)]
                 if not usages:
                     continue
                 attempted += len(usages)
@@ -578,6 +618,8 @@ class Pipeline:
         finally:
             if attempted < len(fresh):
                 self.meter.release(len(fresh) - attempted)
+            # committed (or not): a copy admitted from now on finds the record instead
+            self._leave_flights(job for inferred in group for job in inferred.jobs)
         if failed:
             # Only the batches whose records did not commit are refused: a result
             # whose record is stored is billed, so it must be delivered.
@@ -585,6 +627,7 @@ class Pipeline:
                 if inferred.serving.meter in failed:
                     for job in inferred.jobs:
                         if id(job) in shaped:
+                            job.answered = True
                             self._send_error(job.inbound, job.request_id,
                                              ErrorCode.METERING_UNAVAILABLE,
                                              "the usage record could not be stored, so no "
@@ -608,6 +651,7 @@ class Pipeline:
                                         "total": total_ms})
                 log.debug("result", id=job.request_id, source=job.inbound.source,
                           items=len(job.items), total_ms=round(total_ms, 3))
+                job.answered = True
                 try:
                     self.transport.send_result(job.inbound, body)
                 except Exception as exc:  # one answer's failure must not touch the others
@@ -621,6 +665,44 @@ class Pipeline:
                 self.metrics.results_out.inc()
                 self.metrics.end_to_end_seconds.observe(total_ms / 1000)
                 self.activity.answered((provenance.name, provenance.version), total_ms)
+
+    def _bill_once(self, jobs: list[Job]) -> list[Job]:
+        """The jobs (of one meter, about to be committed together) that need a record.
+
+        A job admitted while another copy of it was held is a repeat when that copy's
+        record is in the ledger by now (commits run in admission order) or is about to
+        be committed with this one; it is then answered as a replay, unbilled. A copy
+        whose first was never billed (failed, refused, abandoned) is billed itself.
+        """
+        billing: dict[tuple[str, bytes], Job] = {}
+        needed: list[Job] = []
+        for job in jobs:
+            key = job.replay_key
+            if key is not None and job.repeatable and job.copy_in_flight:
+                if (key, job.digest()) in billing:
+                    job.replay_of = SAME_COMMIT
+                else:
+                    job.replay_of = self.meter.replayed(
+                        key, job.digest(),
+                        None if job.inbound.redelivered else self._repeat_window_ms)
+                if job.replay_of is not None:
+                    continue
+            if key is not None:
+                billing.setdefault((key, job.digest()), job)
+            needed.append(job)
+        return needed
+
+    def _enter_flight(self, job: Job) -> None:
+        if job.replay_key is None or job.flight is not None:
+            return
+        job.flight = (job.replay_key, job.digest())
+        job.copy_in_flight = self._flights.enter(job.flight)
+
+    def _leave_flights(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            if job.flight is not None:
+                self._flights.leave(job.flight)
+                job.flight = None
 
     def _shape(self, group: list[Inferred]) -> dict[int, list[dict[str, Any]]]:
         """Each job's results by ``id(job)``; a job whose answer cannot be shaped is
@@ -651,6 +733,7 @@ class Pipeline:
                               error=f"{type(exc).__name__}: {exc}", effect="answered "
                               "InternalError and not billed", fix="check that the model's "
                               "descriptor (labels, output) matches its graph")
+                    job.answered = True
                     self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
                                      "the model's answer could not be shaped; see logs",
                                      serving)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +27,7 @@ from simulator.datasets import digit_image
 from simulator.process import ModuleProcess, development_trust
 
 __all__ = ["IDENTITY", "Broker", "Collector", "Module", "digit_png", "free_port",
-           "make_ledger", "start_broker", "wait_until"]
+           "ledger_records", "make_ledger", "start_broker", "wait_until"]
 
 IDENTITY = Identity(CONTAINER_TYPE, __version__, "00000000-0000-4000-8000-00000000test")
 
@@ -171,6 +173,15 @@ class Module(ModuleProcess):
     def wait_exit(self, timeout: float = 15) -> int:
         assert self.process is not None
         return self.process.wait(timeout)
+
+
+def ledger_records(module: Module) -> int:
+    """The usage records in the module's ledger file, read-only beside the running module
+    (WAL lets a reader in while it writes): what the module billed, uploaded or not."""
+    path = module.workdir / "data" / "ledger.db"
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                            timeout=10)) as conn:
+        return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
 
 
 def digit_png(pixels: np.ndarray, fmt: str = ".png") -> bytes:

@@ -21,7 +21,7 @@ import pytest
 from simulator.billing import BillingSimulator
 from simulator.datasets import digits_split
 from simulator.edgehub import FakeEdgeHub, OutputMessage
-from tests.support import Module, digit_png, wait_until
+from tests.support import Module, digit_png, ledger_records, wait_until
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_inputs_come_back_on_results_with_labels_and_ids(
 def test_correlation_id_is_carried_and_errors_go_to_errors(
     start_edge_module: Callable[..., Module], edgehub: FakeEdgeHub
 ) -> None:
-    start_edge_module("EdgeHub:Inputs=images,vectors")
+    module = start_edge_module("EdgeHub:Inputs=images,vectors")
     edgehub.send_input("images", b"{not json", message_id="bad-1", correlation_id="corr-1")
     edgehub.send_input("elsewhere", b'{"tensor": [0]}', message_id="lost-1")
     errors = {m.json()["id"]: m for m in edgehub.wait_outputs("errors", 2)}
@@ -105,6 +105,7 @@ def test_correlation_id_is_carried_and_errors_go_to_errors(
     edgehub.send_input("vectors", image_body(x[0], "ok-1"))
     (result,) = edgehub.wait_outputs("results", 1)
     assert result.json()["id"] == "ok-1"
+    assert ledger_records(module) == 1  # the result; neither error is billed
 
 
 def test_a_twin_patch_changes_behaviour_live(

@@ -11,8 +11,9 @@ never sends a request, a header (slowloris) deadline — uvicorn cancels its kee
 on every received byte, so a client trickling header bytes is never timed out — and a cap on
 open connections that refuses at once (uvicorn's ``limit_concurrency`` keeps the connection
 and answers 503 only when a request arrives). The ASGI app here adds the body size limit
-(413), the body deadline (408), the handler-pool queue bound (503), and turns every handler
-failure into a coded JSON 500 with one log line.
+(413), the body deadline (408), the handler-pool queue bound (503), turns every handler
+failure into a coded JSON 500 with one log line, and cancels an async handler whose client
+hangs up while it waits (so an inference nobody will read is abandoned, not billed).
 
 TLS (``Http:Tls``): ``ssl_certfile``/``ssl_keyfile`` and, for mutual TLS,
 ``ssl_ca_certs`` with ``ssl_cert_reqs=CERT_REQUIRED`` go to ``uvicorn.Config``.
@@ -21,6 +22,7 @@ TLS (``Http:Tls``): ``ssl_certfile``/``ssl_keyfile`` and, for mutual TLS,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -267,7 +269,7 @@ class AsgiApp:
         client = scope.get("client")
         request = Request(method, path, query, headers, body,
                           f"{client[0]}:{client[1]}" if client else "", params)
-        return await self._run(route, request), False
+        return await self._run(route, request, receive), False
 
     @staticmethod
     def _path(scope: dict[str, Any]) -> str:
@@ -330,10 +332,11 @@ class AsgiApp:
                          f"the request body is over {self.limits.max_body_bytes} bytes "
                          "(Http:MaxBodyBytes)", "send a smaller body or raise Http:MaxBodyBytes")
 
-    async def _run(self, route: Route, request: Request) -> Response:
+    async def _run(self, route: Route, request: Request, receive: Any = None) -> Response:
         try:
             if route.is_async:
-                return await cast(Any, route.handler)(request)  # type: ignore[no-any-return]
+                return await self._unless_gone(
+                    cast(Any, route.handler)(request), receive)
             if not route.blocking:
                 return cast(Any, route.handler)(request)  # type: ignore[no-any-return]
             if self.queued >= self.limits.handler_threads * QUEUE_PER_THREAD:
@@ -346,6 +349,8 @@ class AsgiApp:
                 self.queued -= 1
         except HttpError as exc:
             return exc.response
+        except _ClientGone:
+            raise
         except _Overloaded:
             self.counters.overloaded += 1
             return Response.error(
@@ -363,6 +368,37 @@ class AsgiApp:
                                   f"({type(exc).__name__})",
                                   "retry; if it persists, report the module log line "
                                   "http_handler_failed")
+
+    @staticmethod
+    async def _unless_gone(handling: Any, receive: Any) -> Response:
+        """Await an async handler, cancelling it when the client hangs up meanwhile: an
+        inference handler then abandons its input, so an answer nobody reads is not billed
+        (``transport/http.py``). Raises ``_ClientGone`` then."""
+        if receive is None:
+            return cast(Response, await handling)
+        handler = asyncio.ensure_future(handling)
+        watcher = asyncio.ensure_future(_hang_up(receive))
+        try:
+            await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not handler.done():
+                handler.cancel()
+            watcher.cancel()
+        if not handler.done() or handler.cancelled():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await handler  # let its clean-up (``abandon``) run
+            raise _ClientGone
+        return cast(Response, handler.result())
+
+
+async def _hang_up(receive: Any) -> None:
+    """Return when the client closes the connection: after the body, uvicorn's ``receive``
+    answers ``http.disconnect`` only then."""
+    for _ in range(1000):  # bounded: a stream of other events stops the watch
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+    await asyncio.Event().wait()
 
 
 def _call(route: Route, request: Request) -> Response:

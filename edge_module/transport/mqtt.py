@@ -316,6 +316,22 @@ class MqttTransport:
                 request_id, ErrorCode.INVALID_REQUEST, f"the MQTT v5 response topic cannot "
                 f"take an answer: {problem}; send a plain topic (no + or #)"))
             return
+        derived = bool(reply_to) or "{topic}" in self.settings.result_topic  # else checked
+        if derived and self._loops(self._result_topic(inbound)):  # at start (settings.py)
+            # A result that could not be published must not be served: it would be billed
+            # and never delivered. Refused here, unbilled; the error topic says so when it
+            # does not loop as well (``_send`` only logs then).
+            request_id = correlation or uuid.uuid4().hex
+            self.metrics.errors.labels(code=ErrorCode.OUTPUT_TOPIC_LOOP).inc()
+            log.error("mqtt_output_loop", topic=self._result_topic(inbound),
+                      code=ErrorCode.OUTPUT_TOPIC_LOOP, effect="the input is not served "
+                      "and not billed", fix="choose Mqtt:ResultTopic (or the response "
+                      "topic) outside Mqtt:InputTopic")
+            self.send_error(inbound, error_envelope(
+                request_id, ErrorCode.OUTPUT_TOPIC_LOOP, "the result's topic would match "
+                "the module's input filters, so no result could be sent; the input is not "
+                "served"))
+            return
         self._deliver(inbound)
 
     def _settle_input(self, key: tuple[int, int]) -> None:
@@ -338,17 +354,22 @@ class MqttTransport:
     # -- sending ----------------------------------------------------------
 
     def send_result(self, inbound: Inbound, body: bytes) -> None:
+        self._send(inbound, body, self._result_topic(inbound))
+
+    def _result_topic(self, inbound: Inbound) -> str:
         if inbound.reply_to:  # the client's own topic: used as it is, never as a template
-            self._send(inbound, body, inbound.reply_to)
-        else:
-            self._send(inbound, body, self.settings.result_topic.replace("{topic}",
-                                                                         inbound.source))
+            return inbound.reply_to
+        return self.settings.result_topic.replace("{topic}", inbound.source)
+
+    def _loops(self, topic: str) -> bool:
+        """Whether a message published on ``topic`` would come back as an input."""
+        return any(mqtt.topic_matches_sub(f, topic) for f in self._filters)
 
     def send_error(self, inbound: Inbound, body: bytes) -> None:
         self._send(inbound, body, self.settings.error_topic.replace("{topic}", inbound.source))
 
     def _send(self, inbound: Inbound, body: bytes, topic: str) -> None:
-        if any(mqtt.topic_matches_sub(f, topic) for f in self._filters):
+        if self._loops(topic):
             self.metrics.publish_failures.inc()
             log.error("mqtt_output_loop", topic=topic, code=ErrorCode.OUTPUT_TOPIC_LOOP,
                       fix="choose ResultTopic/ErrorTopic (or the response topic) outside "

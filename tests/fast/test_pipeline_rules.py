@@ -340,3 +340,94 @@ def test_a_name_repeated_after_the_window_is_a_new_request(
     pipe.submit(_inbound(_named("pump-7", x[5]), key="2"))
     transport.wait_answers(2)
     assert ledger.pending == 2
+
+
+class HeldMeter(LedgerMeter):
+    """The real ledger meter, whose commits wait until the test lets them through: a
+    batch held between admission and its usage record, for as long as the test needs."""
+
+    def __init__(self, ledger: Ledger, metrics: Metrics) -> None:
+        super().__init__(ledger, metrics)
+        self.go = threading.Event()
+
+    def commit(self, spec: MeterSpec, usages: Sequence[Usage]) -> list[str]:
+        assert self.go.wait(10), "the test never let the commit through"
+        return super().commit(spec, usages)
+
+
+def test_a_named_copy_arriving_while_the_first_is_in_flight_is_billed_once(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    """The first copy is admitted and inferred, its commit held; the copies arrive, find
+    no record in the ledger yet, and are inferred in batches of their own. Each is
+    answered; one record is written, whichever order the commits take."""
+    x, _ = held_out
+    metrics = Metrics()
+    meter = HeldMeter(ledger, metrics)
+    pipe = Pipeline(digits, PipelineSettings.model_validate(
+        {"MaxBatchSize": 1, "MaxQueueDelayMs": 0}), transport, metrics, meter)
+    pipe.start()
+    stop_after.append(pipe)
+    pipe.submit(_inbound(_named("cam-9", x[6]), key="1"))
+    deadline = time.monotonic() + 10
+    while _metric(metrics, "edge_module_items_inferred_total") < 1:
+        assert time.monotonic() < deadline, "the first copy was never inferred"
+        time.sleep(0.01)
+    for key in ("2", "3"):  # the first copy is inferred, its record not yet written
+        pipe.submit(_inbound(_named("cam-9", x[6]), key=key))
+    pipe.submit(_inbound(_named("cam-10", x[7]), key="4"))  # another name: its own record
+    while _metric(metrics, "edge_module_items_inferred_total") < 4:
+        assert time.monotonic() < deadline, "the copies were never inferred"
+        time.sleep(0.01)
+    assert transport.results == [] and ledger.pending == 0
+    meter.go.set()
+    transport.wait_answers(4)
+    ids = sorted(json.loads(body)["id"] for _, body in transport.results)
+    assert ids == ["cam-10", "cam-9", "cam-9", "cam-9"] and transport.errors == []
+    assert ledger.pending == 2
+    assert _metric(metrics, "edge_module_replayed_messages_total") == 2
+    assert ledger.admit(10**6) == 10**6 - 2  # the copies' admitted room came back
+    assert len(pipe._flights) == 0  # nothing left held
+
+
+def test_a_copy_whose_first_was_abandoned_is_billed_itself(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    """An HTTP client gives up on its request and sends it again (same id, same body);
+    both copies land in one batch. The abandoned one is neither answered nor billed, so
+    the copy that is answered carries the record."""
+    from edge_module.transport.http import HttpInbound
+
+    x, _ = held_out
+    pipe, _ = _pipeline(digits, transport, ledger, MaxBatchSize=8, MaxQueueDelayMs=300)
+    stop_after.append(pipe)
+    first = HttpInbound(_named("req-1", x[8]), "http")
+    first.abandon()  # the client timed out before the answer was claimed
+    pipe.submit(first)
+    pipe.submit(HttpInbound(_named("req-1", x[8]), "http"))
+    transport.wait_answers(1)
+    assert pipe.drain(5)
+    assert [inbound is first for inbound, _ in transport.results] == [False]
+    assert ledger.pending == 1  # answered once, billed once
+
+
+def test_one_input_the_model_fails_on_costs_the_rest_of_its_batch_nothing(
+        tmp_path: Path, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    """A batch whose session.run fails is run again request by request: only the input the
+    model fails on gets InferenceFailed (unbilled); the others are answered and billed."""
+    from tests.models import fragile_model
+
+    model = Model(fragile_model(tmp_path))
+    pipe, _ = _pipeline(model, transport, ledger, MaxBatchSize=8, MaxQueueDelayMs=300)
+    stop_after.append(pipe)
+    for i, value in enumerate([1.0, 2.0, 99.0, 3.0]):
+        pipe.submit(_inbound(json.dumps({"id": f"f{i}", "tensor": [value]}).encode()))
+    transport.wait_answers(4)
+    codes = {json.loads(body)["id"]: json.loads(body)["error"]["code"]
+             for _, body in transport.errors}
+    assert codes == {"f2": "InferenceFailed"}
+    assert sorted(json.loads(body)["id"] for _, body in transport.results) == \
+        ["f0", "f1", "f3"]
+    assert ledger.pending == 3
+    assert ledger.admit(10**6) == 10**6 - 3

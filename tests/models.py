@@ -1,0 +1,61 @@
+"""Small ONNX graphs built for tests, each with its descriptor (nothing downloaded).
+
+* ``fragile_model``: a tensor model that onnxruntime fails on for some inputs: each
+  item's one value is used as an index into a table of ten, so a value outside 0..9
+  makes ``session.run`` raise (``InferenceFailed``), while 0..9 are answered.
+* ``slow_model``: a tensor model that takes a while per ``session.run`` (a square
+  matrix product sized by ``size``, computed from the input so that onnxruntime cannot
+  fold it at load), one item per batch: a request stays in flight long enough for the
+  next one to arrive behind it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+
+def _save(folder: Path, stem: str, graph: onnx.GraphProto, descriptor: dict[str, object]
+          ) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, folder / f"{stem}.onnx")
+    (folder / f"{stem}.json").write_text(json.dumps(descriptor))
+    return folder / f"{stem}.onnx"
+
+
+def _descriptor(name: str, **extra: object) -> dict[str, object]:
+    return {"name": name, "version": "1", "head": "tensor",
+            "input": {"name": "x", "kind": "tensor", "shape": [1]},
+            "metering": {"meterName": f"{name}.tensor", "apiType": "test"}, **extra}
+
+
+def fragile_model(folder: Path, stem: str = "fragile", name: str = "fragile") -> Path:
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10], [float(i) for i in range(10)])
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["index"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "index"], ["y"], axis=0)],
+        name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])], [table])
+    return _save(folder, stem, graph, _descriptor(name))
+
+
+def slow_model(folder: Path, size: int = 2000, stem: str = "slow", name: str = "slow"
+               ) -> Path:
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [size, size])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Expand", ["s", "shape"], ["m"]),
+         helper.make_node("MatMul", ["m", "m"], ["p"]),
+         helper.make_node("ReduceMean", ["p"], ["mean"], keepdims=0),
+         helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+         helper.make_node("Add", ["x", "nothing"], ["y"])],
+        name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])], [shape, zero])
+    return _save(folder, stem, graph, _descriptor(name, maxBatch=1))
