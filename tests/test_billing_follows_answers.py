@@ -119,6 +119,14 @@ ELSEWHERE: dict[ErrorCode, tuple[str, str]] = {
                       "to_errors", "edgeHub only (an input name outside EdgeHub:Inputs, "
                       "refused by the transport before the pipeline); that test runs the "
                       "fake edgeHub and asserts the ledger holds one record per result"),
+    E.TENSOR_NAME_MISMATCH: ("tests/test_tensor_models.py::test_mqtt_named_inputs_answer_"
+                             "like_numpy_and_only_answers_are_billed", "models with named "
+                             "inputs only; that test sends each refusal over MQTT and asserts "
+                             "the ledger grew by the answers alone"),
+    E.OUTPUT_TOO_LARGE: ("tests/test_tensor_models.py::test_mqtt_named_inputs_answer_like_"
+                         "numpy_and_only_answers_are_billed", "tensor models with dynamic "
+                         "output sizes only; the same test withholds an over-large answer "
+                         "and asserts it is not billed"),
     E.INTERNAL: ("tests/fast/test_pipeline_rules.py::test_an_answer_that_cannot_be_shaped_"
                  "is_an_error_and_never_billed", "only a bug answers it (a model that loaded "
                  "never reaches it); that test plants a head bug and asserts billed == "
