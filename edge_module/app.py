@@ -77,7 +77,7 @@ class App:
         self.licensing = build_licensing(settings, self.identity, self.data_path,
                                          self.ledger, self.trusted_keys)
         self.ledger.clock_ms = self.licensing.clock.now_ms  # requestTime in trusted time
-        self.licensing.watch_usage(lambda: self.ledger.pending, self.ledger.oldest_pending_ms())
+        self.licensing.watch_usage(self.ledger.oldest_pending_ms)
         self.repository: ModelRepository | None = None
         self._poll_stop = threading.Event()  # set after the supervisor stops
         catalog: Catalog
@@ -99,6 +99,7 @@ class App:
                                    on_answer=self.licensing.observe,
                                    keys=self.trusted_keys)
             self.licensing.on_online.append(self.drainer.wake)
+            self.drainer.max_delay = self._upload_within
         self.usage_log: UsageLog | None = None
         if settings.mounts.output is not None:
             self.usage_log = UsageLog(settings.mounts.output, self.ledger, self.identity,
@@ -318,6 +319,13 @@ class App:
         self.metrics.ready.set(1 if ready else 0)
         self.refresh_backlog()
         return self.metrics.render()
+
+    def _upload_within(self) -> float:
+        """Usage is uploaded within MaxDelaySeconds, and well inside the licence's limit on
+        the age of unbilled usage (a quarter of the lease length)."""
+        delay = self.settings.metering.max_delay_seconds
+        lease = self.licensing.lease_seconds()
+        return delay if lease is None else max(0.05, min(delay, lease / 4))
 
     def refresh_backlog(self) -> dict[str, Any]:
         """Backlog figures from the ledger, also set on the metrics gauges."""

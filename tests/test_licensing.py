@@ -157,7 +157,7 @@ def test_status_answers_alone_do_not_keep_a_module_serving_whose_usage_is_refuse
     wait_until(lambda: module.status()["grace"]["state"] == "gated", 15,
                "gated although status checks stay Valid")
     body = module.status()
-    assert "accepted no usage" in body["apiStatusMessage"]
+    assert "still waiting for upload" in body["apiStatusMessage"]
     assert any(o == "200" for _, o in billing.calls("/billing/v1/status")[-3:])
     collector.publish("em/in/x", TENSOR.replace(b"t1", b"t2"))
     assert collector.wait(ERRORS, 1)[0]["error"]["code"] == "Unlicensed"
@@ -165,6 +165,37 @@ def test_status_answers_alone_do_not_keep_a_module_serving_whose_usage_is_refuse
     wait_until(lambda: module.status()["grace"]["state"] == "online", 15,
                "online once usage is accepted")
     wait_until(lambda: billing.totals()["records"] == 1, 10, "the one answer billed")
+
+
+def test_unbilled_usage_may_be_one_lease_length_old_whatever_status_checks_say(
+    tmp_path: Path, billing: BillingSimulator, identity: Identity,
+) -> None:
+    """The limit follows the oldest record waiting for upload, so uploads trickled through
+    one at a time (newer records accepted, or a few old ones) never reset it."""
+    billing.state.lease.grace_seconds = 600
+    lic = make_licensing(tmp_path, billing, billing.url, FakeClock(wall=time.time()), identity)
+    woken: list[int] = []
+    lic.on_online.append(lambda: woken.append(1))
+    oldest: list[int | None] = [None]
+    lic.watch_usage(lambda: oldest[0])
+    lic.check()
+    assert lic.decide().state is GraceState.ONLINE and lic.lease_seconds() == 600
+    # A record recorded 599 s ago still waits; the status check brings a fresh lease:
+    # the record's age, not the lease, sets what is left.
+    oldest[0] = lic.clock.now_ms() - 599_000
+    lic.check()
+    decision = lic.decide()
+    assert decision.state is GraceState.ONLINE
+    assert decision.remaining_seconds == pytest.approx(1, abs=1)
+    oldest[0] = lic.clock.now_ms() - 601_000
+    lic.check()  # Valid, yet the record is older than one lease: gated, uploader woken
+    decision = lic.decide()
+    assert decision.state is GraceState.GATED and not decision.serve
+    assert "still waiting for upload" in decision.message and woken
+    with pytest.raises(Refusal):
+        lic.gate_check()
+    oldest[0] = lic.clock.now_ms() - 1000  # the old record was billed; a newer one waits
+    assert lic.decide().state is GraceState.ONLINE
 
 
 def test_grace_expires_in_trusted_time_and_rollback_does_not_extend_it(

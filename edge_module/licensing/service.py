@@ -24,11 +24,15 @@ nonce can bring (and which alone sets the trusted time); the module can never
 extend it, and the trusted clock makes rolling the wall clock back useless. A
 Valid that no check renewed for two check intervals and a call's deadline stops
 counting: the lease's grace decides. And status answers alone cannot keep the
-module serving: when usage is pending and no upload has been accepted (a signed
-receipt) for longer than a lease's whole grace (its ``expiresAt - issuedAt``,
-set by the vendor, not by a setting), a Valid status no longer counts and the
-module is gated until usage is accepted again. A relay that lets status checks
-through but blocks uploads therefore earns no more than one grace of unbilled use.
+module serving: the oldest usage record still waiting for upload may be at most
+one lease length old (the lease's ``expiresAt - issuedAt``, set by the vendor,
+not by a setting). Past that, a Valid status no longer counts and the module is
+gated until that usage is accepted; the uploader sends oldest first, so the limit
+moves only as fast as usage is really billed. A relay that lets status checks
+through but blocks (or trickles) uploads earns at most one lease length of use
+beyond what was billed. A Valid status while that limit holds the module back
+wakes the uploader at once (``on_online``), so an honest module that was offline
+longer than a lease serves again as soon as its old usage is uploaded.
 
 Threads: the licensing thread (periodic checks), HTTP handler threads
 (``GET /status``), the drain thread (``observe`` of upload answers) and the
@@ -121,10 +125,9 @@ class Licensing:
         self.retry_after: float | None = None
         self.checked = False
         self.on_online: list[Callable[[], None]] = []
-        # How many usage records wait for upload (the ledger's in-memory count); the
-        # app wires it. Usage counts as accepted while nothing is pending.
-        self.pending_usage: Callable[[], int] = lambda: 0
-        self._usage_ok_ms = clock.now_ms()  # trusted time usage was last known accepted
+        # The trusted requestTime of the oldest usage record waiting for upload (None:
+        # nothing waits); the app wires it to the ledger.
+        self.oldest_pending: Callable[[], int | None] = lambda: None
         self._last_answer: Answer | None = None
         self._last_checked = 0.0
         self._state: GraceState | None = None
@@ -139,13 +142,15 @@ class Licensing:
                         fix=f"development: set {DEV_SWITCH} to the simulator's public key; "
                         "customers: run the vendor's release image")
 
-    def watch_usage(self, pending: Callable[[], int], unsettled_since_ms: int | None) -> None:
-        """Wire the ledger: its pending count, and the trusted time of its oldest pending
-        record at start (a restart does not begin a fresh allowance for old usage)."""
-        self.pending_usage = pending
-        if unsettled_since_ms is not None:
-            with self._lock:
-                self._usage_ok_ms = min(self._usage_ok_ms, unsettled_since_ms)
+    def lease_seconds(self) -> float | None:
+        """The held lease's length (``expiresAt - issuedAt``): how old unbilled usage may
+        get before the module is gated; None without a lease."""
+        lease = self.lease
+        return None if lease is None else (lease.expires_at - lease.issued_at) / 1000
+
+    def watch_usage(self, oldest_pending: Callable[[], int | None]) -> None:
+        """Wire the ledger: the trusted time of its oldest record waiting for upload."""
+        self.oldest_pending = oldest_pending
 
     @property
     def disconnected(self) -> bool:
@@ -184,13 +189,14 @@ class Licensing:
             self.status = answer.status
             if answer.status is ApiStatus.VALID:
                 self._valid_at = time.monotonic()
-                if nonce is None:  # an upload whose signed receipt verified
-                    self._usage_ok_ms = now
             self.status_message = answer.error if not answer.ok and answer.error else \
                 explain(answer.status).message
             self.retry_after = answer.retry_after
             self.checked = True
-        self._transition()
+        state = self._transition()
+        if answer.status is ApiStatus.VALID and state is not GraceState.ONLINE:
+            for callback in self.on_online:  # held back by old usage: upload it now
+                callback()
 
     def check(self, max_age: float = 0.0) -> Answer | None:
         """One status check with the billing endpoint (nothing is metered).
@@ -222,21 +228,18 @@ class Licensing:
         now = self.clock.now_ms()
         if self.license_source is not None:
             return self._decide_from_license(now)
-        pending = self.pending_usage()
+        oldest = self.oldest_pending()
         with self._lock:
-            if pending == 0:
-                self._usage_ok_ms = max(self._usage_ok_ms, now)
             status, message, lease = self.status, self.status_message, self.lease
-            retry_after, usage_ok_ms = self.retry_after, self._usage_ok_ms
+            retry_after = self.retry_after
         expires = lease.expires_at if lease is not None else None
         unaccepted: str | None = None  # why the grace ends before the lease does
-        if lease is not None and pending:
-            usage_limit = usage_ok_ms + (lease.expires_at - lease.issued_at)
+        if lease is not None and oldest is not None:
+            usage_limit = oldest + (lease.expires_at - lease.issued_at)
             if usage_limit < lease.expires_at:
-                expires = usage_limit  # the grace runs from the last accepted upload
-                unaccepted = (f"the billing endpoint has accepted no usage for "
-                              f"{(now - usage_ok_ms) / 1000:.0f} s; {pending} records wait "
-                              "for upload")
+                expires = usage_limit  # unbilled usage may be one lease length old at most
+                unaccepted = (f"usage recorded {(now - oldest) / 1000:.0f} s ago is still "
+                              "waiting for upload; the billing endpoint has not accepted it")
             if status is ApiStatus.VALID and now >= usage_limit and unaccepted:
                 status = ApiStatus.UNKNOWN
                 message = f"status checks pass, but {unaccepted}"
@@ -262,7 +265,7 @@ class Licensing:
                             f"{remedy} The module serves within its offline grace meanwhile "
                             f"({remaining:.0f} s left).", None, expires, remaining)
         why = "no lease was ever granted, so there is no offline grace" if expires is None \
-            else f"the grace after the last accepted upload has expired: {unaccepted}" \
+            else f"unbilled usage may be one lease length old at most: {unaccepted}" \
             if unaccepted else "the offline grace has expired"
         wait = retry_after if retry_after is not None else self.settings.retry_seconds
         return Decision(False, GraceState.GATED, status, f"{message} ({why})",

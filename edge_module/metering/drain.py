@@ -92,6 +92,9 @@ class Drainer:
         self.settings = settings
         self.metrics = metrics
         self.on_answer = on_answer
+        # The longest a record may wait for upload: MaxDelaySeconds, or less when the
+        # licence needs usage uploaded sooner (the app wires it).
+        self.max_delay: Callable[[], float] = lambda: settings.max_delay_seconds
         self.backoff = Backoff(settings.max_backoff_seconds)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -176,17 +179,18 @@ class Drainer:
         if now < self.next_attempt:
             return self.next_attempt - now
         pending = self.ledger.pending
+        max_delay = self.max_delay()
         if pending == 0:
-            return self.settings.max_delay_seconds
+            return max_delay
         if pending >= self.settings.batch_size:
             return 0.0
         oldest = self.ledger.oldest_pending_ms()
         if oldest is None:
-            return self.settings.max_delay_seconds
+            return max_delay
         # requestTime is trusted time: compare with the ledger's clock, not the wall clock
         # (a wall clock behind trusted time would hold a small backlog back by the skew).
         age = (self.ledger.clock_ms() - oldest) / 1000
-        return max(0.0, self.settings.max_delay_seconds - age)
+        return max(0.0, max_delay - age)
 
     def _schedule_retry(self, answer: Answer | None) -> None:
         if answer is None:

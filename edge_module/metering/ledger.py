@@ -57,6 +57,7 @@ from edge_module.metering.transaction import disk_full, write_transaction
 
 log = get_logger("ledger")
 
+_UNKNOWN = object()  # a cache not filled yet
 PENDING, ACCEPTED, DUPLICATE, QUARANTINED = 0, 1, 2, 3
 STATE_NAMES = {PENDING: "pending", ACCEPTED: "accepted", DUPLICATE: "duplicate",
                QUARANTINED: "quarantined"}
@@ -171,6 +172,9 @@ class Ledger:
             raise MeteringError(f"cannot open the ledger {path}: {exc}; fix: free space "
                                 "under Data:Path (or check its permissions)") from exc
         self._pending = self._scalar("SELECT count(*) FROM records WHERE state = 0")
+        # request_time of the oldest pending record, kept current by append and settle
+        # (the licence gate reads it for every batch); _UNKNOWN: read it again.
+        self._oldest: object = _UNKNOWN
         self._bytes = self._file_bytes()
         self._bytes_checked = time.monotonic()
         self._warned = False
@@ -420,6 +424,8 @@ class Ledger:
             with self._lock:
                 self._reserved = max(0, self._reserved - len(ids))
                 if committed:
+                    if self._oldest is None:
+                        self._oldest = now_ms
                     self._pending += len(ids)
                     self.quantity_added += sum(u.quantity for u in usages)
         return ids
@@ -469,11 +475,15 @@ class Ledger:
                            for r in rows]
 
     def oldest_pending_ms(self) -> int | None:
+        """``requestTime`` (trusted time) of the oldest record waiting for upload."""
         with self._lock:
-            row = self._conn.execute(
-                "SELECT request_time FROM records WHERE state = 0 ORDER BY seq LIMIT 1"
-            ).fetchone()
-        return int(row[0]) if row else None
+            if self._oldest is _UNKNOWN:
+                row = self._conn.execute(
+                    "SELECT request_time FROM records WHERE state = 0 ORDER BY seq LIMIT 1"
+                ).fetchone()
+                self._oldest = int(row[0]) if row else None
+            oldest = self._oldest
+        return oldest if isinstance(oldest, int) else None
 
     def pending_batch(self, limit: int, after_seq: int = 0) -> list[PendingRecord]:
         """The oldest pending records (in commit order), as wire JSON."""
@@ -518,6 +528,7 @@ class Ledger:
             # Counted from the rows changed, not recounted: a COUNT(*) per batch made
             # draining a large backlog quadratic.
             self._pending -= left_pending
+            self._oldest = _UNKNOWN
 
     @staticmethod
     def _store_receipt(conn: sqlite3.Connection, receipt: dict[str, Any],
@@ -618,6 +629,7 @@ class Ledger:
                 copied += 1
         with self._lock:
             self._pending += copied
+            self._oldest = _UNKNOWN
         if unreadable:
             log.warning("salvage_rows_unreadable", source=str(source), unreadable=unreadable,
                         copied=copied, effect="those records cannot be uploaded from this "
