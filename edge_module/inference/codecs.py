@@ -326,14 +326,15 @@ class Codec:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"{where} has no data")
         spec = self.named.get(name)
         declared = entry.get("dtype", spec.dtype if spec is not None else "float32")
-        if declared not in TENSOR_TYPES:
+        if not isinstance(declared, str) or declared not in TENSOR_TYPES:
             raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                                f"{where}: dtype {declared!r} is not one of "
                                f"{', '.join(sorted(TENSOR_TYPES))}")
         dtype = np.dtype(declared)
         array = _json_tensor(entry["data"], where, booleans=True)
-        if (array.dtype.kind == "f" and dtype.kind != "f") or \
-                (array.dtype.kind == "i" and dtype.kind in "bu" and (array < 0).any()):
+        if array.size == 0:  # [] parses as float64: empty data is of any dtype
+            array = array.astype(dtype)
+        if not fits_dtype(array, dtype):  # the cast to the input's dtype must not wrap
             raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                                f"{where}: the data holds values that are not {declared}")
         if "shape" in entry:
@@ -342,10 +343,12 @@ class Codec:
                     isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
                 raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                                    f"{where}: shape must be a list of at most 9 sizes >= 0")
-            if math.prod(shape) != array.size:
+            if math.prod(shape) != array.size or (array.size == 0 and any(
+                    d > self.limits.max_tensor_elements for d in shape)):
                 raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                                    f"{where}: data holds {array.size} values; shape {shape} "
-                                   f"needs {math.prod(shape)}")
+                                   f"needs {math.prod(shape)} (each size at most "
+                                   f"{self.limits.max_tensor_elements:,})")
             array = array.reshape(shape)
         return _Sent(dtype, tuple(array.shape), lambda: array)
 
@@ -660,13 +663,30 @@ def _json_tensor(value: Any, where: str, booleans: bool = False) -> np.ndarray:
     except ValueError as exc:
         raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                            f"{where}: tensor is ragged (rows of different lengths)") from exc
-    if array.dtype == object:
+    if array.dtype == object:  # ragged, or null, objects or integers past 64 bits inside
         raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
-                           f"{where}: tensor is ragged (rows of different lengths)")
+                           f"{where}: tensor is ragged (rows of different lengths) or holds "
+                           "values that are not numbers (null, objects, integers past 64 bits)")
     if array.dtype.kind not in ("fiub" if booleans else "fiu"):
         raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                            f"{where}: tensor holds {array.dtype.kind!r}-kind values; send numbers")
     return array
+
+
+def fits_dtype(array: np.ndarray, dtype: np.dtype[Any]) -> bool:
+    """Whether numbers parsed from JSON (bool, int64, uint64 or float64) are values of
+    ``dtype``: no float for an integer or bool, no integer out of its range (0 or 1 for
+    bool). Casting them then changes no value, where numpy would wrap or truncate."""
+    kind = array.dtype.kind
+    if kind in "b" or array.size == 0:
+        return True
+    if kind == "f":
+        return dtype.kind == "f"
+    if dtype.kind == "f":
+        return True
+    low, high = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min),
+                                                   int(np.iinfo(dtype).max))
+    return low <= int(array.min()) and int(array.max()) <= high
 
 
 def is_json(payload: bytes) -> bool:
