@@ -259,6 +259,13 @@ def mqtt_cases() -> list[Case]:
              "UnknownField"),
         Case("extra-input", body({"a": {"data": [1.0]}, "b": {"data": [1]}, "c": {"data": [1]}}),
              "TensorNameMismatch"),
+        # refusals that would echo megabytes of the payload (error topic and log)
+        Case("15000-inputs", body({f"{'n' * 200}{i}": {"data": []} for i in range(15_000)}),
+             "TensorNameMismatch"),
+        Case("megabyte-name", body({"a": {"data": [1.0]}, "n" * MB: {"data": [1]}}),
+             "TensorNameMismatch"),
+        Case("megabyte-dtype", body({"a": {"data": [1.0], "dtype": "f" * MB}, "b": one_b}),
+             "TensorDtypeInvalid"),
         Case("output-is-a-list", body({"a": {"data": [1.0]}, "b": {"data": [1]}},
                                       output=["npy"]), "InvalidRequest"),
         # legitimate, however odd: answered and billed once
@@ -378,6 +385,8 @@ def test_hostile_npz_and_json_inputs_are_refused_coded_unbilled_and_bounded(
             outcome[result["id"]].append(RESULT)
     wrong = {c.name: outcome[c.name] for c in cases if outcome[c.name] != [c.expect]}
     assert wrong == {}, f"unexpected answers (want exactly one each): {wrong}"
+    longest = max(collector.json(ERRORS), key=lambda e: len(e["error"]["message"]))
+    assert 0 < len(longest["error"]["message"]) < 1000, longest["id"]
 
     answered = len(cases) + sum(c.expect == RESULT for c in cases)  # the normal ones too
     wait_until(lambda: served.billed() >= before + answered, 20, f"{answered} records")
@@ -450,6 +459,12 @@ def test_hostile_v2_http_requests_get_400s_and_no_records(served: Served) -> Non
                               "InputKindMismatch"),
         "tied-size-differs": (json.dumps({"inputs": [
             a, {**b, "shape": [1, 3], "data": [1, 2, 3]}]}).encode(), "TensorShapeMismatch"),
+        "half-a-million-sizes": (json.dumps({"inputs": [{**a, "shape": [1] * 500_000},
+                                                        b]}).encode(), "TensorShapeMismatch"),
+        "megabyte-name": (json.dumps({"inputs": [a, {**b, "name": "n" * MB}]}).encode(),
+                          "TensorNameMismatch"),
+        "megabyte-datatype": (json.dumps({"inputs": [a, {**b, "datatype": "I" * MB}]}).encode(),
+                              "TensorDtypeInvalid"),
         "three-inputs": (json.dumps({"inputs": [a, b, {**b, "name": "c"}]}).encode(),
                          "TensorNameMismatch"),
         "duplicate-input": (json.dumps({"inputs": [a, a]}).encode(), "TensorNameMismatch"),
@@ -485,14 +500,18 @@ def test_hostile_v2_http_requests_get_400s_and_no_records(served: Served) -> Non
     steady_kb = vm_kb(module.process.pid, "VmHWM")
     before = served.billed()
     got: dict[str, tuple[int, str]] = {}
+    longest = 0
     for name, (payload, _) in json_cases.items():
         status, answer = post(module, payload)
         got[name] = (status, str(answer.get("code", "")))
+        longest = max(longest, len(json.dumps(answer)))
     for name, ((payload, length), _) in binary_cases.items():
         status, answer = post(module, payload, length)
         got[name] = (status, str(answer.get("code", "")))
+        longest = max(longest, len(json.dumps(answer)))
     want = {name: (400, code) for name, (_, code) in {**json_cases, **binary_cases}.items()}
     assert got == want
+    assert longest < 2000  # no refusal echoes the request
     status, answer = post(module, *binary([tensor("b", "INT64", [1, 2], size=16),
                                            tensor("a", "FP32", [1, 2], size=8)], ib + fa))
     assert status == 200, answer

@@ -126,7 +126,7 @@ def parse_infer(body: bytes, headers: Mapping[str, str], model: Model) -> InferR
             raise bad(f"send exactly one input, {names[0]!r} (the model takes one)")
         tensor = inputs[0]
         if tensor.get("name") != names[0]:
-            raise bad(f"unknown input {tensor.get('name')!r}; the model's input is "
+            raise bad(f"unknown input {_short(tensor.get('name'))}; the model's input is "
                       f"{names[0]!r}", ErrorCode.TENSOR_NAME_MISMATCH)
         data, used = _input_data(tensor, blobs, 0)
         if used != len(blobs):
@@ -145,7 +145,7 @@ def parse_infer(body: bytes, headers: Mapping[str, str], model: Model) -> InferR
         for out in outputs:
             name = out.get("name")
             if name not in names:
-                raise bad(f"unknown output {name!r}; the model answers {', '.join(names)}")
+                raise bad(f"unknown output {_short(name)}; the model answers {', '.join(names)}")
             wanted.append(name)
             out_params = out.get("parameters") or {}
             if isinstance(out_params, dict) and out_params.get("binary_data"):
@@ -162,7 +162,7 @@ def tensor_payload(name: str, datatype: str, shape: list[int], data: Any,
                              model)
     expected = model.descriptor.input_names()[0]
     if name != expected:
-        raise bad(f"unknown input {name!r}; the model's input is {expected!r}",
+        raise bad(f"unknown input {_short(name)}; the model's input is {expected!r}",
                   ErrorCode.TENSOR_NAME_MISMATCH)
     return _payload({"name": name, "datatype": datatype, "shape": shape}, data, model)
 
@@ -175,8 +175,8 @@ def named_payload(tensors: list[tuple[dict[str, Any], Any]], model: Model) -> by
     for tensor, data in tensors:
         name = tensor.get("name")
         if not isinstance(name, str) or name not in known or name in arrays:
-            raise bad(f"input {name!r} is not one of the model's inputs ({', '.join(known)}) "
-                      "or is sent twice", ErrorCode.TENSOR_NAME_MISMATCH)
+            raise bad(f"input {_short(name)} is not one of the model's inputs "
+                      f"({', '.join(known)}) or is sent twice", ErrorCode.TENSOR_NAME_MISMATCH)
         if tensor.get("datatype") == "BYTES":
             raise bad(f"input {name!r} takes numbers, not BYTES",
                       ErrorCode.INPUT_KIND_MISMATCH, "send the datatype the model's "
@@ -202,6 +202,13 @@ def datatype_of(value: np.ndarray) -> str:
         value.dtype.newbyteorder("<").str, "FP32")
 
 
+def _short(value: Any) -> str:
+    """A value the client sent, for a message: its repr cut short, so that a refusal never
+    echoes (in the answer and the log) megabytes of the request."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:64] + "..."
+
+
 def _input_data(tensor: dict[str, Any], blobs: bytes, offset: int) -> tuple[Any, int]:
     """The tensor's ``data`` (JSON) or its bytes from the binary part at ``offset``, and
     bytes used."""
@@ -209,11 +216,11 @@ def _input_data(tensor: dict[str, Any], blobs: bytes, offset: int) -> tuple[Any,
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is None:
         if "data" not in tensor:
-            raise bad(f"input {tensor.get('name')!r} has neither data nor binary_data_size")
+            raise bad(f"input {_short(tensor.get('name'))} has neither data nor binary_data_size")
         return tensor["data"], 0
     left = len(blobs) - offset
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= left:
-        raise bad(f"binary_data_size {size!r} does not fit the {left} binary bytes left")
+        raise bad(f"binary_data_size {_short(size)} does not fit the {left} binary bytes left")
     return blobs[offset:offset + size], size
 
 
@@ -221,7 +228,7 @@ def _shape(tensor: dict[str, Any]) -> list[int]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or len(shape) > 8 or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} must be a list of 1 to 8 sizes >= 0",
+        raise bad(f"shape {_short(shape)} must be a list of 1 to 8 sizes >= 0",
                   ErrorCode.TENSOR_SHAPE_MISMATCH)
     return shape
 
@@ -243,7 +250,7 @@ def _array(tensor: dict[str, Any], data: Any) -> np.ndarray:
     datatype = tensor.get("datatype")
     dtype = DTYPES.get(str(datatype))
     if dtype is None:
-        raise bad(f"datatype {datatype!r} is not supported; use FP32 (or another numeric "
+        raise bad(f"datatype {_short(datatype)} is not supported; use FP32 (or another numeric "
                   "type) for tensors, BYTES for JPEG/PNG images", ErrorCode.TENSOR_DTYPE_INVALID)
     if count == 0 and max(shape) > MAX_EMPTY_SIZE:  # numpy cannot even shape such nothing
         raise bad(f"shape {shape} holds no values but has a size over {MAX_EMPTY_SIZE:,}",
@@ -261,7 +268,7 @@ def _array(tensor: dict[str, Any], data: Any) -> np.ndarray:
         if parsed.size == 0:
             parsed = parsed.astype(dtype)
         if parsed.dtype.kind not in "biuf" or not fits_dtype(parsed, dtype):
-            raise bad(f"data of input {tensor.get('name')!r} is not a list of {datatype} "
+            raise bad(f"data of input {_short(tensor.get('name'))} is not a list of {datatype} "
                       "numbers", ErrorCode.TENSOR_DTYPE_INVALID)
         array = parsed.astype(dtype)
         if array.size != count:

@@ -178,7 +178,7 @@ class Codec:
             if unknown:
                 raise RequestError(
                     ErrorCode.UNKNOWN_FIELD,
-                    f"unknown field(s) {', '.join(unknown)}; allowed: id, model, version, image, "
+                    f"unknown field(s) {_listed(unknown)}; allowed: id, model, version, image, "
                     "tensor, items, inputs, output",
                 )
             tensors = self._output_format(body.get("output", "json"))
@@ -218,7 +218,7 @@ class Codec:
             unknown = sorted(set(item) - ITEM_FIELDS)
             if unknown:
                 raise RequestError(ErrorCode.UNKNOWN_FIELD,
-                                   f"{where}: unknown field(s) {', '.join(unknown)}; "
+                                   f"{where}: unknown field(s) {_listed(unknown)}; "
                                    "an item has image or tensor")
             if len(item) != 1:
                 raise RequestError(ErrorCode.INVALID_REQUEST,
@@ -310,25 +310,29 @@ class Codec:
             raise RequestError(ErrorCode.INVALID_REQUEST,
                                "inputs must be an object: {\"<input name>\": {\"shape\", "
                                "\"dtype\", \"data\"}, ...}")
+        if len(inputs) > len(self.named):  # refused before each is parsed into an array
+            raise RequestError(ErrorCode.TENSOR_NAME_MISMATCH,
+                               f"{len(inputs)} inputs sent; model {self.model.descriptor.name} "
+                               f"takes {len(self.named)} ({', '.join(self.named)})")
         return self._named(None, {str(name): self._json_sent(str(name), entry)
                                   for name, entry in inputs.items()})
 
     def _json_sent(self, name: str, entry: Any) -> _Sent:
-        where = f"inputs.{name}"
+        where = f"inputs.{_listed([name])}"
         if not isinstance(entry, dict):
             raise RequestError(ErrorCode.INVALID_REQUEST,
                                f"{where} must be an object with shape, dtype and data")
         unknown = sorted(set(entry) - NAMED_FIELDS)
         if unknown:
             raise RequestError(ErrorCode.UNKNOWN_FIELD, f"{where}: unknown field(s) "
-                               f"{', '.join(unknown)}; a tensor has shape, dtype and data")
+                               f"{_listed(unknown)}; a tensor has shape, dtype and data")
         if "data" not in entry:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"{where} has no data")
         spec = self.named.get(name)
         declared = entry.get("dtype", spec.dtype if spec is not None else "float32")
         if not isinstance(declared, str) or declared not in TENSOR_TYPES:
             raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
-                               f"{where}: dtype {declared!r} is not one of "
+                               f"{where}: dtype {_listed([repr(declared)])} is not one of "
                                f"{', '.join(sorted(TENSOR_TYPES))}")
         dtype = np.dtype(declared)
         array = _json_tensor(entry["data"], where, booleans=True)
@@ -401,7 +405,7 @@ class Codec:
             raise RequestError(
                 ErrorCode.TENSOR_NAME_MISMATCH,
                 f"model {name} takes inputs {', '.join(self.named)}"
-                + (f"; {', '.join(unknown)} is not one of them" if unknown else "")
+                + (f"; {_listed(unknown)} is not one of them" if unknown else "")
                 + (f"; {', '.join(missing)} is missing" if missing else ""))
         counts: set[int] = set()
         elements = 0
@@ -671,6 +675,13 @@ def _json_tensor(value: Any, where: str, booleans: bool = False) -> np.ndarray:
         raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                            f"{where}: tensor holds {array.dtype.kind!r}-kind values; send numbers")
     return array
+
+
+def _listed(names: Sequence[str], most: int = 5, length: int = 64) -> str:
+    """Names a client sent, for a message: the first few, each cut short, so that a
+    refusal never echoes (on the error topic and in the log) megabytes of its payload."""
+    shown = [n if len(n) <= length else n[:length] + "..." for n in names[:most]]
+    return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def fits_dtype(array: np.ndarray, dtype: np.dtype[Any]) -> bool:
