@@ -193,6 +193,10 @@ def mqtt_cases() -> list[Case]:
                                    ("b.npy", B)), "UnsupportedPayload"),
         Case("deflate-bomb-1e8", deflated(a=np.zeros(50_000_000, np.float32),
                                           b=np.zeros(50_000_000, np.int8)), "TensorTooLarge"),
+        # 1 M elements (the limit) deflated into 12 KB, 6 MB inflated: more than a message
+        Case("deflated-past-payload-limit", deflated(a=np.zeros(500_000, np.float32),
+                                                     b=np.zeros(500_000, np.int64)),
+             "PayloadTooLarge"),
         # dtypes and shapes
         Case("structured", npz(a=np.zeros(3, [("x", "<f4")]), b=np.ones(3, np.int64)),
              "TensorDtypeInvalid"),

@@ -392,7 +392,7 @@ class Codec:
                 except MalformedHeader as exc:
                     raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, str(exc)) from None
             return load
-        return {name: _Sent(m.header.dtype, m.header.shape, loader(m))
+        return {name: _Sent(m.header.dtype, m.header.shape, loader(m), m.info.file_size)
                 for name, m in members.items()}
 
     def _named(self, request_id: str | None, sent: dict[str, _Sent]) -> Decoded:
@@ -446,6 +446,14 @@ class Codec:
             raise RequestError(ErrorCode.TENSOR_TOO_LARGE,
                                f"the inputs hold {elements:,} elements; the limit is "
                                f"{limit:,} (Pipeline:MaxTensorElements)")
+        # Deflate must not carry more than the same .npz stored could: 40 KB of deflated
+        # zeros declaring 16 M elements would cost ~250 MB to inflate, cast and batch.
+        inflated = sum(tensor.inflated for tensor in sent.values())
+        if inflated > self.limits.max_payload_bytes:
+            raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE,
+                               f"the .npz inflates to {inflated:,} bytes; the limit is "
+                               f"{self.limits.max_payload_bytes:,} (Pipeline:MaxPayloadBytes), "
+                               "deflated or not")
         rows = counts.pop()
         if rows > self.limits.max_batch_items:
             raise RequestError(ErrorCode.BATCH_TOO_LARGE,
@@ -578,6 +586,7 @@ class _Sent:
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
+    inflated: int = 0  # a .npz member's size once inflated (0: not from a .npz)
 
 
 INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR,
