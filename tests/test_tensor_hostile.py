@@ -54,6 +54,25 @@ Q = {
 }
 
 
+FLAG = {
+    "name": "flag", "version": "1", "inputs": [{"name": "m", "shape": [3], "dtype": "bool"}],
+    "head": "tensor", "metering": {"meterName": "flag.tensor", "apiType": "flag"},
+}
+
+
+def flag_graph(path: Path) -> Path:
+    """``y = float(m)`` for a bool ``m`` of shape ``[N, 3]``."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT)], "flag",
+        [helper.make_tensor_value_info("m", TensorProto.BOOL, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
 def q_graph(path: Path) -> Path:
     """``y = float(x)`` for an int8 ``x`` of shape ``[N, 3]``."""
     graph = helper.make_graph(
@@ -279,6 +298,10 @@ def mqtt_cases() -> list[Case]:
         Case("data-descriptors", streamed(), RESULT),
         Case("bool-for-int64", npz(a=ones, b=np.ones(3, np.bool_)), RESULT),
         Case("int8-edges", body({"x": {"data": [-128, 127, 0]}}), RESULT, "em/in/q"),
+        Case("bool-true-false", body({"m": {"data": [True, False, True]}}), RESULT,
+             "em/in/flag"),
+        Case("bool-from-2", body({"m": {"data": [0, 1, 2]}}), "TensorDtypeInvalid",
+             "em/in/flag"),
         Case("npy-output", body({"a": {"data": [1.0]}, "b": {"data": [1]}}, output="npy"),
              RESULT),
     ]
@@ -325,6 +348,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (repository / "pair" / "1" / "model.json").write_text(json.dumps(PAIR))
     q_graph(repository / "q" / "1" / "model.onnx")
     (repository / "q" / "1" / "model.json").write_text(json.dumps(Q))
+    flag_graph(repository / "flag" / "1" / "model.onnx")
+    (repository / "flag" / "1" / "model.json").write_text(json.dumps(FLAG))
     (root / "broker").mkdir()
     broker = start_broker(root / "broker")
     billing = BillingSimulator(root / "billing.db", keys={API_KEY: KeyInfo()})
@@ -402,6 +427,20 @@ def test_hostile_npz_and_json_inputs_are_refused_coded_unbilled_and_bounded(
     assert (peak_kb - steady_kb) / 1024 < 100, \
         f"peak RSS {peak_kb / 1024:.0f} MB vs steady {steady_kb / 1024:.0f} MB"
     assert module.ready()
+
+
+def test_a_bool_byte_other_than_0_or_1_is_read_as_true(served: Served) -> None:
+    """numpy keeps the byte 2 of a bool .npy as it is; onnxruntime's Cast made it 2.0."""
+    flags = np.frombuffer(b"\x00\x01\x02", np.bool_)
+    before = served.billed()
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"bool-byte-2"
+    served.collector.publish("em/in/flag", npz(m=flags), properties=props)
+    wait_until(lambda: any(r["id"] == "bool-byte-2" for r in served.collector.json(RESULTS)),
+               15, "the bool answer")
+    answer = next(r for r in served.collector.json(RESULTS) if r["id"] == "bool-byte-2")
+    assert answer["results"][0]["outputs"][0]["data"] == [0.0, 1.0, 1.0]
+    wait_until(lambda: served.billed() == before + 1, 20, "the answer billed")
 
 
 # -- OIP v2 over HTTP ---------------------------------------------------------------------

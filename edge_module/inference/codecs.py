@@ -462,6 +462,8 @@ class Codec:
         arrays: dict[str, np.ndarray] = {}
         for key, spec in self.named.items():
             array = np.ascontiguousarray(sent[key].load(), dtype=spec.dtype)
+            if array.dtype.kind == "b":  # bytes as sent: 2 is no bool (Cast answers 2.0)
+                array = array.view(np.uint8).astype(np.bool_)
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise RequestError(ErrorCode.TENSOR_VALUE_INVALID,
                                    f"input {key} holds NaN or infinite values")
