@@ -11,7 +11,9 @@ Threads and queues (docs/architecture.md draws them):
   like Triton's dynamic batcher; one model version per batch, the others'
   requests held for their own next batch; for a model with dynamic input sizes,
   only items of equal shapes share a batch), asks the gate and the meter
-  whether it may serve, and runs the model once;
+  whether it may serve, and runs the model once (when the model fails on a batch,
+  each of its requests runs on its own, so one request's values, such as a token
+  id past the table, cost only that request an ``InferenceFailed``);
 * one commit thread takes every inferred batch waiting, commits their usage
   records in one transaction (group commit), and only then publishes the
   results, so the commit's fsync overlaps the next batch's inference.
@@ -490,16 +492,22 @@ class Pipeline:
         started = time.perf_counter()
         for job in jobs:
             self.metrics.queue_seconds.observe(started - job.inbound.received)
+        serving = jobs[0].serving
         try:
-            serving = jobs[0].serving
             outputs = self._infer(serving, [item for job in jobs for item in job.items])
         except Exception as exc:  # onnxruntime raises untyped errors
             log.error("inference_failed", error=str(exc), batch=len(jobs))
-            self.meter.release(len(fresh))
-            for job in jobs:
-                self._send_error(job.inbound, job.request_id, ErrorCode.INFERENCE_FAILED,
+            if len(jobs) == 1:
+                self.meter.release(len(fresh))
+                self._send_error(jobs[0].inbound, jobs[0].request_id,
+                                 ErrorCode.INFERENCE_FAILED,
                                  f"the model failed on this input: {exc}")
-            return
+                return
+            # One request's values (a token id past the table) fail the whole batch: each
+            # is run on its own, so that only the requests that fail alone are refused.
+            jobs, fresh, outputs = self._infer_alone(serving, jobs, fresh)
+            if not jobs:
+                return
         infer_ms = (time.perf_counter() - started) * 1000
         self.commits.put(Inferred(serving, jobs, fresh, outputs, infer_ms))
 
@@ -651,6 +659,29 @@ class Pipeline:
                                      "the model's answer could not be shaped; see logs")
                 offset += n
         return shaped
+
+    def _infer_alone(self, serving: Serving, jobs: list[Job], fresh: list[Job]
+                     ) -> tuple[list[Job], list[Job], dict[str, np.ndarray]]:
+        """The jobs of a failed batch run one by one: those answered, the fresh among
+        them, and their outputs in order; each that fails again is refused (and its
+        meter reservation given back)."""
+        kept: list[Job] = []
+        parts: list[dict[str, np.ndarray]] = []
+        failed: set[int] = set()
+        for job in jobs:
+            try:
+                parts.append(self._infer(serving, list(job.items)))
+            except Exception as exc:  # onnxruntime raises untyped errors
+                failed.add(id(job))
+                self._send_error(job.inbound, job.request_id, ErrorCode.INFERENCE_FAILED,
+                                 f"the model failed on this input: {exc}")
+            else:
+                kept.append(job)
+        still = [job for job in fresh if id(job) not in failed]
+        self.meter.release(len(fresh) - len(still))
+        outputs = {name: np.concatenate([part[name] for part in parts])
+                   for name in (parts[0] if parts else ())}
+        return kept, still, outputs
 
     def _infer(self, serving: Serving, items: list[Item]) -> dict[str, np.ndarray]:
         max_items = serving.max_batch

@@ -73,6 +73,28 @@ def flag_graph(path: Path) -> Path:
     return path
 
 
+EMBED = {
+    "name": "embed", "version": "1", "inputs": [{"name": "ids", "shape": [-1], "dtype": "int64"}],
+    "head": "tensor", "metering": {"meterName": "embed.tensor", "apiType": "embed"},
+}
+
+
+def embed_graph(path: Path) -> Path:
+    """``vectors = table[ids]``: a 10-row embedding table, as a text model starts."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10, 2],
+                               [float(v) for v in range(20)])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["vectors"], axis=0)], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"])],
+        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["N", "L", 2])],
+        [table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
 def q_graph(path: Path) -> Path:
     """``y = float(x)`` for an int8 ``x`` of shape ``[N, 3]``."""
     graph = helper.make_graph(
@@ -349,6 +371,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     q_graph(repository / "q" / "1" / "model.onnx")
     (repository / "q" / "1" / "model.json").write_text(json.dumps(Q))
     flag_graph(repository / "flag" / "1" / "model.onnx")
+    embed_graph(repository / "embed" / "1" / "model.onnx")
+    (repository / "embed" / "1" / "model.json").write_text(json.dumps(EMBED))
     (repository / "flag" / "1" / "model.json").write_text(json.dumps(FLAG))
     (root / "broker").mkdir()
     broker = start_broker(root / "broker")
@@ -441,6 +465,36 @@ def test_a_bool_byte_other_than_0_or_1_is_read_as_true(served: Served) -> None:
     answer = next(r for r in served.collector.json(RESULTS) if r["id"] == "bool-byte-2")
     assert answer["results"][0]["outputs"][0]["data"] == [0.0, 1.0, 1.0]
     wait_until(lambda: served.billed() == before + 1, 20, "the answer billed")
+
+
+def test_an_index_out_of_range_fails_its_own_request_not_its_batch(served: Served) -> None:
+    """Token ids past the table make onnxruntime's Gather fail the whole batch: the
+    requests batched with it are answered, each on its own; only it is refused."""
+    before = served.billed()
+    answered: list[str] = []
+    for burst in range(3):
+        for i in range(8):
+            ids = [1, 2, 3] if i != 3 else [1, 10 ** 9, 3]
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = f"embed-{burst}-{i}".encode()
+            served.collector.publish("em/in/embed", body({"ids": {"data": ids}}), qos=0,
+                                     properties=props)
+            if i != 3:
+                answered.append(f"embed-{burst}-{i}")
+    wait_until(lambda: sum(str(m["id"]).startswith("embed-") for m in
+                           served.collector.json(RESULTS) + served.collector.json(ERRORS))
+               == 24, 20, "24 answers")
+    results = {r["id"]: r for r in served.collector.json(RESULTS)
+               if str(r["id"]).startswith("embed-")}
+    errors = {e["id"]: e["error"]["code"] for e in served.collector.json(ERRORS)
+              if str(e["id"]).startswith("embed-")}
+    assert errors == {f"embed-{burst}-3": "InferenceFailed" for burst in range(3)}
+    assert sorted(results) == sorted(answered)
+    assert all(r["results"][0]["outputs"][0]["data"] == [[2.0, 3.0], [4.0, 5.0], [6.0, 7.0]]
+               for r in results.values())
+    wait_until(lambda: served.billed() == before + len(answered), 20, "the answers billed")
+    time.sleep(0.5)
+    assert served.billed() == before + len(answered)
 
 
 # -- OIP v2 over HTTP ---------------------------------------------------------------------
