@@ -565,6 +565,7 @@ def test_hostile_v2_http_requests_get_400s_and_no_records(served: Served) -> Non
         "three-inputs": (json.dumps({"inputs": [a, b, {**b, "name": "c"}]}).encode(),
                          "TensorNameMismatch"),
         "duplicate-input": (json.dumps({"inputs": [a, a]}).encode(), "TensorNameMismatch"),
+        "no-inputs": (b'{"inputs": []}', "TensorNameMismatch"),
         "nested-100000": (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
                           "InvalidJson"),
         # 4 MB of empty lists: ~100 MB of Python objects if parsed
@@ -663,6 +664,7 @@ def test_hostile_v2_grpc_requests_get_coded_statuses_and_no_records(served: Serv
         "unknown-datatype": ([spec(name="a", datatype="FP8", shape=[1, 2]), b], [fa, ib],
                              "TensorDtypeInvalid"),
         "missing-input": ([a], [fa], "TensorNameMismatch"),
+        "no-inputs": ([], [], "TensorNameMismatch"),
     }
     before = served.billed()
     got = {name: call(inputs, raw) for name, (inputs, raw, _) in cases.items()}

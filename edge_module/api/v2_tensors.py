@@ -171,6 +171,9 @@ def named_payload(tensors: list[tuple[dict[str, Any], Any]], model: Model) -> by
     """The ``.npz`` payload of a model of named inputs: one member per tensor, by name
     (the codec checks names, dtypes and shapes against the model's inputs)."""
     known = [spec.name for spec in model.named_inputs]
+    if not tensors:  # an empty .npz would reach the codec as no known format at all
+        raise bad(f"no input tensors; the model takes {', '.join(known)}",
+                  ErrorCode.TENSOR_NAME_MISMATCH)
     arrays: dict[str, np.ndarray] = {}
     for tensor, data in tensors:
         name = tensor.get("name")
