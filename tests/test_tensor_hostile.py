@@ -324,6 +324,13 @@ def mqtt_cases() -> list[Case]:
              "em/in/flag"),
         Case("bool-from-2", body({"m": {"data": [0, 1, 2]}}), "TensorDtypeInvalid",
              "em/in/flag"),
+        # a bare tensor for a model of one named input is read in that input's dtype
+        Case("bool-tensor", json.dumps({"tensor": [True, False, True]}).encode(), RESULT,
+             "em/in/flag"),
+        Case("int8-tensor", json.dumps({"tensor": [[1, 2, 3], [-4, 5, 6]]}).encode(), RESULT,
+             "em/in/q"),
+        Case("int8-tensor-past-range", json.dumps({"tensor": [1, 2, 300]}).encode(),
+             "TensorDtypeInvalid", "em/in/q"),
         Case("npy-output", body({"a": {"data": [1.0]}, "b": {"data": [1]}}, output="npy"),
              RESULT),
     ]

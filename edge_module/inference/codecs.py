@@ -293,10 +293,9 @@ class Codec:
             raise RequestError(ErrorCode.INVALID_REQUEST,
                                f"model {self.model.descriptor.name} takes one input; send "
                                "image, tensor or items, not inputs")
-        if present == "tensor":
-            array = _json_tensor(body["tensor"], "tensor")
-            return self._named(None, {self._sole_input(): _Sent(
-                array.dtype, tuple(array.shape), lambda: array)})
+        if present == "tensor":  # the sole input's data, read as in inputs (its dtype)
+            name = self._sole_input()
+            return self._named(None, {name: self._json_sent(name, {"data": body["tensor"]})})
         if present != "inputs":
             if present == "image":
                 raise RequestError(ErrorCode.INPUT_KIND_MISMATCH,
