@@ -1,8 +1,10 @@
 """Hostile named-input tensor requests against one module process.
 
 The models of ``test_tensor_models.py``'s kind: ``pair`` (``a`` float32 and ``b``
-int64, both ``[N, L]`` with the graph's named size ``L``) and ``q`` (``x`` int8
-``[N, 3]``), served from one repository over a real mosquitto, OIP v2 HTTP and gRPC.
+int64, both ``[N, L]`` with the graph's named size ``L``), ``q`` (``x`` int8
+``[N, 3]``), ``flag`` (``m`` bool ``[N, 3]``) and ``embed`` (token ``ids`` int64
+``[N, L]`` into a 10-row table), served from one repository over a real mosquitto,
+OIP v2 HTTP and gRPC.
 A hostile client sends ``.npz`` archives that lie (zip directories whose entry count
 lies, duplicate and path-trick member names, nested zips, members whose ``.npy``
 header lies about shape or dtype, pickles, structured, unicode and sub-array dtypes,
@@ -11,7 +13,9 @@ header lies about shape or dtype, pickles, structured, unicode and sub-array dty
 address space, a dtype that is a list), and v2 requests whose binary sizes, shapes,
 datatypes and input counts lie. Each gets its documented code, nothing refused is
 billed, the next normal request is answered, no ``InternalError`` is counted, and
-the module's peak RSS (VmHWM) stays within 100 MB of its steady state.
+the module's peak RSS (VmHWM) stays within 100 MB of its steady state. A bool byte 2
+is fed as true, and a token id past the table fails its own request, not the
+requests batched with it.
 """
 
 from __future__ import annotations
