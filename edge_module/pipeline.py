@@ -11,7 +11,9 @@ Threads and queues (docs/architecture.md draws them):
   like Triton's dynamic batcher; one model version per batch, the others'
   requests held for their own next batch; for a model with dynamic input sizes,
   only items of equal shapes share a batch), asks the gate and the meter
-  whether it may serve, and runs the model once;
+  whether it may serve, and runs the model once (when the model fails on a batch,
+  each of its requests runs on its own, so one request's values, such as a token
+  id past the table, cost only that request an ``InferenceFailed``);
 * one commit thread takes every inferred batch waiting, commits their usage
   records in one transaction (group commit), and only then publishes the
   results, so the commit's fsync overlaps the next batch's inference.

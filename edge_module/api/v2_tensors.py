@@ -33,11 +33,21 @@ import numpy as np
 
 from edge_module.api.router import HttpError
 from edge_module.errors import ErrorCode
-from edge_module.inference.codecs import JPEG_MAGIC, PNG_MAGIC
+from edge_module.inference.bounds import json_refusal
+from edge_module.inference.codecs import (
+    JPEG_MAGIC,
+    MAX_JSON_DEPTH,
+    MAX_JSON_NODES,
+    PNG_MAGIC,
+    fits_dtype,
+)
 from edge_module.inference.descriptor import ImageInput
 from edge_module.inference.models import Model
 
 HEADER_LENGTH = "inference-header-content-length"
+# The largest size an empty tensor may name (a 0 elsewhere in its shape): numpy refuses
+# to shape nothing into sizes past its address space.
+MAX_EMPTY_SIZE = 1 << 31
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -77,6 +87,13 @@ def parse_infer(body: bytes, headers: Mapping[str, str], model: Model) -> InferR
             raise bad(f"Inference-Header-Content-Length {raw!r} is not a length within the "
                       f"body ({len(body)} bytes)")
         blobs, body = body[int(raw):], body[:int(raw)]
+    # The codec's JSON limits: 8 MiB of "[]," would cost ~200 MB of Python lists.
+    opening = body.count(b"[") + body.count(b"{")
+    if opening > MAX_JSON_DEPTH or opening + body.count(b'"') // 2 > MAX_JSON_NODES:
+        refusal = json_refusal(body, MAX_JSON_DEPTH, MAX_JSON_NODES)
+        if refusal is not None:
+            raise bad(f"the request header: {refusal}; send tensor data as flat lists or "
+                      "binary", ErrorCode.INVALID_JSON)
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -90,10 +107,14 @@ def parse_infer(body: bytes, headers: Mapping[str, str], model: Model) -> InferR
     if model.named_inputs:
         if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
             raise bad("inputs must be a list of tensors")
+        if len(inputs) > len(model.named_inputs):  # each would cost a pass over the blobs
+            raise bad(f"{len(inputs)} input tensors; the model takes "
+                      f"{len(model.named_inputs)} ({', '.join(model.descriptor.input_names())})",
+                      ErrorCode.TENSOR_NAME_MISMATCH)
         named: list[tuple[dict[str, Any], Any]] = []
         used = 0
         for tensor in inputs:
-            data, size = _input_data(tensor, blobs[used:])
+            data, size = _input_data(tensor, blobs, used)
             used += size
             named.append((tensor, data))
         if used != len(blobs):
@@ -105,9 +126,9 @@ def parse_infer(body: bytes, headers: Mapping[str, str], model: Model) -> InferR
             raise bad(f"send exactly one input, {names[0]!r} (the model takes one)")
         tensor = inputs[0]
         if tensor.get("name") != names[0]:
-            raise bad(f"unknown input {tensor.get('name')!r}; the model's input is "
+            raise bad(f"unknown input {_short(tensor.get('name'))}; the model's input is "
                       f"{names[0]!r}", ErrorCode.TENSOR_NAME_MISMATCH)
-        data, used = _input_data(tensor, blobs)
+        data, used = _input_data(tensor, blobs, 0)
         if used != len(blobs):
             raise bad(f"the binary part has {len(blobs)} bytes; the inputs declare {used}")
         payload = _payload(tensor, data, model)
@@ -124,7 +145,7 @@ def parse_infer(body: bytes, headers: Mapping[str, str], model: Model) -> InferR
         for out in outputs:
             name = out.get("name")
             if name not in names:
-                raise bad(f"unknown output {name!r}; the model answers {', '.join(names)}")
+                raise bad(f"unknown output {_short(name)}; the model answers {', '.join(names)}")
             wanted.append(name)
             out_params = out.get("parameters") or {}
             if isinstance(out_params, dict) and out_params.get("binary_data"):
@@ -141,7 +162,7 @@ def tensor_payload(name: str, datatype: str, shape: list[int], data: Any,
                              model)
     expected = model.descriptor.input_names()[0]
     if name != expected:
-        raise bad(f"unknown input {name!r}; the model's input is {expected!r}",
+        raise bad(f"unknown input {_short(name)}; the model's input is {expected!r}",
                   ErrorCode.TENSOR_NAME_MISMATCH)
     return _payload({"name": name, "datatype": datatype, "shape": shape}, data, model)
 
@@ -150,12 +171,15 @@ def named_payload(tensors: list[tuple[dict[str, Any], Any]], model: Model) -> by
     """The ``.npz`` payload of a model of named inputs: one member per tensor, by name
     (the codec checks names, dtypes and shapes against the model's inputs)."""
     known = [spec.name for spec in model.named_inputs]
+    if not tensors:  # an empty .npz would reach the codec as no known format at all
+        raise bad(f"no input tensors; the model takes {', '.join(known)}",
+                  ErrorCode.TENSOR_NAME_MISMATCH)
     arrays: dict[str, np.ndarray] = {}
     for tensor, data in tensors:
         name = tensor.get("name")
         if not isinstance(name, str) or name not in known or name in arrays:
-            raise bad(f"input {name!r} is not one of the model's inputs ({', '.join(known)}) "
-                      "or is sent twice", ErrorCode.TENSOR_NAME_MISMATCH)
+            raise bad(f"input {_short(name)} is not one of the model's inputs "
+                      f"({', '.join(known)}) or is sent twice", ErrorCode.TENSOR_NAME_MISMATCH)
         if tensor.get("datatype") == "BYTES":
             raise bad(f"input {name!r} takes numbers, not BYTES",
                       ErrorCode.INPUT_KIND_MISMATCH, "send the datatype the model's "
@@ -181,24 +205,33 @@ def datatype_of(value: np.ndarray) -> str:
         value.dtype.newbyteorder("<").str, "FP32")
 
 
-def _input_data(tensor: dict[str, Any], blobs: bytes) -> tuple[Any, int]:
-    """The tensor's ``data`` (JSON) or its bytes from the binary part, and bytes used."""
+def _short(value: Any) -> str:
+    """A value the client sent, for a message: its repr cut short, so that a refusal never
+    echoes (in the answer and the log) megabytes of the request."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:64] + "..."
+
+
+def _input_data(tensor: dict[str, Any], blobs: bytes, offset: int) -> tuple[Any, int]:
+    """The tensor's ``data`` (JSON) or its bytes from the binary part at ``offset``, and
+    bytes used."""
     params = tensor.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is None:
         if "data" not in tensor:
-            raise bad(f"input {tensor.get('name')!r} has neither data nor binary_data_size")
+            raise bad(f"input {_short(tensor.get('name'))} has neither data nor binary_data_size")
         return tensor["data"], 0
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(blobs):
-        raise bad(f"binary_data_size {size!r} does not fit the {len(blobs)} binary bytes")
-    return blobs[:size], size
+    left = len(blobs) - offset
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= left:
+        raise bad(f"binary_data_size {_short(size)} does not fit the {left} binary bytes left")
+    return blobs[offset:offset + size], size
 
 
 def _shape(tensor: dict[str, Any]) -> list[int]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or len(shape) > 8 or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} must be a list of 1 to 8 sizes >= 0",
+        raise bad(f"shape {_short(shape)} must be a list of 1 to 8 sizes >= 0",
                   ErrorCode.TENSOR_SHAPE_MISMATCH)
     return shape
 
@@ -220,19 +253,27 @@ def _array(tensor: dict[str, Any], data: Any) -> np.ndarray:
     datatype = tensor.get("datatype")
     dtype = DTYPES.get(str(datatype))
     if dtype is None:
-        raise bad(f"datatype {datatype!r} is not supported; use FP32 (or another numeric "
+        raise bad(f"datatype {_short(datatype)} is not supported; use FP32 (or another numeric "
                   "type) for tensors, BYTES for JPEG/PNG images", ErrorCode.TENSOR_DTYPE_INVALID)
+    if count == 0 and max(shape) > MAX_EMPTY_SIZE:  # numpy cannot even shape such nothing
+        raise bad(f"shape {shape} holds no values but has a size over {MAX_EMPTY_SIZE:,}",
+                  ErrorCode.TENSOR_SHAPE_MISMATCH)
     if isinstance(data, bytes):
         if len(data) != count * dtype.itemsize:
             raise bad(f"binary data has {len(data)} bytes; shape {shape} of {datatype} needs "
                       f"{count * dtype.itemsize}", ErrorCode.TENSOR_SHAPE_MISMATCH)
         array = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
     else:
-        try:
-            array = np.asarray(data, dtype=dtype)
+        try:  # as parsed first: a float or a string is no INT64, whatever numpy would cast
+            parsed = np.asarray(data)
         except (ValueError, TypeError, OverflowError):
-            raise bad(f"data of input {tensor.get('name')!r} is not a list of {datatype} "
-                      "numbers", ErrorCode.TENSOR_DTYPE_INVALID) from None
+            parsed = np.asarray(None)
+        if parsed.size == 0:
+            parsed = parsed.astype(dtype)
+        if parsed.dtype.kind not in "biuf" or not fits_dtype(parsed, dtype):
+            raise bad(f"data of input {_short(tensor.get('name'))} is not a list of {datatype} "
+                      "numbers", ErrorCode.TENSOR_DTYPE_INVALID)
+        array = parsed.astype(dtype)
         if array.size != count:
             raise bad(f"data holds {array.size} values; shape {shape} needs {count}",
                       ErrorCode.TENSOR_SHAPE_MISMATCH)

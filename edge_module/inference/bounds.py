@@ -11,7 +11,8 @@ before OpenCV or numpy allocate a single pixel or element:
 * ``npy_header``: dtype, shape and data offset of ``.npy`` bytes (numpy's own
   header reader, which parses the header text without touching the data);
 * ``open_npz``: the members of ``.npz`` bytes (``numpy.savez``), their count
-  read from the zip's end record before its directory is parsed, with each
+  read from the zip's end record and its directory's entry signatures (the count
+  field can lie) before the directory is parsed, with each
   member's ``.npy`` header, read from at most ~10 KB of the member; a member's
   data is read later, only as many bytes as its zip entry declares (so a
   deflated member cannot expand past the size its checked header implies);
@@ -89,10 +90,20 @@ def open_npz(data: bytes, max_members: int) -> tuple[zipfile.ZipFile, dict[str, 
     end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 65_535))
     if end < 0 or end + 22 > len(data):
         raise MalformedHeader("the .npz has no end-of-central-directory record")
-    (entries,) = struct.unpack_from("<H", data, end + 10)
+    entries, directory_size = struct.unpack_from("<HI", data, end + 10)
     if entries > max_members:
         raise MalformedHeader(f"the .npz declares {entries} members; at most {max_members} "
                               "(one per model input) are accepted")
+    # zipfile parses every entry of the directory whatever the count says, so the
+    # directory (the bytes before the end record) is checked too: each entry starts with
+    # its signature. A zip64 end record could place it elsewhere; no .npz within the
+    # payload limit needs one.
+    if end >= 20 and data[end - 20:end - 16] == b"PK\x06\x07":
+        raise MalformedHeader("the .npz is a zip64 archive; numpy.savez writes a plain zip")
+    signatures = data.count(b"PK\x01\x02", max(0, end - directory_size), end)
+    if signatures > max_members:
+        raise MalformedHeader(f"the .npz directory holds {signatures} entries; at most "
+                              f"{max_members} (one per model input) are accepted")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()

@@ -178,7 +178,7 @@ class Codec:
             if unknown:
                 raise RequestError(
                     ErrorCode.UNKNOWN_FIELD,
-                    f"unknown field(s) {', '.join(unknown)}; allowed: id, model, version, image, "
+                    f"unknown field(s) {_listed(unknown)}; allowed: id, model, version, image, "
                     "tensor, items, inputs, output",
                 )
             tensors = self._output_format(body.get("output", "json"))
@@ -218,7 +218,7 @@ class Codec:
             unknown = sorted(set(item) - ITEM_FIELDS)
             if unknown:
                 raise RequestError(ErrorCode.UNKNOWN_FIELD,
-                                   f"{where}: unknown field(s) {', '.join(unknown)}; "
+                                   f"{where}: unknown field(s) {_listed(unknown)}; "
                                    "an item has image or tensor")
             if len(item) != 1:
                 raise RequestError(ErrorCode.INVALID_REQUEST,
@@ -293,10 +293,9 @@ class Codec:
             raise RequestError(ErrorCode.INVALID_REQUEST,
                                f"model {self.model.descriptor.name} takes one input; send "
                                "image, tensor or items, not inputs")
-        if present == "tensor":
-            array = _json_tensor(body["tensor"], "tensor")
-            return self._named(None, {self._sole_input(): _Sent(
-                array.dtype, tuple(array.shape), lambda: array)})
+        if present == "tensor":  # the sole input's data, read as in inputs (its dtype)
+            name = self._sole_input()
+            return self._named(None, {name: self._json_sent(name, {"data": body["tensor"]})})
         if present != "inputs":
             if present == "image":
                 raise RequestError(ErrorCode.INPUT_KIND_MISMATCH,
@@ -310,30 +309,35 @@ class Codec:
             raise RequestError(ErrorCode.INVALID_REQUEST,
                                "inputs must be an object: {\"<input name>\": {\"shape\", "
                                "\"dtype\", \"data\"}, ...}")
+        if len(inputs) > len(self.named):  # refused before each is parsed into an array
+            raise RequestError(ErrorCode.TENSOR_NAME_MISMATCH,
+                               f"{len(inputs)} inputs sent; model {self.model.descriptor.name} "
+                               f"takes {len(self.named)} ({', '.join(self.named)})")
         return self._named(None, {str(name): self._json_sent(str(name), entry)
                                   for name, entry in inputs.items()})
 
     def _json_sent(self, name: str, entry: Any) -> _Sent:
-        where = f"inputs.{name}"
+        where = f"inputs.{_listed([name])}"
         if not isinstance(entry, dict):
             raise RequestError(ErrorCode.INVALID_REQUEST,
                                f"{where} must be an object with shape, dtype and data")
         unknown = sorted(set(entry) - NAMED_FIELDS)
         if unknown:
             raise RequestError(ErrorCode.UNKNOWN_FIELD, f"{where}: unknown field(s) "
-                               f"{', '.join(unknown)}; a tensor has shape, dtype and data")
+                               f"{_listed(unknown)}; a tensor has shape, dtype and data")
         if "data" not in entry:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"{where} has no data")
         spec = self.named.get(name)
         declared = entry.get("dtype", spec.dtype if spec is not None else "float32")
-        if declared not in TENSOR_TYPES:
+        if not isinstance(declared, str) or declared not in TENSOR_TYPES:
             raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
-                               f"{where}: dtype {declared!r} is not one of "
+                               f"{where}: dtype {_listed([repr(declared)])} is not one of "
                                f"{', '.join(sorted(TENSOR_TYPES))}")
         dtype = np.dtype(declared)
         array = _json_tensor(entry["data"], where, booleans=True)
-        if (array.dtype.kind == "f" and dtype.kind != "f") or \
-                (array.dtype.kind == "i" and dtype.kind in "bu" and (array < 0).any()):
+        if array.size == 0:  # [] parses as float64: empty data is of any dtype
+            array = array.astype(dtype)
+        if not fits_dtype(array, dtype):  # the cast to the input's dtype must not wrap
             raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                                f"{where}: the data holds values that are not {declared}")
         if "shape" in entry:
@@ -342,10 +346,12 @@ class Codec:
                     isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
                 raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                                    f"{where}: shape must be a list of at most 9 sizes >= 0")
-            if math.prod(shape) != array.size:
+            if math.prod(shape) != array.size or (array.size == 0 and any(
+                    d > self.limits.max_tensor_elements for d in shape)):
                 raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                                    f"{where}: data holds {array.size} values; shape {shape} "
-                                   f"needs {math.prod(shape)}")
+                                   f"needs {math.prod(shape)} (each size at most "
+                                   f"{self.limits.max_tensor_elements:,})")
             array = array.reshape(shape)
         return _Sent(dtype, tuple(array.shape), lambda: array)
 
@@ -385,7 +391,7 @@ class Codec:
                 except MalformedHeader as exc:
                     raise RequestError(ErrorCode.UNSUPPORTED_PAYLOAD, str(exc)) from None
             return load
-        return {name: _Sent(m.header.dtype, m.header.shape, loader(m))
+        return {name: _Sent(m.header.dtype, m.header.shape, loader(m), m.info.file_size)
                 for name, m in members.items()}
 
     def _named(self, request_id: str | None, sent: dict[str, _Sent]) -> Decoded:
@@ -398,7 +404,7 @@ class Codec:
             raise RequestError(
                 ErrorCode.TENSOR_NAME_MISMATCH,
                 f"model {name} takes inputs {', '.join(self.named)}"
-                + (f"; {', '.join(unknown)} is not one of them" if unknown else "")
+                + (f"; {_listed(unknown)} is not one of them" if unknown else "")
                 + (f"; {', '.join(missing)} is missing" if missing else ""))
         counts: set[int] = set()
         elements = 0
@@ -439,6 +445,14 @@ class Codec:
             raise RequestError(ErrorCode.TENSOR_TOO_LARGE,
                                f"the inputs hold {elements:,} elements; the limit is "
                                f"{limit:,} (Pipeline:MaxTensorElements)")
+        # Deflate must not carry more than the same .npz stored could: 40 KB of deflated
+        # zeros declaring 16 M elements would cost ~250 MB to inflate, cast and batch.
+        inflated = sum(tensor.inflated for tensor in sent.values())
+        if inflated > self.limits.max_payload_bytes:
+            raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE,
+                               f"the .npz inflates to {inflated:,} bytes; the limit is "
+                               f"{self.limits.max_payload_bytes:,} (Pipeline:MaxPayloadBytes), "
+                               "deflated or not")
         rows = counts.pop()
         if rows > self.limits.max_batch_items:
             raise RequestError(ErrorCode.BATCH_TOO_LARGE,
@@ -447,6 +461,8 @@ class Codec:
         arrays: dict[str, np.ndarray] = {}
         for key, spec in self.named.items():
             array = np.ascontiguousarray(sent[key].load(), dtype=spec.dtype)
+            if array.dtype.kind == "b":  # bytes as sent: 2 is no bool (Cast answers 2.0)
+                array = array.view(np.uint8).astype(np.bool_)
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise RequestError(ErrorCode.TENSOR_VALUE_INVALID,
                                    f"input {key} holds NaN or infinite values")
@@ -571,6 +587,7 @@ class _Sent:
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
+    inflated: int = 0  # a .npz member's size once inflated (0: not from a .npz)
 
 
 INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR,
@@ -660,13 +677,37 @@ def _json_tensor(value: Any, where: str, booleans: bool = False) -> np.ndarray:
     except ValueError as exc:
         raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
                            f"{where}: tensor is ragged (rows of different lengths)") from exc
-    if array.dtype == object:
+    if array.dtype == object:  # ragged, or null, objects or integers past 64 bits inside
         raise RequestError(ErrorCode.TENSOR_SHAPE_MISMATCH,
-                           f"{where}: tensor is ragged (rows of different lengths)")
+                           f"{where}: tensor is ragged (rows of different lengths) or holds "
+                           "values that are not numbers (null, objects, integers past 64 bits)")
     if array.dtype.kind not in ("fiub" if booleans else "fiu"):
         raise RequestError(ErrorCode.TENSOR_DTYPE_INVALID,
                            f"{where}: tensor holds {array.dtype.kind!r}-kind values; send numbers")
     return array
+
+
+def _listed(names: Sequence[str], most: int = 5, length: int = 64) -> str:
+    """Names a client sent, for a message: the first few, each cut short, so that a
+    refusal never echoes (on the error topic and in the log) megabytes of its payload."""
+    shown = [n if len(n) <= length else n[:length] + "..." for n in names[:most]]
+    return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def fits_dtype(array: np.ndarray, dtype: np.dtype[Any]) -> bool:
+    """Whether numbers parsed from JSON (bool, int64, uint64 or float64) are values of
+    ``dtype``: no float for an integer or bool, no integer out of its range (0 or 1 for
+    bool). Casting them then changes no value, where numpy would wrap or truncate."""
+    kind = array.dtype.kind
+    if kind in "b" or array.size == 0:
+        return True
+    if kind == "f":
+        return dtype.kind == "f"
+    if dtype.kind == "f":
+        return True
+    low, high = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min),
+                                                   int(np.iinfo(dtype).max))
+    return low <= int(array.min()) and int(array.max()) <= high
 
 
 def is_json(payload: bytes) -> bool:
