@@ -114,7 +114,9 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
     ErrorCode.INPUT_KIND_MISMATCH: ErrorInfo(
         "an image sent to a tensor model", "send a tensor"),
     ErrorCode.TENSOR_SHAPE_MISMATCH: ErrorInfo(
-        "wrong or ragged shape (for a `.npy`, the shape its header declares)",
+        "wrong or ragged shape (for a `.npy`, the shape its header declares); a named "
+        "input's dynamic size under its descriptor `minShape` (a zero-length size, unless "
+        "`minShape` gives 0 there)",
         "match the model's item shape (table above)"),
     ErrorCode.TENSOR_DTYPE_INVALID: ErrorInfo(
         "non-numeric values, or an object `.npy`", "send numbers"),
@@ -122,8 +124,9 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         "NaN or infinity (also JSON `NaN`, `Infinity`, `1e999`)", "send finite numbers"),
     ErrorCode.TENSOR_TOO_LARGE: ErrorInfo(
         "a tensor (a `.npy` by its header, before its data is read) with more than "
-        "`Pipeline:MaxTensorElements` elements", "send fewer rows per message or raise the "
-        "limit", http_status=413),
+        "`Pipeline:MaxTensorElements` elements; a named input's dynamic size over its "
+        "descriptor `maxShape` (or the default bound, docs/models.md)",
+        "send fewer rows per message or smaller items, or raise the limit", http_status=413),
     ErrorCode.TENSOR_NAME_MISMATCH: ErrorInfo(
         "a model of named inputs (descriptor `inputs`) got a tensor named for none of them, "
         "or lacks one of them", "send one tensor per input, named as the model's metadata "

@@ -77,8 +77,10 @@ def flag_graph(path: Path) -> Path:
     return path
 
 
-EMBED = {
-    "name": "embed", "version": "1", "inputs": [{"name": "ids", "shape": [-1], "dtype": "int64"}],
+EMBED = {  # a text model: an empty sequence is allowed (minShape 0), at most 512 tokens
+    "name": "embed", "version": "1",
+    "inputs": [{"name": "ids", "shape": [-1], "dtype": "int64", "minShape": [0],
+                "maxShape": [512]}],
     "head": "tensor", "metering": {"meterName": "embed.tensor", "apiType": "embed"},
 }
 

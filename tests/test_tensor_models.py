@@ -52,8 +52,8 @@ from tests.support import API_KEY, Collector, Module, free_port, start_broker, w
 RESULTS, ERRORS = "em/results", "em/errors"
 PAIR = {
     "name": "pair", "version": "1",
-    "inputs": [{"name": "a", "shape": [-1], "dtype": "float32"},
-               {"name": "b", "shape": [-1], "dtype": "int64"}],
+    "inputs": [{"name": "a", "shape": [-1], "dtype": "float32", "maxShape": [2048]},
+               {"name": "b", "shape": [-1], "dtype": "int64", "maxShape": [2048]}],
     "head": "tensor", "headOptions": {"maxElements": 1000},
     "metering": {"meterName": "pair.tensor", "apiType": "pair"},
 }

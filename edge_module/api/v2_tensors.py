@@ -7,8 +7,10 @@ bytes (its shape checked against the model's item shape by the codec), a ``BYTES
 tensor of JPEG/PNG files becomes the image itself (one) or a JSON ``items`` request
 (several), decoded and preprocessed by the module. A model of named inputs (descriptor
 ``inputs``) takes one tensor per input, by name, in any order; they travel to the codec
-as one ``.npz`` (``numpy.savez``), which checks names, dtypes and shapes. Answers come
-back as the pipeline's result envelope and are turned into outputs per the model's head:
+as one ``.npz`` (``numpy.savez``), which checks names, dtypes and shapes; a tensor
+whose declared shape lies outside its input's ``minShape``/``maxShape`` is refused
+before its data is read. Answers come back as the pipeline's result envelope and are
+turned into outputs per the model's head:
 
 * ``classification``: ``label`` (BYTES [N]), ``score`` (FP32 [N]), ``result`` (BYTES [N],
   each the item's JSON result with ``topK``);
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from edge_module.api.router import HttpError
-from edge_module.errors import ErrorCode
+from edge_module.errors import ErrorCode, info
 from edge_module.inference.bounds import json_refusal
 from edge_module.inference.codecs import (
     JPEG_MAGIC,
@@ -41,7 +43,7 @@ from edge_module.inference.codecs import (
     PNG_MAGIC,
     fits_dtype,
 )
-from edge_module.inference.descriptor import ImageInput
+from edge_module.inference.descriptor import ImageInput, NamedInput
 from edge_module.inference.models import Model
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -174,6 +176,7 @@ def named_payload(tensors: list[tuple[dict[str, Any], Any]], model: Model) -> by
     if not tensors:  # an empty .npz would reach the codec as no known format at all
         raise bad(f"no input tensors; the model takes {', '.join(known)}",
                   ErrorCode.TENSOR_NAME_MISMATCH)
+    specs = {spec.name: spec for spec in model.named_inputs}
     arrays: dict[str, np.ndarray] = {}
     for tensor, data in tensors:
         name = tensor.get("name")
@@ -184,10 +187,28 @@ def named_payload(tensors: list[tuple[dict[str, Any], Any]], model: Model) -> by
             raise bad(f"input {name!r} takes numbers, not BYTES",
                       ErrorCode.INPUT_KIND_MISMATCH, "send the datatype the model's "
                       "metadata gives")
+        _check_sizes(specs[name], _shape(tensor))
         arrays[name] = _array(tensor, data)
     out = io.BytesIO()
     np.savez(out, allow_pickle=False, **arrays)
     return out.getvalue()
+
+
+def _check_sizes(spec: NamedInput, shape: list[int]) -> None:
+    """Refuse a tensor whose dynamic sizes lie outside the input's ``minShape`` and
+    ``maxShape`` by its declared shape, before its data is read (the codec checks again,
+    with every other rule, once the ``.npz`` is built)."""
+    rank = len(spec.shape)
+    if len(shape) not in (rank, rank + 1):
+        return  # the codec names the shape it takes
+    item = tuple(shape[len(shape) - rank:])
+    if any(d != -1 and d != got for d, got in zip(spec.shape, item, strict=True)):
+        return
+    refusal = spec.size_refusal(item)
+    if refusal is not None:
+        large, message = refusal
+        code = ErrorCode.TENSOR_TOO_LARGE if large else ErrorCode.TENSOR_SHAPE_MISMATCH
+        raise HttpError(info(code).http_status, code, message, info(code).fix)
 
 
 def result_tensors(envelope: dict[str, Any], model: Model) -> dict[str, np.ndarray]:

@@ -14,6 +14,10 @@ Accepted payloads (docs/mqtt-topics.md has the full reference):
   arrays by input name, and the items of one message share their shapes
   (``Decoded.shape_key``: only items of equal shapes are batched together).
   Dtypes must cast safely to the input's (int32 to int64, not float to int).
+  Each dynamic size lies within the input's ``minShape`` and ``maxShape``
+  (``NamedInput.bounds``), checked from the shape a header or the JSON declares
+  before any data is read, inflated or cast: over ``maxShape`` is ``TensorTooLarge``,
+  under ``minShape`` (a zero-length size, by default) ``TensorShapeMismatch``.
 
 ``"output": "npy"`` in a JSON request asks a tensor model for base64 ``.npy``
 outputs instead of nested lists (``Decoded.tensors``).
@@ -424,6 +428,13 @@ class Codec:
                     ErrorCode.TENSOR_SHAPE_MISMATCH,
                     f"input {key} got shape {list(tensor.shape)}; it takes items of shape "
                     f"{spec.shape} (-1: any size), or k of them batch first")
+            # Each dynamic size within the descriptor's minShape and maxShape (or their
+            # defaults): a conv model's activations grow with every size, whatever the total.
+            refusal = spec.size_refusal(tensor.shape[len(tensor.shape) - rank:])
+            if refusal is not None:
+                large, message = refusal
+                raise RequestError(ErrorCode.TENSOR_TOO_LARGE if large
+                                   else ErrorCode.TENSOR_SHAPE_MISMATCH, message)
             counts.add(tensor.shape[0] if len(tensor.shape) == rank + 1 else 1)
             elements += math.prod(tensor.shape)
         tied: dict[str, tuple[str, int]] = {}  # a size the graph names: its first holder

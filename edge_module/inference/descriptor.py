@@ -16,6 +16,7 @@ channel, or exactly one value per channel; any other length is refused at load.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -84,9 +85,22 @@ TensorType = Literal["float32", "float64", "float16", "int64", "int32", "int16",
                      "uint8", "uint16", "uint32", "uint64", "bool"]
 
 
+# One item of a named input with dynamic sizes and no ``maxShape`` holds at most this many
+# values with every dynamic size at its default maximum (1/16 of the default
+# Pipeline:MaxTensorElements): a conv model's activations are many times its input, and a
+# 16 M-value [3, 2365, 2365] image would hold the one inference thread for tens of seconds.
+DEFAULT_DYNAMIC_ELEMENTS = 1 << 20
+
+
 class NamedInput(_Strict):
     """One of a model's named tensor inputs (descriptor ``inputs``): its per-item shape,
-    batch dimension left out, with ``-1`` for a dynamic size, and its element type."""
+    batch dimension left out, with ``-1`` for a dynamic size, and its element type.
+
+    Each dynamic size lies between ``minShape`` and ``maxShape`` (aligned with ``shape``,
+    a fixed size repeated as it is): by default at least 1 (a zero-length size only where
+    ``minShape`` gives 0) and at most ``default_max`` (``DEFAULT_DYNAMIC_ELEMENTS`` shared
+    evenly among the dynamic sizes). ``bounds`` gives both; ``size_refusal`` checks an item
+    shape against them."""
 
     name: str = Field(min_length=1)
     kind: Literal["tensor"] = "tensor"
@@ -95,6 +109,9 @@ class NamedInput(_Strict):
     # The item shape the load probe and the warm-up run (every -1 given a size); by
     # default each -1 becomes 1, which a model that downsamples (a map) may refuse.
     probeShape: list[int] | None = None
+    # The largest and smallest item shape accepted at intake, aligned with shape.
+    maxShape: list[int] | None = None
+    minShape: list[int] | None = None
 
     @model_validator(mode="after")
     def _sizes(self) -> NamedInput:
@@ -105,6 +122,30 @@ class NamedInput(_Strict):
                 for p, d in zip(self.probeShape, self.shape, strict=True))):
             raise ValueError(f"probeShape {self.probeShape} must give shape {self.shape} "
                              "with every -1 replaced by a size > 0")
+        for field, least in (("maxShape", 1), ("minShape", 0)):
+            given: list[int] | None = getattr(self, field)
+            if given is None:
+                continue
+            if len(given) != len(self.shape):
+                raise ValueError(f"{field} {given} has {len(given)} sizes; shape {self.shape} "
+                                 f"has {len(self.shape)}: give one size per dimension")
+            for i, (g, d) in enumerate(zip(given, self.shape, strict=True)):
+                if d != -1 and g != d:
+                    raise ValueError(f"{field} {given}: shape {self.shape} fixes dimension {i} "
+                                     f"to {d}; write {d} there, not {g}")
+                if d == -1 and g < least:
+                    raise ValueError(f"{field} {given}: dimension {i} is dynamic; its "
+                                     f"{'largest' if least else 'smallest'} size must be "
+                                     f">= {least}, not {g}")
+        low, high = self.bounds()
+        for i, (lo, hi) in enumerate(zip(low, high, strict=True)):
+            if lo > hi:
+                raise ValueError(f"dimension {i}: minShape {list(low)} exceeds maxShape "
+                                 f"{list(high)} there")
+        probe = self.probe()
+        if any(not lo <= p <= hi for p, lo, hi in zip(probe, low, high, strict=True)):
+            raise ValueError(f"probeShape {list(probe)} must lie between minShape {list(low)} "
+                             f"and maxShape {list(high)}")
         return self
 
     @property
@@ -116,6 +157,47 @@ class NamedInput(_Strict):
         if self.probeShape is not None:
             return tuple(self.probeShape)
         return tuple(1 if d == -1 else d for d in self.shape)
+
+    def default_max(self) -> tuple[int, ...]:
+        """The ``maxShape`` of an input that gives none: each dynamic size at most the
+        largest ``n`` with ``fixed sizes x n^k <= DEFAULT_DYNAMIC_ELEMENTS`` (k dynamic
+        sizes), and never below its ``probeShape`` size."""
+        dynamic = self.shape.count(-1)
+        if not dynamic:
+            return tuple(self.shape)
+        budget = DEFAULT_DYNAMIC_ELEMENTS // math.prod(d for d in self.shape if d != -1)
+        size = max(1, round(budget ** (1 / dynamic)))
+        while size > 1 and size ** dynamic > budget:
+            size -= 1
+        while (size + 1) ** dynamic <= budget:
+            size += 1
+        return tuple(max(size, p) if d == -1 else d
+                     for d, p in zip(self.shape, self.probe(), strict=True))
+
+    def bounds(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The smallest and largest item shape accepted (``minShape``, ``maxShape`` or
+        their defaults)."""
+        low = tuple(self.minShape) if self.minShape is not None else \
+            tuple(1 if d == -1 else d for d in self.shape)
+        high = tuple(self.maxShape) if self.maxShape is not None else self.default_max()
+        return low, high
+
+    def size_refusal(self, item: tuple[int, ...]) -> tuple[bool, str] | None:
+        """Why an item shape (of this input's rank) is refused: (too large, the sentence
+        naming the input, the dimension and the limit), or None when it lies within
+        ``bounds``."""
+        low, high = self.bounds()
+        for i, (got, lo, hi) in enumerate(zip(item, low, high, strict=True)):
+            if got > hi:
+                return True, (f"input {self.name} has size {got} at dimension {i} of its item "
+                              f"shape {list(item)} (batch left out); the model takes at most "
+                              f"{hi} there (maxShape {list(high)})")
+            if got < lo:
+                allowed = "; a zero-length size needs minShape 0 there" if got == 0 else ""
+                return False, (f"input {self.name} has size {got} at dimension {i} of its item "
+                               f"shape {list(item)} (batch left out); the model takes at least "
+                               f"{lo} there (minShape {list(low)}){allowed}")
+        return None
 
 
 class Output(_Strict):

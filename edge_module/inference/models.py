@@ -6,7 +6,8 @@ shape), which output head reads its answers, its labels, and how its use is
 billed (meter name and apiType). A model may instead take several named
 tensor inputs (descriptor ``inputs``) of any numeric dtype with dynamic sizes;
 an item of such a model is a dict of arrays by input name (``Item``). Loading
-checks the graph's inputs (names, dtype, rank, fixed sizes), runs a one-item
+checks the graph's inputs (names, dtype, rank, fixed sizes), warns of a dynamic input
+without ``maxShape`` (the default bound applies), runs a one-item
 probe whose output shapes the head checks (``heads/``), computes the file's
 sha256 for provenance and warms the session up so the first real request pays
 no start-up cost. A model that does not fit is refused here with a
@@ -39,9 +40,12 @@ from edge_module.inference.descriptor import (
 )
 from edge_module.inference.encryption import decrypt_model, is_encrypted
 from edge_module.inference.heads import Head, HeadMismatch, build_head
+from edge_module.logs import get_logger
 
 __all__ = ["Descriptor", "ImageInput", "Item", "Metering", "Model", "NamedInput", "Output",
            "Provenance", "TensorInput", "load_descriptor", "load_model", "model_path"]
+
+log = get_logger("models")
 
 # One item: a float32 array (a model of one ``input``), or its arrays by input name (a
 # model of named ``inputs``).
@@ -107,6 +111,7 @@ class Model:
         if self.named_inputs:
             self.item_shape: tuple[int, ...] = ()
             self.batch_limit = self._check_named_inputs()
+            self._note_default_bounds()
         else:
             self.item_shape, self.batch_limit = self._check_inputs()
         shapes = self._probe()
@@ -161,6 +166,19 @@ class Model:
             if isinstance(graph.shape[0], int) and graph.shape[0] > 0:
                 batches.add(graph.shape[0])
         return min(batches) if batches else None
+
+    def _note_default_bounds(self) -> None:
+        """Warn of each dynamic input that gives no ``maxShape``: it serves, bounded by a
+        default that may be too generous for a conv model or too tight for its use."""
+        for spec in self.named_inputs:
+            if spec.dynamic and spec.maxShape is None:
+                low, high = spec.bounds()
+                log.warning("model_input_unbounded", model=self.descriptor.name,
+                            input=spec.name, shape=spec.shape, default_max_shape=list(high),
+                            min_shape=list(low),
+                            effect="larger items are refused TensorTooLarge at intake",
+                            fix="give the input a maxShape in the descriptor (the largest "
+                            "item the model serves in reasonable time and memory)")
 
     def probe_feeds(self) -> dict[str, np.ndarray]:
         """One zero item per input, dynamic sizes from ``probeShape`` (or 1)."""
