@@ -11,11 +11,13 @@ header lies about shape or dtype, pickles, structured, unicode and sub-array dty
 0-d arrays, negative and huge sizes, NaN), JSON inputs of wrong types and sizes
 (integers past the input's range, shapes that hold nothing in sizes past the
 address space, a dtype that is a list), and v2 requests whose binary sizes, shapes,
-datatypes and input counts lie. Each gets its documented code, nothing refused is
-billed, the next normal request is answered, no ``InternalError`` is counted, and
-the module's peak RSS (VmHWM) stays within 100 MB of its steady state. A bool byte 2
-is fed as true, and a token id past the table fails its own request, not the
-requests batched with it.
+datatypes and input counts lie, and dynamic sizes past the descriptor's ``maxShape``
+or of zero length where its ``minShape`` does not allow it (on MQTT, v2 HTTP JSON and
+binary, and gRPC). Each gets its documented code, nothing refused is billed, the next
+normal request is answered, no ``InternalError`` is counted, and the module's peak RSS
+(VmHWM) stays within 100 MB of its steady state. A bool byte 2 is fed as true, an empty
+token sequence is answered (``embed`` allows it), and a token id past the table fails
+its own request, not the requests batched with it.
 """
 
 from __future__ import annotations
@@ -241,9 +243,25 @@ def mqtt_cases() -> list[Case]:
         Case("deflate-bomb-1e8", deflated(a=np.zeros(50_000_000, np.float32),
                                           b=np.zeros(50_000_000, np.int8)), "TensorTooLarge"),
         # 1 M elements (the limit) deflated into 12 KB, 6 MB inflated: more than a message
-        Case("deflated-past-payload-limit", deflated(a=np.zeros(500_000, np.float32),
-                                                     b=np.zeros(500_000, np.int64)),
+        Case("deflated-past-payload-limit", deflated(a=np.zeros((250, 2000), np.float32),
+                                                     b=np.zeros((250, 2000), np.int64)),
              "PayloadTooLarge"),
+        # dynamic sizes past maxShape (pair: 2048, embed: 512), refused by the declared
+        # shape: the deflated one would inflate past the payload limit, the .npy is read
+        Case("past-max-shape-json", body({"a": {"data": [0.0] * 2049},
+                                          "b": {"data": [0] * 2049}}), "TensorTooLarge"),
+        Case("past-max-shape-npz", npz(a=np.ones((2, 2049), np.float32),
+                                       b=np.ones((2, 2049), np.int64)), "TensorTooLarge"),
+        Case("past-max-shape-deflated", deflated(a=np.zeros(900_000, np.float32),
+                                                 b=np.zeros(900_000, np.int8)),
+             "TensorTooLarge"),
+        Case("past-max-shape-npy", npy(np.ones(513, np.int64)), "TensorTooLarge", "em/in/embed"),
+        # a zero-length size: refused unless the descriptor's minShape gives 0 (embed's does)
+        Case("zero-length-json", body({"a": {"data": []}, "b": {"data": []}}),
+             "TensorShapeMismatch"),
+        Case("zero-length-npz", npz(a=np.ones((2, 0), np.float32), b=np.ones((2, 0), np.int64)),
+             "TensorShapeMismatch"),
+        Case("zero-length-allowed", body({"ids": {"data": []}}), RESULT, "em/in/embed"),
         # dtypes and shapes
         Case("structured", npz(a=np.zeros(3, [("x", "<f4")]), b=np.ones(3, np.int64)),
              "TensorDtypeInvalid"),
@@ -606,6 +624,19 @@ def test_hostile_v2_http_requests_get_400s_and_no_records(served: Served) -> Non
                                     "TensorShapeMismatch"),
         # 15,001 tensors over a 4 MB binary part
         "15000-inputs": (binary(many, b"\0" * (4 * MB)), "TensorNameMismatch"),
+        "zero-length": (binary([tensor("a", "FP32", [1, 0], size=0),
+                                tensor("b", "INT64", [1, 0], size=0)], b""),
+                        "TensorShapeMismatch"),
+    }
+    # past maxShape (2048): 413, by the declared shape (the data is never read)
+    past = np.zeros(2049, np.float32).tobytes(), np.zeros(2049, np.int64).tobytes()
+    too_large: dict[str, tuple[bytes, int | None]] = {
+        "past-max-shape-json": (json.dumps({"inputs": [
+            tensor("a", "FP32", [1, 2049], [0.0] * 2049),
+            tensor("b", "INT64", [1, 2049], [0] * 2049)]}).encode(), None),
+        "past-max-shape-binary": binary([tensor("a", "FP32", [1, 2049], size=len(past[0])),
+                                         tensor("b", "INT64", [1, 2049], size=len(past[1]))],
+                                        past[0] + past[1]),
     }
     assert module.process is not None
     steady_kb = vm_kb(module.process.pid, "VmHWM")
@@ -620,7 +651,13 @@ def test_hostile_v2_http_requests_get_400s_and_no_records(served: Served) -> Non
         status, answer = post(module, payload, length)
         got[name] = (status, str(answer.get("code", "")))
         longest = max(longest, len(json.dumps(answer)))
+    for name, (payload, length) in too_large.items():
+        status, answer = post(module, payload, length)
+        got[name] = (status, str(answer.get("code", "")))
+        assert "input a has size 2049" in answer["message"] and "at most 2048" in \
+            answer["message"], answer
     want = {name: (400, code) for name, (_, code) in {**json_cases, **binary_cases}.items()}
+    want |= {name: (413, "TensorTooLarge") for name in too_large}
     assert got == want
     assert longest < 2000  # no refusal echoes the request
     status, answer = post(module, *binary([tensor("b", "INT64", [1, 2], size=16),
@@ -678,10 +715,17 @@ def test_hostile_v2_grpc_requests_get_coded_statuses_and_no_records(served: Serv
                              "TensorDtypeInvalid"),
         "missing-input": ([a], [fa], "TensorNameMismatch"),
         "no-inputs": ([], [], "TensorNameMismatch"),
+        "zero-length": ([spec(name="a", datatype="FP32", shape=[1, 0]),
+                         spec(name="b", datatype="INT64", shape=[1, 0])], [b"", b""],
+                        "TensorShapeMismatch"),
     }
+    past = [spec(name="a", datatype="FP32", shape=[1, 4096]),
+            spec(name="b", datatype="INT64", shape=[1, 4096])]
     before = served.billed()
     got = {name: call(inputs, raw) for name, (inputs, raw, _) in cases.items()}
-    assert got == {name: (bad, code) for name, (_, _, code) in cases.items()}
+    got["past-max-shape"] = call(past, [bytes(4 * 4096), bytes(8 * 4096)])
+    assert got == {name: (bad, code) for name, (_, _, code) in cases.items()} | {
+        "past-max-shape": (grpc.StatusCode.RESOURCE_EXHAUSTED, "TensorTooLarge")}
     assert call([a, b], [fa, ib]) == (grpc.StatusCode.OK, "")
     wait_until(lambda: served.billed() == before + 1, 20, "the one answer billed")
     time.sleep(0.5)
