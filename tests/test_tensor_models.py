@@ -15,6 +15,10 @@ and binary, and gRPC):
   answered right (only equal shapes share a batch);
 * one usage record per answered request, none for a wrong input name, a wrong dtype,
   mismatched shapes or an answer over ``maxElements``, each with its documented code;
+* a dynamic size past the descriptor's ``maxShape`` or of zero length is refused by
+  its declared shape (``maxShape``/``minShape`` of the wrong length, off a fixed size,
+  are refused at load; none given: a default bound and a warning), and the detector's
+  map past ``[3, 1024, 1024]`` never runs, over MQTT, v2 HTTP and gRPC, unbilled;
 * DBNet's map for a real image equals a direct onnxruntime run.
 """
 
@@ -40,11 +44,15 @@ import skimage.data
 import tritonclient.grpc as tg
 import tritonclient.http as th
 from onnx import TensorProto, helper
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from structlog.testing import capture_logs
 from tritonclient.utils import InferenceServerException
 
 from bench.fetch import text_detector
 from edge_module.exceptions import ModelError
 from edge_module.inference.codecs import Codec, Limits, RequestError
+from edge_module.inference.descriptor import DEFAULT_DYNAMIC_ELEMENTS
 from edge_module.inference.models import Model
 from simulator.billing import BillingSimulator, KeyInfo
 from tests.support import API_KEY, Collector, Module, free_port, start_broker, wait_until
@@ -143,10 +151,44 @@ def test_named_inputs_are_checked_against_the_graph_at_load(tmp_path: Path) -> N
                                            PAIR["inputs"][1]])
     assert "exactly one of input" in refusal(input={"name": "a", "kind": "tensor",
                                                     "shape": [3]})
+    # the bounds of each dynamic size: aligned with shape, fixed sizes repeated, around
+    # probeShape; the refusal names the descriptor, the input and the field
+    b = PAIR["inputs"][1]
+    assert "inputs.0: Value error, maxShape [8, 8] has 2 sizes; shape [-1] has 1" in \
+        refusal(inputs=[{"name": "a", "shape": [-1], "maxShape": [8, 8]}, b])
+    assert "maxShape [8, 1]: shape [-1, 2] fixes dimension 1 to 2; write 2 there, not 1" in \
+        refusal(inputs=[{"name": "a", "shape": [-1, 2], "maxShape": [8, 1]}, b])
+    assert "maxShape [0]: dimension 0 is dynamic; its largest size must be >= 1" in \
+        refusal(inputs=[{"name": "a", "shape": [-1], "maxShape": [0]}, b])
+    assert "minShape [9] exceeds maxShape [8]" in \
+        refusal(inputs=[{"name": "a", "shape": [-1], "minShape": [9], "maxShape": [8]}, b])
+    assert "probeShape [16] must lie between minShape [1] and maxShape [8]" in \
+        refusal(inputs=[{"name": "a", "shape": [-1], "probeShape": [16], "maxShape": [8]}, b])
+    # no maxShape: served within the default bound, with a warning at load
+    (tmp_path / "pair.json").write_text(json.dumps(
+        {**PAIR, "inputs": [{"name": "a", "shape": [-1]}, b]}))
+    with capture_logs() as logs:
+        unbounded = Model(path)
+    assert unbounded.named_inputs[0].bounds() == ((1,), (DEFAULT_DYNAMIC_ELEMENTS,))
+    assert [(e["event"], e["input"], e["default_max_shape"]) for e in logs
+            if e["log_level"] == "warning"] == [
+        ("model_input_unbounded", "a", [DEFAULT_DYNAMIC_ELEMENTS])]
     (tmp_path / "pair.json").write_text(json.dumps(PAIR))
     model = Model(path)
     assert model.dim_names == {"a": ("L",), "b": ("L",)}
     codec = Codec(model, Limits(1 << 20, 8, max_tensor_elements=1000))
+    # a size past maxShape (2048) or of zero length, refused by the header's shape
+    for payload, code, words in (
+            (npz(a=np.ones(2049, np.float32), b=np.ones(2049, np.int64)), "TensorTooLarge",
+             "input a has size 2049 at dimension 0 of its item shape [2049] (batch left out); "
+             "the model takes at most 2048 there (maxShape [2048])"),
+            (npz(a=np.ones((2, 0), np.float32), b=np.ones((2, 0), np.int64)),
+             "TensorShapeMismatch", "input a has size 0 at dimension 0 of its item shape [0] "
+             "(batch left out); the model takes at least 1 there (minShape [1]); a "
+             "zero-length size needs minShape 0 there")):
+        with pytest.raises(RequestError) as outside:
+            codec.decode(payload)
+        assert (outside.value.code, outside.value.message) == (code, words)
     one = codec.decode(inputs_json(np.ones((2, 3), np.float32), np.ones((2, 3), np.int64)))
     other = codec.decode(npz(a=np.ones(5, np.float32), b=np.arange(5, dtype=np.int32)))
     assert len(one.items) == 2 and one.shape_key == ((3,), (3,))
@@ -392,3 +434,42 @@ def test_a_real_text_detector_map_matches_onnxruntime(served: Served) -> None:
     assert mapped is not None and np.allclose(mapped[0], reference, atol=1e-4)
     wait_until(lambda: served.billed() == before + 2, 20, "two records")
     assert {r["meter"]["name"] for r in served.billing.store.records()} >= {"textdet.tensor"}
+
+
+def test_a_map_input_past_max_shape_is_refused_before_it_runs(served: Served) -> None:
+    """The text detector takes at most ``[3, 1024, 1024]`` (``maxShape``): a ``[3, 1056,
+    64]`` image, within every other limit, is refused by its declared shape over MQTT,
+    v2 HTTP and gRPC, never run nor billed; the next image is answered."""
+    tall = np.zeros((3, 1056, 64), np.float32)
+    limit = "input x has size 1056 at dimension 1 of its item shape [3, 1056, 64]"
+    before = served.billed()
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"t-tall"
+    served.collector.publish("em/in/textdet", npy(tall), properties=props)
+    http = th.InferenceServerClient(f"127.0.0.1:{served.module.http_port}",
+                                    network_timeout=20.0)
+    tensor = th.InferInput("x", [1, *tall.shape], "FP32")
+    tensor.set_data_from_numpy(tall[None], binary_data=True)
+    with pytest.raises(InferenceServerException) as over_http:
+        http.infer("textdet", [tensor])
+    assert over_http.value.status() == "413" and "TensorTooLarge" in str(over_http.value)
+    assert limit in str(over_http.value) and "maxShape [3, 1024, 1024]" in str(over_http.value)
+    grpc = tg.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    grpc_tensor = tg.InferInput("x", [1, *tall.shape], "FP32")
+    grpc_tensor.set_data_from_numpy(tall[None])
+    with pytest.raises(InferenceServerException) as over_grpc:
+        grpc.infer("textdet", [grpc_tensor])
+    assert "TensorTooLarge" in str(over_grpc.value) and limit in str(over_grpc.value)
+    grpc.close()
+    wait_until(lambda: "t-tall" in served.errors("t-"), 15, "the MQTT refusal")
+    assert served.errors("t-") == {"t-tall": "TensorTooLarge"}
+    refusal = next(e for e in served.collector.json(ERRORS) if e["id"] == "t-tall")
+    assert limit in refusal["error"]["message"]
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"t-small"
+    served.collector.publish("em/in/textdet", npy(np.zeros((3, 64, 64), np.float32)),
+                             properties=props)
+    wait_until(lambda: len(served.results("t-small")) == 1, 30, "the next image answered")
+    wait_until(lambda: served.billed() == before + 1, 20, "its record")
+    time.sleep(0.5)  # a record for a refusal would have drained by now
+    assert served.billed() == before + 1
