@@ -731,8 +731,16 @@ class Pipeline:
                 for inferred in group:
                     for job in inferred.jobs:
                         if not job.answered:  # one answer per input, never a second
-                            self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
-                                             "internal error while publishing; see logs")
+                            job.answered = True
+                            try:
+                                self._send_error(job.inbound, job.request_id,
+                                                 ErrorCode.INTERNAL,
+                                                 "internal error while publishing; see logs")
+                            except Exception as send_exc:  # the next job still gets its own
+                                log.error("error_not_sent", id=job.request_id,
+                                          error=f"{type(send_exc).__name__}: {send_exc}",
+                                          effect="the input stays unacknowledged, so the "
+                                          "broker delivers it again")
             finally:
                 for _ in group:
                     self.commits.task_done()
