@@ -138,8 +138,11 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
     ErrorCode.BATCH_TOO_LARGE: ErrorInfo(
         "more items than `Pipeline:MaxBatchItems`", "split the batch"),
     ErrorCode.INFERENCE_FAILED: ErrorInfo(
-        "onnxruntime failed on this input", "check the model; the message says why",
-        http_status=500),
+        "onnxruntime failed on this input; or on the batch it was in, and the input was not "
+        "run again on its own because `Pipeline:MaxRerunsPerFailedBatch` or "
+        "`Pipeline:MaxFailedBatchesPerMinute` was reached (the message says which)",
+        "check the model; the message says why (send the input again when it says it was "
+        "not run on its own)", http_status=500),
     ErrorCode.OUTPUT_TOPIC_LOOP: ErrorInfo(
         "the result's topic (derived with `{topic}`, or a response topic) would match an "
         "input filter: the input is not served (nor billed) and this code goes to the error "
@@ -159,8 +162,10 @@ CATALOGUE: dict[ErrorCode, ErrorInfo] = {
         "the usage record could not be stored, so the result is withheld",
         "check the disk under `Data:Path`", retryable=True, http_status=503),
     ErrorCode.OVERLOADED: ErrorInfo(
-        "the intake queue is full (edgeHub: `EdgeHub:IntakeQueue`)",
-        "send again later, or raise the queue", retryable=True, http_status=503),
+        "the intake queue is full (edgeHub: `EdgeHub:IntakeQueue`), or the decoded inputs "
+        "waiting for inference would pass `Pipeline:MaxQueuedMb`",
+        "send again later, or raise the queue or the budget", retryable=True,
+        http_status=503),
     ErrorCode.UNKNOWN_INPUT: ErrorInfo(
         "the edgeHub input is not in `EdgeHub:Inputs`", "fix the route or the setting",
         http_status=404),

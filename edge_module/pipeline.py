@@ -12,8 +12,14 @@ Threads and queues (docs/architecture.md draws them):
   requests held for their own next batch; for a model with dynamic input sizes,
   only items of equal shapes share a batch), asks the gate and the meter
   whether it may serve, and runs the model once (when the model fails on a batch,
-  each of its requests runs on its own, so one request's values, such as a token
-  id past the table, cost only that request an ``InferenceFailed``);
+  the batch is split in halves, recursively, so one request's values, such as a token
+  id past the table, cost only that request an ``InferenceFailed``: about 2 log2 N
+  extra runs find it, at most ``MaxRerunsPerFailedBatch``, and none once a model's
+  failed batches pass ``MaxFailedBatchesPerMinute``: then the whole batch is answered
+  ``InferenceFailed``, so that poisoned inputs cannot multiply the runs of everyone's);
+* decoded requests waiting for inference are counted in bytes: one that would take
+  the total past ``MaxQueuedMb`` is answered ``Overloaded`` (retryable, unbilled)
+  instead of queued, and a batch's tensors are let go once it is inferred;
 * one commit thread takes every inferred batch waiting, commits their usage
   records in one transaction (group commit), and only then publishes the
   results, so the commit's fsync overlaps the next batch's inference.
@@ -59,7 +65,7 @@ from edge_module.inference.codecs import (
 )
 from edge_module.inference.heads import Answering, Frame
 from edge_module.inference.models import Item, Model
-from edge_module.inflight import InFlight
+from edge_module.inflight import Held, InFlight
 from edge_module.logs import get_logger
 from edge_module.metering.records import MeterSpec, Usage
 from edge_module.metrics import Metrics
@@ -166,11 +172,22 @@ class Job:
     # with the same bytes is the same request, however the transport delivered it again.
     client_key: str | None = None
     _digest: bytes | None = None
-    # The in-flight key this job holds (``Pipeline._flights``), and whether another copy
-    # of it was held when this one was admitted: then its commit looks the ledger up again.
-    flight: tuple[str, bytes] | None = None
+    # The in-flight copy this job holds (``Pipeline._flights``; None once left), and
+    # whether another copy of it was (or may have been) held when this one was admitted:
+    # then its commit looks the ledger up again.
+    flight: Held | None = None
     copy_in_flight: bool = False
     answered: bool = False  # set by the commit thread once it answered (or dropped) this job
+    # Inference thread: ``admitted`` while the job holds room in the meter that nothing
+    # else gives back; ``handed`` once it was answered or handed to the commit thread
+    # (from then on the inference thread neither answers nor releases it).
+    admitted: bool = False
+    handed: bool = False
+    count: int = 0  # how many items: ``items`` is emptied once the job is inferred
+    nbytes: int = 0  # its decoded tensors' bytes, counted against ``MaxQueuedMb``
+
+    def __post_init__(self) -> None:
+        self.count = len(self.items)
 
     @property
     def repeatable(self) -> bool:
@@ -232,6 +249,15 @@ class Pipeline:
         self._accepting = True
         self._repeat_window_ms = int(settings.repeat_window_seconds * 1000)
         self._flights = InFlight()
+        # Decoded tensors waiting for inference, in bytes (decode workers add, the
+        # inference thread takes away once a batch is served).
+        self._queued_bytes = 0
+        self._queued_lock = threading.Lock()
+        self._max_queued_bytes = settings.max_queued_mb * 1024 * 1024
+        # Per model version: when its recent failed batches were (``_may_rerun``), and
+        # the versions whose failed batches are answered whole for now.
+        self._failed_batches: dict[tuple[str, str], deque[float]] = {}
+        self._reruns_suspended: set[tuple[str, str]] = set()
 
     def _serving(self, model: Model, top_k: int, score_threshold: float) -> Serving:
         settings = self.settings
@@ -374,10 +400,37 @@ class Pipeline:
         if named:  # hashed: the ledger keeps no topic or id of the customer's
             client_key = "id:" + hashlib.blake2b(
                 f"{inbound.source}\0{named}".encode(), digest_size=16).hexdigest()
-        self.batches.put(Job(inbound, request_id, decoded.items, decoded.frames,
-                             elapsed * 1000, serving, decoded.shape_key, decoded.tensors,
-                             client_key=client_key))
+        job = Job(inbound, request_id, decoded.items, decoded.frames, elapsed * 1000,
+                  serving, decoded.shape_key, decoded.tensors, client_key=client_key,
+                  nbytes=_nbytes(decoded.items))
+        if not self._queue_bytes(job):
+            self._send_error(inbound, request_id, ErrorCode.OVERLOADED,
+                             "too many decoded inputs are waiting for inference "
+                             f"(Pipeline:MaxQueuedMb={self.settings.max_queued_mb}); "
+                             "send it again later", serving)
+            return
+        self.batches.put(job)
         self.metrics.batch_depth.set(self.batches.qsize())
+
+    def _queue_bytes(self, job: Job) -> bool:
+        """Count ``job``'s tensors as waiting; False (nothing counted) when they would take
+        the total past ``MaxQueuedMb``. A job alone is always taken, however large (the
+        codec's limits bound it), so that every legal input can be served."""
+        with self._queued_lock:
+            if self._queued_bytes and \
+                    self._queued_bytes + job.nbytes > self._max_queued_bytes:
+                return False
+            self._queued_bytes += job.nbytes
+            return True
+
+    def _unqueue(self, jobs: Iterable[Job]) -> None:
+        """``jobs`` were served: their tensors no longer wait, and are let go (a batch
+        waiting for its commit keeps its outputs, not its inputs)."""
+        with self._queued_lock:
+            for job in jobs:
+                self._queued_bytes -= job.nbytes
+                job.nbytes = 0
+                job.items = ()
 
     def _route(self, inbound: Inbound) -> tuple[Serving, dict[str, Any] | None]:
         """The ``Serving`` that answers this input (its JSON object too, when it is one
@@ -422,15 +475,15 @@ class Pipeline:
                     return
                 continue
             jobs = [first]
-            count = len(first.items)
+            count = first.count
             max_items = first.serving.max_batch
             full = False
             held: deque[Job] = deque()
             for job in waiting:  # the same model's jobs already taken join this batch
                 if not full and job is not _STOP and _batchable(job, first):
-                    if count + len(job.items) <= max_items:
+                    if count + job.count <= max_items:
                         jobs.append(job)
-                        count += len(job.items)
+                        count += job.count
                         continue
                     full = True
                 held.append(job)
@@ -449,23 +502,37 @@ class Pipeline:
                 if not _batchable(job, first):
                     waiting.append(job)  # another model's (or shape's): its own batch
                     continue
-                if count + len(job.items) > max_items:
+                if count + job.count > max_items:
                     waiting.append(job)
                     break
                 jobs.append(job)
-                count += len(job.items)
+                count += job.count
             try:
                 self._serve(jobs)
             except Exception as exc:  # never lose a batch to a bug: answer every job
                 log.exception("batch_crashed", error=str(exc))
-                self._leave_flights(jobs)
-                for job in jobs:
-                    self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
-                                     "internal error while serving; see logs")
+                self._crashed([job for job in jobs if not job.handed])
             finally:
+                self._unqueue(jobs)
                 for _ in jobs:
                     self.batches.task_done()
                 self.metrics.batch_depth.set(self.batches.qsize())
+
+    def _crashed(self, rest: list[Job]) -> None:
+        """A bug stopped a batch: the jobs not yet answered or handed to the commit thread
+        (``rest``) give back their admitted room and in-flight entries and are answered
+        InternalError; the others are already on their way and are left alone."""
+        self._release(rest)
+        self._leave_flights(rest)
+        for job in rest:
+            job.handed = True
+            try:
+                self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
+                                 "internal error while serving; see logs", job.serving)
+            except Exception as exc:  # the next job still gets its answer
+                log.error("error_not_sent", id=job.request_id,
+                          error=f"{type(exc).__name__}: {exc}", effect="the input stays "
+                          "unacknowledged, so the broker delivers it again")
 
     def _serve(self, jobs: list[Job]) -> None:
         # A repeat is answered again and not billed again: a transport redelivery (MQTT's
@@ -494,17 +561,18 @@ class Pipeline:
                 refused = [(job, gate_refusal) for job in fresh]
             else:
                 allowed = self.meter.admit(len(fresh))
+                for job in fresh[:allowed]:
+                    job.admitted = True
                 if allowed < len(fresh):
                     full = self.meter.buffer_full()
                     refused = [(job, full) for job in fresh[allowed:]]
         if refused:
+            self._leave_flights(job for job, _ in refused)
             for job, reason in refused:
                 self._send_error(job.inbound, job.request_id, reason.code, reason.message,
                                  job.serving, **reason.details)
-            turned_away = {id(job) for job, _ in refused}
-            self._leave_flights(job for job, _ in refused)
-            jobs = [job for job in jobs if id(job) not in turned_away]
-            fresh = [job for job in fresh if id(job) not in turned_away]
+                job.handed = True
+            jobs = [job for job in jobs if not job.handed]
             if not jobs:
                 return
         started = time.perf_counter()
@@ -515,33 +583,121 @@ class Pipeline:
             outputs = self._infer(serving, [item for job in jobs for item in job.items])
         except Exception as exc:  # onnxruntime raises untyped errors
             if len(jobs) == 1:
-                self._inference_failed(jobs, fresh, exc)
+                self._inference_failed(jobs, f"the model failed on this input: {exc}")
                 return
-            # One input must not cost the others of its batch their answers: each job is
-            # run alone, and only the ones the model fails on are answered InferenceFailed.
-            log.warning("batch_inference_failed", error=str(exc), batch=len(jobs),
-                        effect="each request of the batch is run on its own")
-            for job in jobs:
-                mine = [j for j in fresh if j is job]
-                try:
-                    alone = self._infer(serving, list(job.items))
-                except Exception as job_exc:
-                    self._inference_failed([job], mine, job_exc)
-                    continue
-                self.commits.put(Inferred(serving, [job], mine, alone,
-                                          (time.perf_counter() - started) * 1000))
+            self._isolate(serving, jobs, exc, started)
             return
         infer_ms = (time.perf_counter() - started) * 1000
-        self.commits.put(Inferred(serving, jobs, fresh, outputs, infer_ms))
+        self._hand_off(Inferred(serving, jobs, [j for j in jobs if j.admitted], outputs,
+                                infer_ms))
 
-    def _inference_failed(self, jobs: list[Job], fresh: list[Job], exc: Exception) -> None:
+    def _hand_off(self, inferred: Inferred) -> None:
+        """Queue an inferred batch for its commit; its jobs' admitted room goes with it."""
+        self.commits.put(inferred)
+        for job in inferred.jobs:
+            job.handed = True
+            job.admitted = False
+
+    def _isolate(self, serving: Serving, jobs: list[Job], exc: Exception,
+                 started: float) -> None:
+        """The model failed on a batch of several jobs: find the ones it fails on.
+
+        One input must not cost the others of its batch their answers, and must not
+        multiply the runs of everyone's either: the batch is split in halves, a half that
+        runs is handed to the commit thread, a half that fails is split again, so one
+        culprit among N costs about 2 log2 N runs (10 for 32), not N. At most
+        ``MaxRerunsPerFailedBatch`` runs per failed batch; the jobs not resolved within
+        them are answered InferenceFailed. Once a model version's failed batches pass
+        ``MaxFailedBatchesPerMinute``, its failed batches are answered InferenceFailed
+        whole, without a run more (logged once when that starts, once when it ends).
+        """
+        reason = self._may_rerun(serving, len(jobs), exc)
+        if reason is not None:
+            self._inference_failed(jobs, f"the model failed on the batch this input was in "
+                                   f"({exc}); it was not run again on its own: {reason}; "
+                                   "send it again")
+            return
+        budget = self.settings.max_reruns_per_failed_batch
+        runs = 0
+        middle = len(jobs) // 2
+        # (part, how it failed or None when not run yet), popped left half first, so
+        # that the commits follow the jobs' admission order
+        parts: list[tuple[list[Job], Exception | None]] = [(jobs[middle:], None),
+                                                           (jobs[:middle], None)]
+        while parts:
+            part, failure = parts.pop()
+            if failure is not None:
+                if len(part) == 1:
+                    self._inference_failed(part, f"the model failed on this input: {failure}")
+                    continue
+                middle = len(part) // 2
+                parts += [(part[middle:], None), (part[:middle], None)]
+                continue
+            if runs >= budget:
+                self._inference_failed(part, f"the model failed on the batch this input was "
+                                       f"in ({exc}); the {budget} runs allowed to find the "
+                                       "input at fault (Pipeline:MaxRerunsPerFailedBatch) "
+                                       "were spent before this one was run again; send it "
+                                       "again")
+                continue
+            runs += 1
+            try:
+                outputs = self._infer(serving, [item for job in part for item in job.items])
+            except Exception as part_exc:
+                parts.append((part, part_exc))
+                continue
+            self._hand_off(Inferred(serving, part, [j for j in part if j.admitted], outputs,
+                                    (time.perf_counter() - started) * 1000))
+        log.warning("batch_inference_failed", error=str(exc), batch=len(jobs), reruns=runs,
+                    effect="the batch was split in halves until the inputs the model fails "
+                    "on were found; only those are answered InferenceFailed")
+
+    def _may_rerun(self, serving: Serving, size: int, exc: Exception) -> str | None:
+        """None when this failed batch may be run again in parts; else why not."""
+        limit = self.settings.max_failed_batches_per_minute
+        version = (serving.model.provenance.name, serving.model.provenance.version)
+        now = time.monotonic()
+        if version not in self._failed_batches and len(self._failed_batches) >= 64:
+            self._failed_batches.clear()  # versions retired since: forget them
+        times = self._failed_batches.setdefault(version, deque(maxlen=max(1, limit)))
+        while times and now - times[0] >= 60:
+            times.popleft()
+        allowed = len(times) < limit
+        times.append(now)
+        if allowed:
+            if version in self._reruns_suspended:
+                self._reruns_suspended.discard(version)
+                log.info("batch_reruns_resumed", model=version[0], version=version[1],
+                         effect="failed batches are split again to find the inputs at fault")
+            return None
+        reason = (f"more than {limit} failed batches of this model in a minute "
+                  "(Pipeline:MaxFailedBatchesPerMinute)")
+        if version not in self._reruns_suspended:
+            self._reruns_suspended.add(version)
+            log.warning("batch_reruns_suspended", model=version[0], version=version[1],
+                        batch=size, error=str(exc), reason=reason,
+                        effect="each failed batch of this model is answered InferenceFailed "
+                        "whole, without running its inputs again, until its failures slow "
+                        "down", fix="find the client sending inputs the model fails on")
+        return reason
+
+    def _inference_failed(self, jobs: list[Job], message: str) -> None:
         """Answer ``jobs`` InferenceFailed; their admitted room goes back, unbilled."""
-        log.error("inference_failed", error=str(exc), batch=len(jobs))
-        self.meter.release(len(fresh))
+        log.error("inference_failed", error=message, batch=len(jobs))
+        self._release(jobs)
         self._leave_flights(jobs)
         for job in jobs:
             self._send_error(job.inbound, job.request_id, ErrorCode.INFERENCE_FAILED,
-                             f"the model failed on this input: {exc}", job.serving)
+                             message, job.serving)
+            job.handed = True
+
+    def _release(self, jobs: Iterable[Job]) -> None:
+        """Give back the meter room ``jobs`` were admitted with (once each)."""
+        admitted = [job for job in jobs if job.admitted]
+        for job in admitted:
+            job.admitted = False
+        if admitted:
+            self.meter.release(len(admitted))
 
     # -- meter, then publish (the commit thread) ---------------------------
 
@@ -575,8 +731,16 @@ class Pipeline:
                 for inferred in group:
                     for job in inferred.jobs:
                         if not job.answered:  # one answer per input, never a second
-                            self._send_error(job.inbound, job.request_id, ErrorCode.INTERNAL,
-                                             "internal error while publishing; see logs")
+                            job.answered = True
+                            try:
+                                self._send_error(job.inbound, job.request_id,
+                                                 ErrorCode.INTERNAL,
+                                                 "internal error while publishing; see logs")
+                            except Exception as send_exc:  # the next job still gets its own
+                                log.error("error_not_sent", id=job.request_id,
+                                          error=f"{type(send_exc).__name__}: {send_exc}",
+                                          effect="the input stays unacknowledged, so the "
+                                          "broker delivers it again")
             finally:
                 for _ in group:
                     self.commits.task_done()
@@ -603,7 +767,7 @@ class Pipeline:
                 by_meter.setdefault(inferred.serving.meter, []).extend(
                     job for job in inferred.fresh if id(job) in shaped)
             for spec, billable in by_meter.items():
-                usages = [Usage(len(job.items) * job.serving.quantity_per_item,
+                usages = [Usage(job.count * job.serving.quantity_per_item,
                                 job.replay_key,
                                 job.digest() if job.replay_key is not None else None)
                           for job in self._bill_once(billable)]
@@ -652,7 +816,7 @@ class Pipeline:
                                        {"decode": job.decode_ms, "infer": inferred.infer_ms,
                                         "total": total_ms})
                 log.debug("result", id=job.request_id, source=job.inbound.source,
-                          items=len(job.items), total_ms=round(total_ms, 3))
+                          items=job.count, total_ms=round(total_ms, 3))
                 job.answered = True
                 try:
                     self.transport.send_result(job.inbound, body)
@@ -680,13 +844,17 @@ class Pipeline:
         needed: list[Job] = []
         for job in jobs:
             key = job.replay_key
-            if key is not None and job.repeatable and job.copy_in_flight:
+            # Any copy, not only a repeatable one: with several decode workers a
+            # redelivery can be admitted before the first delivery it repeats, which is
+            # then the copy (unnamed, not marked redelivered) whose twin is billed.
+            if key is not None and job.copy_in_flight:
                 if (key, job.digest()) in billing:
                     job.replay_of = SAME_COMMIT
-                else:
+                else:  # a name is trusted within the window, a delivery key at any age
                     job.replay_of = self.meter.replayed(
                         key, job.digest(),
-                        None if job.inbound.redelivered else self._repeat_window_ms)
+                        None if job.inbound.redelivered or job.client_key is None
+                        else self._repeat_window_ms)
                 if job.replay_of is not None:
                     continue
             if key is not None:
@@ -697,13 +865,13 @@ class Pipeline:
     def _enter_flight(self, job: Job) -> None:
         if job.replay_key is None or job.flight is not None:
             return
-        job.flight = (job.replay_key, job.digest())
-        job.copy_in_flight = self._flights.enter(job.flight)
+        job.flight = self._flights.enter((job.replay_key, job.digest()))
+        job.copy_in_flight = job.flight.copy
 
     def _leave_flights(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
             if job.flight is not None:
-                self._flights.leave(job.flight)
+                self._flights.leave(job.flight)  # a no-op for an untracked copy
                 job.flight = None
 
     def _shape(self, group: list[Inferred]) -> dict[int, list[dict[str, Any]]]:
@@ -714,7 +882,7 @@ class Pipeline:
             serving = inferred.serving
             offset = 0
             for job in inferred.jobs:
-                n = len(job.items)
+                n = job.count
                 answering = Answering(serving.top_k, serving.score_threshold,
                                       "npy" if job.tensors == "npy" else "json")
                 try:
@@ -727,6 +895,7 @@ class Pipeline:
                                          f"{len(results)} results for {n} items")
                     shaped[id(job)] = results
                 except Refusal as refusal:  # an answer too large for this request
+                    job.answered = True
                     self._send_error(job.inbound, job.request_id, refusal.code,
                                      refusal.message, serving, **refusal.details)
                 except Exception as exc:  # a head bug, or an output its load checks missed
@@ -770,6 +939,12 @@ def _batchable(job: Job, first: Job) -> bool:
     """Whether ``job`` may join ``first``'s batch: the same model version, and (for
     dynamic input sizes) the same item shapes."""
     return job.serving is first.serving and job.shape_key == first.shape_key
+
+
+def _nbytes(items: Sequence[Item]) -> int:
+    """The bytes a job's decoded tensors hold."""
+    return sum(sum(value.nbytes for value in item.values()) if isinstance(item, dict)
+               else item.nbytes for item in items)
 
 
 def _named_id(body: dict[str, Any] | None) -> str | None:

@@ -59,3 +59,31 @@ def slow_model(folder: Path, size: int = 2000, stem: str = "slow", name: str = "
         name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])], [shape, zero])
     return _save(folder, stem, graph, _descriptor(name, maxBatch=1))
+
+
+def wide_int_model(folder: Path, elements: int, size: int = 1500, stem: str = "wide",
+                   name: str = "wide") -> Path:
+    """A slow model of one named ``int64`` input of ``elements`` values per item, one item
+    per batch: a ``uint8`` ``.npy`` sent to it decodes to 8 times its size, and each
+    request stays a while in inference (a ``size`` x ``size`` matrix product), so that
+    decoded requests pile up behind it."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [size, size])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["ids", "axes"], ["total"], keepdims=1),
+         helper.make_node("Cast", ["total"], ["t"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceSum", ["t"], ["s"], keepdims=0),
+         helper.make_node("Expand", ["s", "shape"], ["m"]),
+         helper.make_node("MatMul", ["m", "m"], ["p"]),
+         helper.make_node("ReduceMean", ["p"], ["mean"], keepdims=0),
+         helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+         helper.make_node("Add", ["t", "nothing"], ["y"])],
+        name, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", elements])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+        [shape, axes, zero])
+    descriptor: dict[str, object] = {
+        "name": name, "version": "1", "head": "tensor", "maxBatch": 1,
+        "inputs": [{"name": "ids", "shape": [elements], "dtype": "int64"}],
+        "metering": {"meterName": f"{name}.tensor", "apiType": "test"}}
+    return _save(folder, stem, graph, descriptor)

@@ -358,6 +358,34 @@ class PipelineSettings(Section):
     max_batch_size: int = Field(
         32, alias="MaxBatchSize", ge=1, description="Most items per `session.run`."
     )
+    max_queued_mb: int = Field(
+        512,
+        alias="MaxQueuedMb",
+        ge=1,
+        description="Most memory, in MB, that decoded inputs waiting for inference may hold "
+        "together (decoded tensors can be far larger than their messages: a 4 MB `uint8` "
+        "`.npy` for an `int64` input is 32 MB). A decoded input that would pass it is "
+        "answered `Overloaded` (retryable, not billed) instead of queued; one input alone "
+        "is always taken.",
+    )
+    max_reruns_per_failed_batch: int = Field(
+        16,
+        alias="MaxRerunsPerFailedBatch",
+        ge=0,
+        description="When the model fails on a batch, it is split in halves (again and "
+        "again) to find the inputs at fault, which alone get `InferenceFailed`: one among "
+        "32 takes 10 runs. At most this many runs per failed batch; inputs not cleared "
+        "within them are answered `InferenceFailed` too.",
+    )
+    max_failed_batches_per_minute: int = Field(
+        30,
+        alias="MaxFailedBatchesPerMinute",
+        ge=0,
+        description="Past this many failed batches of one model version in a minute, a "
+        "failed batch is answered `InferenceFailed` whole, without splitting it: inputs "
+        "the model fails on cannot multiply the runs everyone's inputs need (logged once "
+        "when it starts and when it ends).",
+    )
     repeat_window_seconds: float = Field(
         600.0, alias="RepeatWindowSeconds", ge=0,
         description="A request the client named (its `id`, or MQTT v5 correlation data) that "

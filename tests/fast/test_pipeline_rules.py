@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from edge_module.config import PipelineSettings
+from edge_module.errors import ErrorCode
 from edge_module.exceptions import Refusal
 from edge_module.inference.descriptor import Descriptor
 from edge_module.inference.heads import Answering, Frame, register
@@ -431,3 +432,224 @@ def test_one_input_the_model_fails_on_costs_the_rest_of_its_batch_nothing(
         ["f0", "f1", "f3"]
     assert ledger.pending == 3
     assert ledger.admit(10**6) == 10**6 - 3
+
+
+def _answers(transport: RecordingTransport) -> dict[str, list[str]]:
+    """Every answer by request id: "result" or the error code, in the order sent."""
+    seen: dict[str, list[str]] = {}
+    for _, body in transport.results:
+        seen.setdefault(json.loads(body)["id"], []).append("result")
+    for _, body in transport.errors:
+        answer = json.loads(body)
+        seen.setdefault(answer["id"], []).append(answer["error"]["code"])
+    return seen
+
+
+class Runs:
+    """Counts a model's ``session.run`` calls, failed ones included."""
+
+    def __init__(self, model: Model) -> None:
+        self.count = 0
+        self._run = model.run
+        model.run = self  # type: ignore[method-assign]
+
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        self.count += 1
+        return self._run(batch)
+
+
+def _fragile_batch(pipe: Pipeline, values: Sequence[float], prefix: str = "f") -> None:
+    for i, value in enumerate(values):
+        pipe.submit(_inbound(json.dumps({"id": f"{prefix}{i}", "tensor": [value]}).encode()))
+
+
+def test_a_failed_batch_is_bisected_not_run_again_request_by_request(
+        tmp_path: Path, transport: RecordingTransport, ledger: Ledger,
+        stop_after: list[Pipeline]) -> None:
+    """One poisoned input in a batch of 16: run alone one by one, the batch would cost
+    1 + 16 runs; split in halves it costs 1 + 2 x log2(16) = 9. Only the culprit is
+    refused; the other 15 are answered and billed once."""
+    from tests.models import fragile_model
+
+    model = Model(fragile_model(tmp_path))
+    runs = Runs(model)
+    pipe, _ = _pipeline(model, transport, ledger, MaxBatchSize=16,
+                              MaxQueueDelayMs=2000)
+    stop_after.append(pipe)
+    values = [float(i % 10) for i in range(16)]
+    values[11] = 99.0
+    _fragile_batch(pipe, values)
+    transport.wait_answers(16)
+    answers = _answers(transport)
+    assert answers == {f"f{i}": ["InferenceFailed" if i == 11 else "result"]
+                       for i in range(16)}
+    assert runs.count <= 1 + 2 * 4
+    assert ledger.pending == 15
+    assert ledger.admit(10**6) == 10**6 - 15  # the culprit's room came back
+
+
+def test_a_failed_batch_spends_at_most_its_rerun_budget(
+        tmp_path: Path, transport: RecordingTransport, ledger: Ledger,
+        stop_after: list[Pipeline]) -> None:
+    """Two runs allowed: the clean half is answered, the half that failed again is
+    answered InferenceFailed without a run more, and nothing refused is billed."""
+    from tests.models import fragile_model
+
+    model = Model(fragile_model(tmp_path))
+    runs = Runs(model)
+    pipe, _ = _pipeline(model, transport, ledger, MaxBatchSize=8,
+                        MaxQueueDelayMs=2000, MaxRerunsPerFailedBatch=2)
+    stop_after.append(pipe)
+    _fragile_batch(pipe, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 99.0])
+    transport.wait_answers(8)
+    answers = _answers(transport)
+    assert answers == {f"f{i}": ["result" if i < 4 else "InferenceFailed"] for i in range(8)}
+    assert runs.count == 1 + 2
+    messages = [json.loads(body)["error"]["message"] for _, body in transport.errors]
+    assert sum("MaxRerunsPerFailedBatch" in m for m in messages) == 4  # f4..f7 unresolved
+    assert ledger.pending == 4
+    assert ledger.admit(10**6) == 10**6 - 4
+
+
+def test_a_model_failing_often_has_its_failed_batches_answered_whole(
+        tmp_path: Path, transport: RecordingTransport, ledger: Ledger,
+        stop_after: list[Pipeline]) -> None:
+    """Past MaxFailedBatchesPerMinute, a failed batch is not run again at all: an
+    attacker sending a poisoned input per batch costs one run per batch, not 1 + log N."""
+    from tests.models import fragile_model
+
+    model = Model(fragile_model(tmp_path))
+    runs = Runs(model)
+    pipe, _ = _pipeline(model, transport, ledger, MaxBatchSize=4,
+                        MaxQueueDelayMs=2000, MaxFailedBatchesPerMinute=1)
+    stop_after.append(pipe)
+    _fragile_batch(pipe, [1.0, 99.0, 2.0, 3.0], "a")
+    transport.wait_answers(4)
+    first = runs.count
+    assert first == 1 + 2 + 2  # the first failed batch was bisected
+    _fragile_batch(pipe, [4.0, 5.0, 99.0, 6.0], "b")
+    transport.wait_answers(8)
+    answers = _answers(transport)
+    assert answers == {**{f"a{i}": ["InferenceFailed" if i == 1 else "result"]
+                          for i in range(4)},
+                       **{f"b{i}": ["InferenceFailed"] for i in range(4)}}
+    assert runs.count == first + 1
+    messages = [json.loads(body)["error"]["message"] for _, body in transport.errors]
+    assert sum("MaxFailedBatchesPerMinute" in m for m in messages) == 4
+    assert ledger.pending == 3
+    assert ledger.admit(10**6) == 10**6 - 3
+
+
+class FailsOnceOnInferenceFailed(RecordingTransport):
+    """A transport whose first InferenceFailed answer raises (a broken connection, say):
+    the batch being isolated crashes after part of it was handed to the commit thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = False
+
+    def send_error(self, inbound: Inbound, body: bytes) -> None:
+        if not self.raised and b"InferenceFailed" in body:
+            self.raised = True
+            raise ConnectionError("the connection dropped while answering")
+        super().send_error(inbound, body)
+
+
+def test_a_batch_crashing_after_part_of_it_was_handed_on_answers_each_input_once(
+        tmp_path: Path, ledger: Ledger, stop_after: list[Pipeline]) -> None:
+    """f0 and f1 are inferred and queued for their commit before answering f2 crashes
+    the batch: they are answered (and billed) by the commit thread alone; f2 and f3 get
+    InternalError, unbilled, and f3's admitted room is given back."""
+    from tests.models import fragile_model
+
+    transport = FailsOnceOnInferenceFailed()
+    model = Model(fragile_model(tmp_path))
+    pipe, _ = _pipeline(model, transport, ledger, MaxBatchSize=4, MaxQueueDelayMs=2000)
+    stop_after.append(pipe)
+    _fragile_batch(pipe, [1.0, 2.0, 99.0, 3.0])
+    transport.wait_answers(4)
+    assert pipe.drain(5)
+    time.sleep(0.2)  # a second answer to any of them would have been sent by now
+    assert transport.raised
+    assert _answers(transport) == {"f0": ["result"], "f1": ["result"],
+                                   "f2": ["InternalError"], "f3": ["InternalError"]}
+    assert ledger.pending == 2
+    assert ledger.admit(10**6) == 10**6 - 2  # no admitted room leaked
+    assert len(pipe._flights) == 0
+
+
+class RefusesHighDigits(ClassificationHead):
+    """A head whose answers for digits 5 and above are too large for the request."""
+
+    name = "test-refuses-high-digits"
+
+    @classmethod
+    def build(cls, descriptor: Descriptor, shapes: Shapes) -> RefusesHighDigits:
+        plain = ClassificationHead.build(
+            descriptor.model_copy(update={"head": "classification"}), shapes)
+        return cls(plain.outputs[0], plain.labels, plain.logits)
+
+    def shape(self, outputs: Mapping[str, np.ndarray], frames: Sequence[Frame | None],
+              answering: Answering) -> list[dict[str, Any]]:
+        if int(np.argmax(outputs[self.outputs[0]][0])) >= 5:
+            raise Refusal(ErrorCode.OUTPUT_TOO_LARGE, "this answer is too large")
+        return super().shape(outputs, frames, answering)
+
+
+class CrashingMeter(LedgerMeter):
+    """A meter whose commit hits a bug (not a metering error): the commit thread's last
+    resort answers what it has not answered yet."""
+
+    def commit(self, spec: MeterSpec, usages: Sequence[Usage]) -> list[str]:
+        self.release(len(usages))
+        raise RuntimeError("a bug in the commit")
+
+
+def test_an_answer_refused_while_shaping_is_not_answered_again_when_the_commit_crashes(
+        transport: RecordingTransport, ledger: Ledger, tmp_path: Path,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    import shutil
+
+    from edge_module.config import BUILTIN_MODELS
+
+    register(RefusesHighDigits.name, RefusesHighDigits.build)
+    shutil.copy(BUILTIN_MODELS / "digits.onnx", tmp_path / "large.onnx")
+    descriptor = json.loads((BUILTIN_MODELS / "digits.json").read_text())
+    descriptor["head"] = RefusesHighDigits.name
+    (tmp_path / "large.json").write_text(json.dumps(descriptor))
+    x, _ = held_out
+    metrics = Metrics()
+    pipe = Pipeline(Model(tmp_path / "large.onnx"), PipelineSettings(), transport, metrics,
+                    CrashingMeter(ledger, metrics), top_k=1)
+    pipe.start()
+    stop_after.append(pipe)
+    for pixels in x[:20]:
+        pipe.submit(_inbound(digit_image(pixels)))
+    transport.wait_answers(20)
+    assert pipe.drain(5)
+    time.sleep(0.2)  # a second answer would have been sent by now
+    answers = [inbound for inbound, _ in transport.results + transport.errors]
+    assert len(answers) == 20 and len({id(inbound) for inbound in answers}) == 20
+    codes = [json.loads(body)["error"]["code"] for _, body in transport.errors]
+    assert set(codes) == {"OutputTooLarge", "InternalError"}
+    assert transport.results == [] and ledger.pending == 0
+
+
+def test_a_redelivery_decoded_before_its_first_delivery_is_billed_once(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    """With several decode workers, the broker's DUP redelivery B of an unnamed QoS 1
+    input A can be decoded first: B enters the flight first, A is the copy. A is not
+    marked redelivered and carries no name, but it is the same delivery: one record."""
+    x, _ = held_out
+    pipe, metrics = _pipeline(digits, transport, ledger, MaxBatchSize=8,
+                              MaxQueueDelayMs=500)
+    stop_after.append(pipe)
+    payload = digit_image(x[9])
+    pipe.submit(_inbound(payload, key="42", redelivered=True))  # B, decoded first
+    pipe.submit(_inbound(payload, key="42"))  # A
+    transport.wait_answers(2)
+    assert pipe.drain(5)
+    assert len(transport.results) == 2 and transport.errors == []
+    assert ledger.pending == 1
+    assert _metric(metrics, "edge_module_replayed_messages_total") == 1
