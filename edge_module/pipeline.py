@@ -850,11 +850,11 @@ class Pipeline:
             if key is not None and job.copy_in_flight:
                 if (key, job.digest()) in billing:
                     job.replay_of = SAME_COMMIT
-                else:  # a name is trusted within the window, a delivery key at any age
+                else:  # a marked redelivery matches at any age, anything else within
+                    # the window (a message id reused after a session expired is new work)
                     job.replay_of = self.meter.replayed(
                         key, job.digest(),
-                        None if job.inbound.redelivered or job.client_key is None
-                        else self._repeat_window_ms)
+                        None if job.inbound.redelivered else self._repeat_window_ms)
                 if job.replay_of is not None:
                     continue
             if key is not None:
