@@ -345,7 +345,7 @@ class App:
         return stats
 
     def start(self) -> None:
-        self.http.start()
+        self.http.start(self.supervisor.spawn)
         if self.grpc is not None:
             self.grpc.start()
         answer = self.licensing.check()  # before serving, as Azure AI containers do

@@ -87,3 +87,40 @@ def test_a_dead_mqtt_network_loop_is_restarted_and_serves_again(broker: Broker) 
         transport.stop_intake()
         transport.close(2)
         collector.close()
+
+
+def test_the_http_server_loop_is_supervised_and_serves_again_on_the_same_port() -> None:
+    """uvicorn's loop ending while the module runs is a dead thread like any other: it is
+    reported down, restarted with a fresh server on the still-bound socket, and serves."""
+    import urllib.request
+
+    from edge_module.api.router import Response, Router
+    from edge_module.api.server import HttpLimits, HttpServer
+
+    metrics = Metrics()
+    supervisor = Supervisor(metrics)
+    router = Router()
+    router.add("GET", "/ping", lambda _: Response.json(200, {"pong": True}), blocking=False)
+    server = HttpServer(router, "127.0.0.1", 0, HttpLimits())
+    server.start(spawn=supervisor.spawn)
+
+    def ping() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/ping",
+                                        timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    try:
+        assert ping()
+        first = server.server
+        first.should_exit = True  # the loop ends although nobody asked the module to stop
+        wait_until(lambda: server.server is not first, 10, "a fresh server")
+        wait_until(ping, 10, "the API answers again on the same port")
+        assert b'edge_module_thread_restarts_total{thread="http"} 1.0' in metrics.render()
+    finally:
+        supervisor.stop()
+        server.stop()
+    assert not ping()
+    assert all(not t.is_alive() for t in supervisor.threads)

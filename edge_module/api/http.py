@@ -35,6 +35,7 @@ from edge_module.api.server import HttpLimits, HttpServer
 from edge_module.config import HttpSettings
 from edge_module.errors import ErrorCode
 from edge_module.logs import get_logger
+from edge_module.supervisor import Spawn, start_thread
 
 log = get_logger("http")
 
@@ -172,8 +173,8 @@ class HttpApi:
         ready, reason = self._ready()
         return (200 if ready else 503), {"ready": ready, "reason": reason}
 
-    def start(self) -> None:
-        self.server.start()
+    def start(self, spawn: Spawn = start_thread) -> None:
+        self.server.start(spawn=spawn)
         log.info("http_listening", port=self.port,
                  max_connections=self.server.limits.max_connections)
 

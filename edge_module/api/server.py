@@ -1,8 +1,10 @@
 """The HTTP server: uvicorn's h11 protocol on one event loop thread, with hard limits.
 
 Threads: ``http`` runs the asyncio event loop (accepting, parsing, timeouts, answering);
-``http-handler_<n>`` (at most ``Http:HandlerThreads``) run the handlers that may block.
-No thread is ever started per connection.
+in the module the supervisor runs it, so a loop that ends while the module runs is
+reported down and started again on the same bound socket. ``http-handler_<n>`` (at most
+``Http:HandlerThreads``) run the handlers that may block. No thread is ever started per
+connection.
 
 What uvicorn gives (read in its source, 0.54): keep-alive idle timeout *after* a response,
 a header size cap (``h11_max_incomplete_event_size``), graceful shutdown with a deadline.
@@ -48,6 +50,7 @@ from edge_module.api.router import (
 from edge_module.config import HttpTlsSettings
 from edge_module.errors import ErrorCode
 from edge_module.logs import get_logger
+from edge_module.supervisor import Spawn, start_thread
 
 log = get_logger("http")
 QUEUE_PER_THREAD = 8  # requests waiting for a handler thread, per thread, before 503
@@ -453,28 +456,43 @@ class HttpServer:
             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS, backlog=1024,
             **_tls_arguments(tls),
         )
+        self.config = config
         self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+        self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._runs = 0
+        self._stopping = False
 
     def _run(self) -> None:
+        """One run of the event loop, until uvicorn stops. Under the supervisor a run that
+        ends while the module is running is a dead thread: it is restarted with a fresh
+        uvicorn server on the same bound socket, and ``/ready`` names it meanwhile."""
+        if self._stopping:
+            return
+        if self._runs:
+            self.server = uvicorn.Server(self.config)
+        self._runs += 1
         try:
             asyncio.run(self._serve())
         except BaseException as exc:  # SystemExit from uvicorn included
             log.error("http_server_stopped", error=f"{type(exc).__name__}: {exc}",
-                      fix="the HTTP API is down; restart the module and report the log")
+                      effect="the HTTP API is down until the server runs again",
+                      fix="none needed if http_listening follows; else report the log")
+            raise
         finally:
             self._started.set()
 
     async def _serve(self) -> None:
-        task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        # A duplicate of the bound socket: uvicorn closes the sockets it served on, and a
+        # restarted run must find the port still bound (no window for another process).
+        task = asyncio.create_task(self.server.serve(sockets=[self.sock.dup()]))
         while not self.server.started and not task.done():
             await asyncio.sleep(0.01)
         self._started.set()
         await task
 
-    def start(self, timeout: float = 10.0) -> None:
-        self._thread.start()
+    def start(self, timeout: float = 10.0, spawn: Spawn = start_thread) -> None:
+        self._thread = spawn("http", self._run)
         self._started.wait(timeout)
 
     def open_connections(self) -> int:
@@ -486,11 +504,13 @@ class HttpServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop within ``timeout`` s even with idle or half-sent connections open."""
+        self._stopping = True
         self.server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(max(0.1, timeout - 1.0))
-        if self._thread.is_alive():
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join(max(0.1, timeout - 1.0))
+        if thread is not None and thread.is_alive():
             self.server.force_exit = True
-            self._thread.join(1.0)
+            thread.join(1.0)
         self.app.pool.shutdown(wait=False, cancel_futures=True)
         self.sock.close()
