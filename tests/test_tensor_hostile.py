@@ -29,6 +29,7 @@ import time
 import tracemalloc
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,7 +125,8 @@ B = npy(np.ones(3, np.int64))
 
 def archive(*members: tuple[str, bytes], method: int = zipfile.ZIP_STORED) -> bytes:
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", method) as zipped:
+    with zipfile.ZipFile(out, "w", method) as zipped, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # duplicate names are on purpose
         for name, data in members:
             zipped.writestr(name, data)
     return out.getvalue()
