@@ -609,7 +609,8 @@ class Pipeline:
         ``MaxRerunsPerFailedBatch`` runs per failed batch (0: as many as it has inputs);
         the jobs not resolved within them are answered InferenceFailed. Once a model
         version's failed batches pass ``MaxFailedBatchesPerMinute``, its failed batches
-        are answered InferenceFailed whole, without a run more (logged once when that starts, once when it ends).
+        are answered InferenceFailed whole, without a run more (logged once when that
+        starts, once when it ends).
         """
         reason = self._may_rerun(serving, len(jobs), exc)
         if reason is not None:
