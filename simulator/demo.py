@@ -91,9 +91,10 @@ def _run(args: argparse.Namespace, stop: threading.Event, reason: list[str],
         billed_before = billing.totals()["records"]  # the simulator's store outlives runs
         left_before = _pending(run_dir / "data")  # answered in an earlier run, not billed
         http_port = args.http_port or (5000 if _free(5000) else free_port())
+        grpc_port = 8001 if _free(8001) else free_port()
         module = ModuleProcess(
             ["Eula=accept", f"Billing={billing.url}", f"ApiKey={DEMO_KEY}",
-             f"Mqtt:Port={broker.port}", f"Http:Port={http_port}",
+             f"Mqtt:Port={broker.port}", f"Http:Port={http_port}", f"Grpc:Port={grpc_port}",
              f"Data:Path={run_dir / 'data'}", "Log:Format=console",
              "Metering:MaxDelaySeconds=2", development_trust(billing.public_key_path)],
             http_port, run_dir / "module.log",
@@ -108,6 +109,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reason: list[str],
         print(f"broker   127.0.0.1:{broker.port} (mosquitto, log in {broker.log})")
         print(f"module   http://127.0.0.1:{http_port}/metrics  /ready  /health "
               f"(log in {run_dir / 'module.log'})")
+        print(f"gRPC     127.0.0.1:{grpc_port} (Open Inference Protocol v2, docs/oip-v2.md)")
         print(f"billing  {billing.url}/admin/usage (simulator; switch faults with POST "
               f"{billing.url}/admin/fault {{\"mode\": \"busy\"}})")
         print(f"backlog  .venv/bin/edge-module ledger Data:Path={run_dir / 'data'}")
