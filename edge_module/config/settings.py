@@ -640,8 +640,10 @@ class GrpcSettings(Section):
         description="gRPC port (8001, like Triton). 0 picks a free port.",
     )
     threads: int = Field(
-        8, alias="Threads", ge=1, le=256,
-        description="Threads serving gRPC calls; each waits for its answer from the pipeline.",
+        16, alias="Threads", ge=1, le=256,
+        description="Threads serving gRPC calls; each waits for its answer from the pipeline, "
+        "so at most this many gRPC requests are in it at once. About twice the batch the "
+        "model runs lets one batch gather while another infers.",
     )
     max_concurrent_calls: int = Field(
         64, alias="MaxConcurrentCalls", ge=1, le=10000,
