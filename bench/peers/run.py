@@ -1,10 +1,12 @@
 """The peer sweep and its table: one row per (server, protocol, concurrency).
 
-Order of a run: fetch the model, make the input tensors; then for each server
-measure the bare ``session.run`` loop (the limit), start the server, check one real
-answer against the bare loop, run ``perf_analyzer`` at concurrency 1, 4 and 16 per
-protocol, stop it; measure the bare loop once more at the end. The machine is
-shared and its load drifts, so the highest bare-loop run is the limit. Servers
+Order of a run: fetch the model, make the input tensors; start every server and
+check one real answer from each against the bare ``session.run`` loop; then, block
+by block (gRPC, then HTTP; concurrency 1, 4 and 16), measure the bare loop (the
+limit) and run ``perf_analyzer`` on every server in turn, the order reversed from
+one block to the next; stop them all and measure the bare loop once more. The
+machine is shared and its load drifts: interleaving puts the drift on every server
+alike, and the highest bare-loop run is the limit. Servers
 that cannot run (not installed) get one explicit row saying why. Writes
 ``bench/results/peers.json``, ``peers.md`` and the plot ``peers.png``
 (``peers-quick.*`` for ``--quick``, which is for checking the harness, never for
@@ -44,33 +46,32 @@ def _row(server: str, protocol: str, concurrency: int | None, **fields: Any) -> 
             **fields}
 
 
-def sweep(server: servers.Server, items: list[np.ndarray], reference: np.ndarray,
-          input_data: Path, budget: perf.Budget, concurrency: tuple[int, ...],
-          workdir: Path) -> list[dict[str, Any]]:
-    """Every point of one server; a failure becomes that row's note, never a crash."""
-    rows: list[dict[str, Any]] = []
+def bring_up(server: servers.Server, items: list[np.ndarray],
+             reference: np.ndarray) -> dict[str, Any] | None:
+    """Start ``server`` and check one real answer; a failure is its row, never a crash."""
     try:
         server.start()
         got = server.answer(items[0])
         if not np.allclose(got, reference, atol=1e-4):
-            return [_row(server.name, "-", None,
-                         note=f"wrong answer: {got.tolist()} != bare {reference.tolist()}")]
-        for protocol in server.protocols:
-            for c in concurrency:
-                step(f"{server.name} {protocol} concurrency {c}")
-                try:
-                    point = perf.measure(CACHE, servers.MODEL, server.port(protocol), protocol,
-                                         c, input_data, workdir, budget)
-                    rows.append(_row(server.name, protocol, c, **point))
-                except RuntimeError as exc:
-                    rows.append(_row(server.name, protocol, c, note=f"failed: {exc}"))
+            return _row(server.name, "-", None,
+                        note=f"wrong answer: {got.tolist()} != bare {reference.tolist()}")
     except servers.Unavailable as exc:
-        rows.append(_row(server.name, "-", None, note=str(exc)))
+        return _row(server.name, "-", None, note=str(exc))
     except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
-        rows.append(_row(server.name, "-", None, note=f"failed: {exc}"))
-    finally:
-        server.stop()
-    return rows
+        return _row(server.name, "-", None, note=f"failed: {exc}")
+    return None
+
+
+def point(server: servers.Server, protocol: str, c: int, input_data: Path,
+          budget: perf.Budget, workdir: Path) -> dict[str, Any]:
+    """One perf_analyzer point; a failure becomes the row's note."""
+    step(f"{server.name} {protocol} concurrency {c}")
+    try:
+        measured = perf.measure(CACHE, servers.MODEL, server.port(protocol), protocol, c,
+                                input_data, workdir, budget)
+        return _row(server.name, protocol, c, **measured)
+    except RuntimeError as exc:
+        return _row(server.name, protocol, c, note=f"failed: {exc}")
 
 
 def peers_bench(quick: bool, only: list[str] | None = None,
@@ -89,23 +90,43 @@ def peers_bench(quick: bool, only: list[str] | None = None,
     reference = session.run([data.OUTPUT], {data.INPUT: items[0][None]})[0]
     bare: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    for kind in servers.SERVERS:
-        if only and not any(o.lower() in kind.name.lower() for o in only):
-            continue
-        server = kind(CACHE, model_path, work)
-        step(f"{server.name}")
-        try:
-            server.check_installed()
-        except servers.Unavailable as exc:
-            rows.append(_row(server.name, "-", None, note=str(exc)))
-            continue
-        # The machine is shared: the limit is measured next to every server, and the
-        # highest of these runs is the denominator of every ratio.
-        step("bare session.run loop")
-        bare.append({"before": server.name, **data.bare_loop(model_path, items, bare_seconds)})
-        rows += sweep(server, items, reference, input_data, budget, concurrency, work)
+    up: list[servers.Server] = []
+    try:
+        for index, kind in enumerate(servers.SERVERS):
+            if only and not any(o.lower() in kind.name.lower() for o in only):
+                continue
+            home = work / f"server-{index}"
+            home.mkdir()
+            server = kind(CACHE, model_path, home)
+            step(f"start {server.name}")
+            failed = bring_up(server, items, reference)
+            if failed is not None:
+                server.stop()
+                rows.append(failed)
+            else:
+                up.append(server)
+        # Interleaved: every server is up (idle when not measured) and each block measures
+        # one (protocol, concurrency) on all of them in turn, the order reversed from one
+        # block to the next, so the drift of this shared machine falls on all servers
+        # alike instead of on whichever ran in a busy minute. The limit is measured
+        # before every block and at the end; the highest run is the denominator.
+        blocks = [(slot, c) for slot in range(2) for c in concurrency]
+        for number, (slot, c) in enumerate(blocks):
+            family = ("gRPC", "HTTP")[slot]
+            step(f"bare session.run loop (before block {number + 1}/{len(blocks)})")
+            bare.append({"before": f"{family} c{c}",
+                         **data.bare_loop(model_path, items, bare_seconds)})
+            for server in (up if number % 2 == 0 else up[::-1]):
+                rows.append(point(server, server.protocols[slot], c, input_data, budget,
+                                  work))
+    finally:
+        for server in up:
+            server.stop()
     step("bare session.run loop (end)")
     bare.append({"before": "end", **data.bare_loop(model_path, items, bare_seconds)})
+    names = [kind.name for kind in servers.SERVERS]
+    rows.sort(key=lambda r: (names.index(r["server"]) if r["server"] in names else 99,
+                             r["protocol"] != "gRPC", r["concurrency"] or 0))
     limit = max(float(b["best"]["inferPerS"]) for b in bare)
     for row in rows:
         if row["inferPerS"] is not None:
