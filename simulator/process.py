@@ -45,10 +45,15 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-def _given(settings: list[str], key: str) -> str | None:
-    """The last value of ``key`` among ``Key=Value`` settings (the one the module takes)."""
-    found = [s.partition("=")[2] for s in settings if s.partition("=")[0].strip() == key]
-    return found[-1] if found else None
+def _given(settings: list[str], env: dict[str, str] | None, key: str) -> str | None:
+    """The value of ``key`` the module takes: the last ``Key=Value`` setting, else the
+    environment's ``Section__Key`` (both case-insensitive)."""
+    found = [s.partition("=")[2] for s in settings
+             if s.partition("=")[0].strip().lower() == key.lower()]
+    if found:
+        return found[-1]
+    name = key.replace(":", "__").lower()
+    return next((v for k, v in (env or {}).items() if k.lower() == name), None)
 
 
 class ModuleProcess:
@@ -62,7 +67,7 @@ class ModuleProcess:
                  env: dict[str, str] | None = None, cwd: Path | None = None,
                  entry: tuple[str, ...] = MODULE, new_session: bool = False,
                  preexec_fn: Callable[[], None] | None = None) -> None:
-        port, enabled = _given(settings, "Grpc:Port"), _given(settings, "Grpc:Enabled")
+        port, enabled = _given(settings, env, "Grpc:Port"), _given(settings, env, "Grpc:Enabled")
         if enabled is not None and enabled.strip().lower() in ("false", "0", "no", "off"):
             self.grpc_port = 0
         elif port is not None and port.strip().isdigit():
