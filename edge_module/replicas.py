@@ -6,7 +6,7 @@ single module can use, run several. Each replica is a full module with:
 * its own ``Data:Path/replica-<i>`` (its own ledger and installation id: one
   ledger each, no shared-writer contention; each record still has its own id,
   so billing stays exactly once);
-* its own HTTP port (``Http:Port + i``);
+* its own HTTP port (``Http:Port + i``) and gRPC port (``Grpc:Port + i``);
 * the input filters rewritten as MQTT shared subscriptions
   (``$share/edge-module/<filter>``), so the broker hands each message to
   exactly one replica.
@@ -38,8 +38,9 @@ def shared(topic_filter: str) -> str:
 
 def replica_args(settings: Settings, index: int) -> list[str]:
     port = settings.http.port + index if settings.http.port else 0
+    grpc_port = settings.grpc.port + index if settings.grpc.port else 0
     args = ["Replicas=1", f"Data:Path={settings.data.path / f'replica-{index}'}",
-            f"Http:Port={port}",
+            f"Http:Port={port}", f"Grpc:Port={grpc_port}",
             f"Mqtt:InputTopic={','.join(shared(f) for f in settings.mqtt.input_topic)}"]
     if settings.mqtt.client_id:
         args.append(f"Mqtt:ClientId={settings.mqtt.client_id}-r{index}")

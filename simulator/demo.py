@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder for logs, the ledger and the broker's data (default .run)")
     parser.add_argument("--http-port", type=int, default=None,
                         help="the module's HTTP port (default 5000, or a free one if taken)")
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="the module's gRPC port (default 8001, or a free one if taken)")
     parser.add_argument("--rate", type=float, default=20,
                         help="digit images per second the publisher sends (default 20)")
     return parser.parse_args(argv)
@@ -91,9 +93,10 @@ def _run(args: argparse.Namespace, stop: threading.Event, reason: list[str],
         billed_before = billing.totals()["records"]  # the simulator's store outlives runs
         left_before = _pending(run_dir / "data")  # answered in an earlier run, not billed
         http_port = args.http_port or (5000 if _free(5000) else free_port())
+        grpc_port = args.grpc_port or (8001 if _free(8001) else free_port())
         module = ModuleProcess(
             ["Eula=accept", f"Billing={billing.url}", f"ApiKey={DEMO_KEY}",
-             f"Mqtt:Port={broker.port}", f"Http:Port={http_port}",
+             f"Mqtt:Port={broker.port}", f"Http:Port={http_port}", f"Grpc:Port={grpc_port}",
              f"Data:Path={run_dir / 'data'}", "Log:Format=console",
              "Metering:MaxDelaySeconds=2", development_trust(billing.public_key_path)],
             http_port, run_dir / "module.log",
@@ -108,6 +111,7 @@ def _run(args: argparse.Namespace, stop: threading.Event, reason: list[str],
         print(f"broker   127.0.0.1:{broker.port} (mosquitto, log in {broker.log})")
         print(f"module   http://127.0.0.1:{http_port}/metrics  /ready  /health "
               f"(log in {run_dir / 'module.log'})")
+        print(f"gRPC     127.0.0.1:{grpc_port} (Open Inference Protocol v2, docs/oip-v2.md)")
         print(f"billing  {billing.url}/admin/usage (simulator; switch faults with POST "
               f"{billing.url}/admin/fault {{\"mode\": \"busy\"}})")
         print(f"backlog  .venv/bin/edge-module ledger Data:Path={run_dir / 'data'}")

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from simulator.broker import free_port
+
 MODULE = ("-m", "edge_module", "run")
 
 
@@ -43,13 +45,36 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
+def _given(settings: list[str], env: dict[str, str] | None, key: str) -> str | None:
+    """The value of ``key`` the module takes: the last ``Key=Value`` setting, else the
+    environment's ``Section__Key`` (both case-insensitive)."""
+    found = [s.partition("=")[2] for s in settings
+             if s.partition("=")[0].strip().lower() == key.lower()]
+    if found:
+        return found[-1]
+    name = key.replace(":", "__").lower()
+    return next((v for k, v in (env or {}).items() if k.lower() == name), None)
+
+
 class ModuleProcess:
-    """One module process with its log file; ``http_port`` is the module's Http:Port."""
+    """One module process with its log file; ``http_port`` is the module's Http:Port.
+
+    gRPC is on by default on 8001 (``Grpc:Port``), which two modules on one machine
+    cannot share: unless the caller names ``Grpc:Port`` or ``Grpc:Enabled``, the module
+    gets a free loopback port (``grpc_port``; 0 when gRPC is off)."""
 
     def __init__(self, settings: list[str], http_port: int, log_path: Path, *,
                  env: dict[str, str] | None = None, cwd: Path | None = None,
                  entry: tuple[str, ...] = MODULE, new_session: bool = False,
                  preexec_fn: Callable[[], None] | None = None) -> None:
+        port, enabled = _given(settings, env, "Grpc:Port"), _given(settings, env, "Grpc:Enabled")
+        if enabled is not None and enabled.strip().lower() in ("false", "0", "no", "off"):
+            self.grpc_port = 0
+        elif port is not None and port.strip().isdigit():
+            self.grpc_port = int(port)
+        else:  # first, so a caller's own Grpc:Host still wins
+            self.grpc_port = free_port()
+            settings = ["Grpc:Host=127.0.0.1", f"Grpc:Port={self.grpc_port}", *settings]
         self.settings = settings
         self.http_port = http_port
         self.log_path = log_path

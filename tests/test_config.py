@@ -146,3 +146,17 @@ def test_run_help_lists_the_required_settings_and_points_to_the_reference() -> N
     for required in ("Eula=accept", "Billing=<url>", "ApiKey=<key>", "Mounts:License",
                      "edge-module config-reference", "docs/configuration.md"):
         assert required in proc.stdout, required
+
+
+def test_grpc_is_on_by_default_on_8001_and_each_replica_gets_its_own_ports() -> None:
+    from edge_module.replicas import replica_args
+
+    settings = load_settings(BASE, environ={})
+    assert (settings.grpc.enabled, settings.grpc.port, settings.http.port) == (True, 8001, 5000)
+    assert not load_settings([*BASE, "Grpc:Enabled=false"], environ={}).grpc.enabled
+    ports = [{a.partition("=")[0]: a.partition("=")[2] for a in replica_args(settings, i)}
+             for i in range(3)]
+    assert [(p["Http:Port"], p["Grpc:Port"]) for p in ports] == [
+        ("5000", "8001"), ("5001", "8002"), ("5002", "8003")]
+    free = load_settings([*BASE, "Http:Port=0", "Grpc:Port=0"], environ={})
+    assert {replica_args(free, 1)[2], replica_args(free, 1)[3]} == {"Http:Port=0", "Grpc:Port=0"}

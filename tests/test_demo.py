@@ -22,7 +22,7 @@ from tests.support import free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PORTS = re.compile(r"^(?:broker\s+127\.0\.0\.1:(\d+)|module\s+http://127\.0\.0\.1:(\d+)/"
-                   r"|billing\s+http://127\.0\.0\.1:(\d+)/)")
+                   r"|billing\s+http://127\.0\.0\.1:(\d+)/|gRPC\s+127\.0\.0\.1:(\d+) )")
 
 
 class Demo:
@@ -56,7 +56,7 @@ class Demo:
             match = PORTS.match(line)
             if match:
                 found += [int(g) for g in match.groups() if g]
-        assert len(found) == 3, self.lines
+        assert len(found) == 4, self.lines  # broker, HTTP, gRPC, billing
         return found
 
     def text(self) -> str:
@@ -128,7 +128,7 @@ def assert_all_gone(pids: set[int], ports: list[int], timeout: float, demo: Demo
 
 def _command(tmp_path: Path) -> list[str]:
     return [sys.executable, "-m", "simulator.demo", "--run-dir", str(tmp_path / "run"),
-            "--http-port", str(free_port()), "--rate", "40"]
+            "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--rate", "40"]
 
 
 def test_sigterm_stops_every_child_and_frees_every_port(tmp_path: Path) -> None:

@@ -59,8 +59,8 @@ fi
 # (grep without -q reads all of ldconfig's output: no SIGPIPE failure under pipefail)
 if ! ldconfig -p | grep 'libb64.so.0d' >/dev/null; then
   log "apt-get install libb64-0d (perf_analyzer links libb64.so.0d)"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq libb64-0d >/dev/null
 fi
 
 # -- peer venvs -----------------------------------------------------------------

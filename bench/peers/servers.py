@@ -300,7 +300,8 @@ class EdgeModule(Server):
         models.mkdir(parents=True, exist_ok=True)
         shutil.copy2(self.model_path, models / f"{MODEL}.onnx")
         (models / f"{MODEL}.json").write_text(json.dumps({
-            "name": MODEL, "version": "bench",
+            "name": MODEL, "version": "1",  # numeric, as Triton: perf_analyzer's HTTP
+            # statistics path reads the version with stoll
             "input": {"name": INPUT, "kind": "tensor", "shape": list(SHAPE)},
             "output": {"name": OUTPUT, "kind": "probabilities"},
             "head": "tensor", "headOptions": {"outputs": [OUTPUT]},

@@ -414,7 +414,11 @@ def _call(route: Route, request: Request) -> Response:
 def _listen(host: str, port: int) -> socket.socket:
     """Bind now, so that a port in use fails at start-up (the caller turns it into advice)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets whose proto is
+    # IPPROTO_TCP, and accepted sockets inherit the listener's. Without it an answer's
+    # head and body leave in two segments and the second waits for the client's delayed
+    # ACK: ~40 ms on every keep-alive request (measured: 52 ms p50 against 10 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -656,11 +656,13 @@ class HttpSettings(Section):
 
 class GrpcSettings(Section):
     enabled: bool = Field(
-        False,
+        True,
         alias="Enabled",
         description="Serve the Open Inference Protocol v2 over gRPC "
-        "(`inference.GRPCInferenceService`) on `Grpc:Port`. Off by default so the module "
-        "holds no port it was not asked for. Uses `Http:ApiKey` and `Http:Tls` too.",
+        "(`inference.GRPCInferenceService`) on `Grpc:Port`. On by default, like Triton: "
+        "an open inference port, so set `Http:ApiKey` (checked on gRPC too) and `Http:Tls` "
+        "where the port is reachable from outside the device, or `Grpc:Enabled=false` "
+        "when nothing speaks gRPC (README: security).",
     )
     host: str = Field("0.0.0.0", alias="Host", description="Address the gRPC server listens on.")
     port: int = Field(
@@ -668,8 +670,10 @@ class GrpcSettings(Section):
         description="gRPC port (8001, like Triton). 0 picks a free port.",
     )
     threads: int = Field(
-        8, alias="Threads", ge=1, le=256,
-        description="Threads serving gRPC calls; each waits for its answer from the pipeline.",
+        16, alias="Threads", ge=1, le=256,
+        description="Threads serving gRPC calls; each waits for its answer from the pipeline, "
+        "so at most this many gRPC requests are in it at once. About twice the batch the "
+        "model runs lets one batch gather while another infers.",
     )
     max_concurrent_calls: int = Field(
         64, alias="MaxConcurrentCalls", ge=1, le=10000,
@@ -798,8 +802,8 @@ class Settings(Section):
     replicas: int = Field(
         1, alias="Replicas", ge=1, le=64,
         description="Run N copies of the module splitting the input through MQTT shared "
-        "subscriptions, each with its own `Data:Path/replica-<i>` and `Http:Port + i` "
-        "(docs/architecture.md).",
+        "subscriptions, each with its own `Data:Path/replica-<i>`, `Http:Port + i` and "
+        "`Grpc:Port + i` (docs/architecture.md).",
     )
     download_license: bool = Field(
         False, alias="DownloadLicense",
