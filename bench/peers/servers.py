@@ -317,7 +317,9 @@ class EdgeModule(Server):
                 f"Pipeline:MaxQueueDelayMs={QUEUE_DELAY_US / 1000}",
                 "Mqtt:InputTopic=em-bench/in", "Mqtt:ResultTopic=em-bench/out",
                 "Mqtt:ErrorTopic=em-bench/err", "Mqtt:AvailabilityTopic=em-bench/status",
-                "Metering:MaxDelaySeconds=1", "Log:Level=warning"]
+                "Metering:MaxDelaySeconds=1", "Log:Level=warning",
+                # A/B runs of the module's own settings, e.g. Model:IntraOpThreads=0
+                *os.environ.get("EDGE_MODULE_BENCH_ARGS", "").split()]
         return args, {}
 
     def stop(self) -> None:
