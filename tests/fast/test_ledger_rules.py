@@ -185,3 +185,29 @@ def test_a_receipt_is_stored_in_the_transaction_that_settles_its_records(
     count = ledger._conn.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
     assert count == 1
     ledger.close()
+
+
+def test_a_named_repeat_is_found_without_scanning_the_records_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repeat check runs once per named input: it must use an index whatever the
+    ledger holds, and a ledger from before deliveries kept their time is migrated."""
+    import edge_module.metering.ledger as ledger_module
+
+    path = tmp_path / "l.db"
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", MIGRATIONS[:2])  # an older ledger
+    old = make_ledger(path)
+    old.admit(2)
+    ids = old.append(METER, [Usage(1), Usage(1)])
+    with old._conn:  # a delivery as the older code wrote it: no time of its own
+        old._conn.execute("INSERT INTO deliveries (key, digest, record_id) VALUES (?, ?, ?)",
+                          ("id:a", b"d" * 16, ids[0]))
+    old.close()
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", MIGRATIONS)
+    ledger = make_ledger(path)
+    assert ledger.replayed("id:a", b"d" * 16, 600_000) == ids[0]  # the time came along
+    assert ledger.replayed("id:a", b"e" * 16, 600_000) is None
+    plan = " ".join(str(row) for row in ledger._conn.execute(
+        "EXPLAIN QUERY PLAN SELECT record_id FROM deliveries WHERE key = ? AND digest = ? "
+        "AND request_time >= ?", ("k", b"d", 0)))
+    assert "SCAN" not in plan and "USING INDEX" in plan
+    ledger.close()
