@@ -176,6 +176,11 @@ class Ledger:
         self.settings = settings
         self.recovered_from: Path | None = None
         self._lock = threading.Lock()
+        # A second connection for the repeat checks the inference thread makes per named
+        # input: in WAL mode it reads the last committed state while the commit thread
+        # holds the writer (and its fsync), instead of waiting for it.
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
         self._meter_ids: dict[tuple[str, str, str], int] = {}
         try:
             self._conn = self._open()
@@ -443,14 +448,19 @@ class Ledger:
 
     def replayed(self, key: str, digest: bytes, within_ms: int | None = None) -> str | None:
         """The record id of an earlier answer to this very delivery, if there was one
-        (recorded at most ``within_ms`` ago, when given)."""
-        with self._lock:
+        (recorded at most ``within_ms`` ago, when given). Reads committed records only,
+        without waiting for a write in progress."""
+        with self._read_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.path, isolation_level=None,
+                                               check_same_thread=False, timeout=10)
+                self._reader.execute("PRAGMA query_only=ON")
             if within_ms is None:
-                row = self._conn.execute(
+                row = self._reader.execute(
                     "SELECT record_id FROM deliveries WHERE key = ? AND digest = ?",
                     (key, digest)).fetchone()
             else:
-                row = self._conn.execute(
+                row = self._reader.execute(
                     "SELECT record_id FROM deliveries WHERE key = ? AND digest = ? AND "
                     "request_time >= ?", (key, digest, self.clock_ms() - within_ms)
                 ).fetchone()
@@ -655,6 +665,10 @@ class Ledger:
         return [{"id": r[0], "reason": r[1], "at": r[2]} for r in rows]
 
     def close(self) -> None:
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         with self._lock:
             self._conn.close()
 

@@ -211,3 +211,22 @@ def test_a_named_repeat_is_found_without_scanning_the_records_kept(
         "AND request_time >= ?", ("k", b"d", 0)))
     assert "SCAN" not in plan and "USING INDEX" in plan
     ledger.close()
+
+
+def test_a_repeat_check_does_not_wait_for_a_commit_in_progress(tmp_path: Path) -> None:
+    """The inference thread checks named inputs while the commit thread holds the writer
+    through its fsync: the check reads the last committed state instead of waiting."""
+    import threading
+
+    ledger = make_ledger(tmp_path / "l.db")
+    ledger.admit(1)
+    first = ledger.append(METER, [Usage(1, delivery_key="id:a", digest=b"d" * 16)])[0]
+    found: list[str | None] = []
+    with ledger._lock:  # a write transaction in progress on another thread
+        reader = threading.Thread(
+            target=lambda: found.append(ledger.replayed("id:a", b"d" * 16, 600_000)))
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "the repeat check waited for the writer"
+    assert found == [first]
+    ledger.close()
