@@ -172,6 +172,7 @@ class Job:
     # with the same bytes is the same request, however the transport delivered it again.
     client_key: str | None = None
     _digest: bytes | None = None
+    _delivery_key: str | None = None
     # The in-flight copy this job holds (``Pipeline._flights``; None once left), and
     # whether another copy of it was (or may have been) held when this one was admitted:
     # then its commit looks the ledger up again.
@@ -197,8 +198,22 @@ class Job:
 
     @property
     def replay_key(self) -> str | None:
-        """What a repeat of this input is recognised by in the ledger (with ``digest``)."""
-        return self.client_key or self.inbound.delivery_key
+        """What a repeat of this input is recognised by in the ledger (with ``digest``).
+
+        A transport's delivery key (an MQTT packet id) is scoped by the input's source and
+        the model version serving it: the same packet id and bytes sent to another topic
+        or model is other work, never a repeat of the first (hashed: the ledger keeps no
+        topic of the customer's)."""
+        if self.client_key is not None:
+            return self.client_key
+        if self.inbound.delivery_key is None:
+            return None
+        if self._delivery_key is None:
+            model = self.serving.model.provenance
+            self._delivery_key = "d:" + hashlib.blake2b(
+                f"{self.inbound.source}\0{model.name}\0{model.version}\0"
+                f"{self.inbound.delivery_key}".encode(), digest_size=16).hexdigest()
+        return self._delivery_key
 
     def digest(self) -> bytes:
         if self._digest is None:

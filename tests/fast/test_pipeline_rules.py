@@ -79,8 +79,9 @@ def stop_after() -> Iterator[list[Pipeline]]:
         pipe.stop()
 
 
-def _inbound(payload: bytes, key: str | None = None, redelivered: bool = False) -> Inbound:
-    return Inbound(payload, "em/in/test", delivery_key=key, redelivered=redelivered)
+def _inbound(payload: bytes, key: str | None = None, redelivered: bool = False,
+             source: str = "em/in/test") -> Inbound:
+    return Inbound(payload, source, delivery_key=key, redelivered=redelivered)
 
 
 def test_requests_waiting_together_are_inferred_in_one_batch(
@@ -653,3 +654,22 @@ def test_a_redelivery_decoded_before_its_first_delivery_is_billed_once(
     assert len(transport.results) == 2 and transport.errors == []
     assert ledger.pending == 1
     assert _metric(metrics, "edge_module_replayed_messages_total") == 1
+
+
+def test_the_same_packet_id_and_bytes_on_another_topic_is_other_work(
+        digits: Model, transport: RecordingTransport, ledger: Ledger,
+        held_out: tuple[np.ndarray, np.ndarray], stop_after: list[Pipeline]) -> None:
+    """A broker the customer controls may send one payload with one packet id to two
+    topics (two models, with topic routing) at once, even marked as a redelivery: each
+    answer is billed. Only the same delivery on the same topic is a repeat."""
+    x, _ = held_out
+    pipe, _ = _pipeline(digits, transport, ledger, MaxBatchSize=8, MaxQueueDelayMs=500)
+    stop_after.append(pipe)
+    payload = digit_image(x[3])
+    pipe.submit(_inbound(payload, key="5", source="em/in/a"))
+    pipe.submit(_inbound(payload, key="5", source="em/in/b", redelivered=True))
+    pipe.submit(_inbound(payload, key="5", source="em/in/a", redelivered=True))  # a repeat
+    transport.wait_answers(3)
+    assert pipe.drain(5)
+    assert len(transport.results) == 3 and transport.errors == []
+    assert ledger.pending == 2
