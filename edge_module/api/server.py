@@ -466,22 +466,25 @@ class HttpServer:
         self._started = threading.Event()
         self._runs = 0
         self._stopping = False
+        self._swap = threading.Lock()  # a restart's new server, against stop()
 
     def _run(self) -> None:
         """One run of the event loop, until uvicorn stops. Under the supervisor a run that
         ends while the module is running is a dead thread: it is restarted with a fresh
         uvicorn server on the same bound socket, and ``/ready`` names it meanwhile."""
-        if self._stopping:
-            return
-        if self._runs:
-            self.server = uvicorn.Server(self.config)
-        self._runs += 1
+        with self._swap:
+            if self._stopping:
+                return
+            if self._runs:
+                self.server = uvicorn.Server(self.config)
+                log.info("http_listening", port=self.port, restarted=True)
+            self._runs += 1
         try:
             asyncio.run(self._serve())
         except BaseException as exc:  # SystemExit from uvicorn included
             log.error("http_server_stopped", error=f"{type(exc).__name__}: {exc}",
                       effect="the HTTP API is down until the server runs again",
-                      fix="none needed if http_listening follows; else report the log")
+                      fix="none needed if thread_restarted follows; else report the log")
             raise
         finally:
             self._started.set()
@@ -508,8 +511,9 @@ class HttpServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop within ``timeout`` s even with idle or half-sent connections open."""
-        self._stopping = True
-        self.server.should_exit = True
+        with self._swap:
+            self._stopping = True
+            self.server.should_exit = True
         thread = self._thread
         if thread is not None and thread.is_alive():
             thread.join(max(0.1, timeout - 1.0))

@@ -102,6 +102,7 @@ class Drainer:
         self._lock = threading.Lock()  # one batch at a time (thread, CLI, direct method)
         self.last_answer: Answer | None = None
         self.next_attempt: float = 0.0  # monotonic time of the next try while backing off
+        self._told_to_wait = False  # next_attempt is the endpoint's own Retry-After
         self._last_prune = 0.0
         self._last_checkpoint = 0.0
         self._dirty = False  # settled something since the last checkpoint
@@ -118,8 +119,12 @@ class Drainer:
             self._thread.join(timeout)
 
     def wake(self) -> None:
-        """Ask for an upload now (after commits, on DrainNow, when the link returns)."""
-        self.next_attempt = 0.0
+        """Ask for an upload now (after commits, on DrainNow, when the link returns).
+
+        Cuts a back-off short, but never a Retry-After the endpoint asked for: a status
+        check that passes while uploads are answered Busy must not hammer it."""
+        if not (self._told_to_wait and time.monotonic() < self.next_attempt):
+            self.next_attempt = 0.0
         self._wake.set()
 
     def notify_committed(self) -> None:
@@ -198,8 +203,10 @@ class Drainer:
         if answer.retry_after is not None and answer.status in (ApiStatus.BUSY,
                                                                  ApiStatus.OUT_OF_QUOTA):
             wait = answer.retry_after  # honoured exactly, no jitter
+            self._told_to_wait = True
         else:
             wait = self.backoff.next()
+            self._told_to_wait = False
         self.next_attempt = time.monotonic() + wait
         log.warning("drain_failed", status=str(answer.status), http=answer.http_status,
                     error=answer.error, retry_in_s=round(wait, 3),

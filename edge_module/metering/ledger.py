@@ -181,6 +181,7 @@ class Ledger:
         # holds the writer (and its fsync), instead of waiting for it.
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        self._closed = False
         self._meter_ids: dict[tuple[str, str, str], int] = {}
         try:
             self._conn = self._open()
@@ -207,7 +208,10 @@ class Ledger:
             if problem is not None:
                 self._move_aside(problem)
         conn = self._connect()
-        self._migrate(conn)
+        if self._migrate(conn):
+            # A migration rewrites tables: fold its WAL back now, or the WAL (which
+            # MaxLedgerMb counts) stays as large until the next write checkpoints it.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -259,20 +263,24 @@ class Ledger:
                   f"ledger Data:Path={self.path.parent} --salvage {target}` (resends are "
                   "answered Duplicate, never billed twice), or send it to the vendor")
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
+    def _migrate(self, conn: sqlite3.Connection) -> bool:
+        """Apply the migrations not applied yet; True when there were any."""
         db = sqlite_utils.Database(conn)
         if "_migrations" not in db.table_names():
             db.table("_migrations").create({"name": str, "applied_at": int}, pk="name")
         applied = {row["name"] for row in db["_migrations"].rows}
+        ran = False
         for name, sql in MIGRATIONS:
             if name in applied:
                 continue
+            ran = True
             with write_transaction(conn):
                 for statement in (s for s in sql.split(";") if s.strip()):
                     conn.execute(statement)
                 conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
                              (name, int(time.time() * 1000)))
             log.debug("ledger_migrated", migration=name)
+        return ran
 
     # -- writes -----------------------------------------------------------
 
@@ -451,6 +459,8 @@ class Ledger:
         (recorded at most ``within_ms`` ago, when given). Reads committed records only,
         without waiting for a write in progress."""
         with self._read_lock:
+            if self._closed:
+                raise MeteringError(f"the ledger {self.path} is closed")
             if self._reader is None:
                 self._reader = sqlite3.connect(self.path, isolation_level=None,
                                                check_same_thread=False, timeout=10)
@@ -496,7 +506,13 @@ class Ledger:
                            for r in rows]
 
     def oldest_pending_ms(self) -> int | None:
-        """``requestTime`` (trusted time) of the oldest record waiting for upload."""
+        """``requestTime`` (trusted time) of the oldest record waiting for upload.
+
+        The licence gate asks before every batch: a cached answer is one attribute read,
+        without waiting for a commit in progress to release the writer's lock."""
+        cached = self._oldest
+        if cached is None or isinstance(cached, int):
+            return cached
         with self._lock:
             if self._oldest is _UNKNOWN:
                 row = self._conn.execute(
@@ -666,6 +682,7 @@ class Ledger:
 
     def close(self) -> None:
         with self._read_lock:
+            self._closed = True
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None

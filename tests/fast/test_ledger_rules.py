@@ -230,3 +230,24 @@ def test_a_repeat_check_does_not_wait_for_a_commit_in_progress(tmp_path: Path) -
         assert not reader.is_alive(), "the repeat check waited for the writer"
     assert found == [first]
     ledger.close()
+
+
+def test_a_wake_cuts_a_back_off_short_but_never_the_endpoints_retry_after(
+        tmp_path: Path) -> None:
+    """A status check that passes wakes the uploader; an endpoint that answered uploads
+    Busy with Retry-After is still left alone for as long as it asked."""
+    from edge_module.billing_api import Answer, ApiStatus, BillingClient
+    from edge_module.metering.drain import Drainer
+
+    ledger = make_ledger(tmp_path / "l.db")
+    drainer = Drainer(ledger, BillingClient("http://127.0.0.1:9", "k" * 20, 1),
+                      ledger.settings)
+    drainer._schedule_retry(Answer(ApiStatus.BUSY, 503, retry_after=60.0))
+    asked = drainer.next_attempt
+    drainer.wake()
+    assert drainer.next_attempt == asked > time.monotonic() + 50
+    drainer._schedule_retry(Answer(ApiStatus.COULD_NOT_CONNECT, None, error="refused"))
+    assert drainer.next_attempt > time.monotonic()
+    drainer.wake()
+    assert drainer.next_attempt == 0.0
+    ledger.close()
