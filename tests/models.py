@@ -18,15 +18,26 @@ import onnx
 from onnx import TensorProto, helper
 
 
-def _save(folder: Path, stem: str, graph: onnx.GraphProto, descriptor: dict[str, object]
-          ) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+def save_graph(graph: onnx.GraphProto, path: Path, opset: int = 17,
+               descriptor: dict[str, object] | None = None) -> Path:
+    """``graph`` as a checked ONNX file at ``path`` (IR 8: what this onnxruntime reads),
+    with ``descriptor`` beside it when given (``model.json`` in a repository version
+    folder, ``<stem>.json`` otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    onnx.save(model, folder / f"{stem}.onnx")
-    (folder / f"{stem}.json").write_text(json.dumps(descriptor))
-    return folder / f"{stem}.onnx"
+    onnx.save(model, path)
+    if descriptor is not None:
+        beside = path.with_name("model.json") if path.name == "model.onnx" else \
+            path.with_suffix(".json")
+        beside.write_text(json.dumps(descriptor))
+    return path
+
+
+def _save(folder: Path, stem: str, graph: onnx.GraphProto, descriptor: dict[str, object]
+          ) -> Path:
+    return save_graph(graph, folder / f"{stem}.onnx", descriptor=descriptor)
 
 
 def _descriptor(name: str, **extra: object) -> dict[str, object]:

@@ -8,7 +8,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +192,54 @@ def digit_png(pixels: np.ndarray, fmt: str = ".png") -> bytes:
 def simulator_keys(public_key_b64: str) -> TrustedKeys:
     """What a development build with ``Development:TrustedKeyFile`` trusts: one key."""
     return TrustedKeys([TrustedKey.of(load_public_key(public_key_b64))])
+
+
+@dataclass
+class ServedRepository:
+    """One module serving a model repository over MQTT (topic level 2 names the model),
+    HTTP and gRPC, with its broker, billing simulator and a result collector: what a
+    module-scoped fixture shares between a file's tests (``serve_repository``)."""
+
+    module: Module
+    collector: Collector
+    billing: Any  # simulator.billing.BillingSimulator
+    grpc_port: int
+
+    def billed(self) -> int:
+        return int(self.billing.totals()["records"])
+
+    def results(self, prefix: str, topic: str = "em/results") -> list[dict[str, Any]]:
+        return [r for r in self.collector.json(topic) if str(r["id"]).startswith(prefix)]
+
+    def errors(self, prefix: str, topic: str = "em/errors") -> dict[str, str]:
+        return {e["id"]: e["error"]["code"] for e in self.collector.json(topic)
+                if str(e["id"]).startswith(prefix)}
+
+
+@contextlib.contextmanager
+def serve_repository(root: Path, repository: Path, *settings: str,
+                     default: str = "pair") -> Iterator[ServedRepository]:
+    """Start a broker, the billing simulator and a module on ``repository`` (``settings``
+    added to the shared ones), and stop them all afterwards."""
+    from simulator.billing import BillingSimulator, KeyInfo
+
+    (root / "broker").mkdir(parents=True, exist_ok=True)
+    broker = start_broker(root / "broker")
+    billing = BillingSimulator(root / "billing.db", keys={API_KEY: KeyInfo()})
+    billing.start()
+    grpc_port = free_port()
+    module = Module(root / "module", broker.port, f"Model:Repository={repository}",
+                    f"Model:Default={default}", "Mqtt:ModelTopicLevel=2",
+                    "Grpc:Enabled=true", f"Grpc:Port={grpc_port}",
+                    "Metering:MaxDelaySeconds=0.2", "Metering:MaxBackoffSeconds=1",
+                    "Metering:TimeoutSeconds=2", *settings,
+                    billing=billing.url, public_key=billing.public_key_b64)
+    collector = Collector(broker.port, ["em/results", "em/errors"])
+    try:
+        module.start()
+        yield ServedRepository(module, collector, billing, grpc_port)
+    finally:
+        collector.close()
+        module.stop()
+        billing.stop()
+        broker.stop()

@@ -38,7 +38,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 from paho.mqtt.packettypes import PacketTypes
@@ -47,8 +46,14 @@ from paho.mqtt.properties import Properties
 from edge_module.api.grpc_v2 import grpc_predict_v2_pb2 as pb
 from edge_module.api.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from edge_module.inference.bounds import MalformedHeader, open_npz
-from simulator.billing import BillingSimulator, KeyInfo
-from tests.support import API_KEY, Collector, Module, free_port, start_broker, wait_until
+from tests.models import save_graph
+from tests.support import (
+    API_KEY,
+    Module,
+    ServedRepository,
+    serve_repository,
+    wait_until,
+)
 from tests.test_tensor_models import PAIR, inputs_json, npy, npz, pair_graph
 
 RESULTS, ERRORS = "em/results", "em/errors"
@@ -73,11 +78,7 @@ def flag_graph(path: Path) -> Path:
         [helper.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT)], "flag",
         [helper.make_tensor_value_info("m", TensorProto.BOOL, ["N", 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return save_graph(graph, path, opset=13)
 
 
 EMBED = {  # a text model: an empty sequence is allowed (minShape 0), at most 512 tokens
@@ -97,11 +98,7 @@ def embed_graph(path: Path) -> Path:
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"])],
         [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["N", "L", 2])],
         [table])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return save_graph(graph, path, opset=13)
 
 
 def q_graph(path: Path) -> Path:
@@ -110,11 +107,7 @@ def q_graph(path: Path) -> Path:
         [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "q",
         [helper.make_tensor_value_info("x", TensorProto.INT8, ["N", 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return save_graph(graph, path, opset=13)
 
 
 # -- hostile archives ---------------------------------------------------------------------
@@ -384,19 +377,8 @@ def vm_kb(pid: int, field: str) -> int:
 
 # -- one module for the file --------------------------------------------------------------
 
-@dataclass
-class Served:
-    module: Module
-    collector: Collector
-    billing: BillingSimulator
-    grpc_port: int
-
-    def billed(self) -> int:
-        return int(self.billing.totals()["records"])
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedRepository]:
     root = tmp_path_factory.mktemp("hostile-tensor")
     repository = root / "repository"
     pair_graph(repository / "pair" / "1" / "model.onnx")
@@ -407,28 +389,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     embed_graph(repository / "embed" / "1" / "model.onnx")
     (repository / "embed" / "1" / "model.json").write_text(json.dumps(EMBED))
     (repository / "flag" / "1" / "model.json").write_text(json.dumps(FLAG))
-    (root / "broker").mkdir()
-    broker = start_broker(root / "broker")
-    billing = BillingSimulator(root / "billing.db", keys={API_KEY: KeyInfo()})
-    billing.start()
-    grpc_port = free_port()
-    module = Module(root / "module", broker.port, f"Model:Repository={repository}",
-                    "Model:Default=pair", "Mqtt:ModelTopicLevel=2",
-                    f"Pipeline:MaxPayloadBytes={MAX_PAYLOAD}",
-                    "Pipeline:MaxTensorElements=1000000", "Pipeline:MaxQueueDelayMs=5",
-                    "Grpc:Enabled=true", f"Grpc:Port={grpc_port}",
-                    "Metering:MaxDelaySeconds=0.2", "Metering:MaxBackoffSeconds=1",
-                    "Metering:TimeoutSeconds=2",
-                    billing=billing.url, public_key=billing.public_key_b64)
-    collector = Collector(broker.port, [RESULTS, ERRORS])
-    try:
-        module.start()
-        yield Served(module, collector, billing, grpc_port)
-    finally:
-        collector.close()
-        module.stop()
-        billing.stop()
-        broker.stop()
+    with serve_repository(root, repository, f"Pipeline:MaxPayloadBytes={MAX_PAYLOAD}",
+                          "Pipeline:MaxTensorElements=1000000",
+                          "Pipeline:MaxQueueDelayMs=5") as served:
+        yield served
 
 
 def normal() -> bytes:
@@ -436,7 +400,7 @@ def normal() -> bytes:
 
 
 def test_hostile_npz_and_json_inputs_are_refused_coded_unbilled_and_bounded(
-    served: Served,
+    served: ServedRepository,
 ) -> None:
     module, collector = served.module, served.collector
     assert module.process is not None
@@ -486,7 +450,7 @@ def test_hostile_npz_and_json_inputs_are_refused_coded_unbilled_and_bounded(
     assert module.ready()
 
 
-def test_a_bool_byte_other_than_0_or_1_is_read_as_true(served: Served) -> None:
+def test_a_bool_byte_other_than_0_or_1_is_read_as_true(served: ServedRepository) -> None:
     """numpy keeps the byte 2 of a bool .npy as it is; onnxruntime's Cast made it 2.0."""
     flags = np.frombuffer(b"\x00\x01\x02", np.bool_)
     before = served.billed()
@@ -500,7 +464,8 @@ def test_a_bool_byte_other_than_0_or_1_is_read_as_true(served: Served) -> None:
     wait_until(lambda: served.billed() == before + 1, 20, "the answer billed")
 
 
-def test_an_index_out_of_range_fails_its_own_request_not_its_batch(served: Served) -> None:
+def test_an_index_out_of_range_fails_its_own_request_not_its_batch(
+        served: ServedRepository) -> None:
     """Token ids past the table make onnxruntime's Gather fail the whole batch: the
     requests batched with it are answered, each on its own; only it is refused."""
     before = served.billed()
@@ -562,7 +527,7 @@ def binary(tensors: list[dict[str, Any]], blobs: bytes) -> tuple[bytes, int]:
     return header + blobs, len(header)
 
 
-def test_hostile_v2_http_requests_get_400s_and_no_records(served: Served) -> None:
+def test_hostile_v2_http_requests_get_400s_and_no_records(served: ServedRepository) -> None:
     module = served.module
     a = tensor("a", "FP32", [1, 2], [1.0, 2.0])
     b = tensor("b", "INT64", [1, 2], [1, 2])
@@ -678,7 +643,8 @@ def test_hostile_v2_http_requests_get_400s_and_no_records(served: Served) -> Non
 
 # -- OIP v2 over gRPC ---------------------------------------------------------------------
 
-def test_hostile_v2_grpc_requests_get_coded_statuses_and_no_records(served: Served) -> None:
+def test_hostile_v2_grpc_requests_get_coded_statuses_and_no_records(
+        served: ServedRepository) -> None:
     channel = grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}")
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     spec = pb.ModelInferRequest.InferInputTensor

@@ -31,13 +31,11 @@ import shutil
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import skimage.data
@@ -54,8 +52,12 @@ from edge_module.exceptions import ModelError
 from edge_module.inference.codecs import Codec, Limits, RequestError
 from edge_module.inference.descriptor import DEFAULT_DYNAMIC_ELEMENTS
 from edge_module.inference.models import Model
-from simulator.billing import BillingSimulator, KeyInfo
-from tests.support import API_KEY, Collector, Module, free_port, start_broker, wait_until
+from tests.models import save_graph
+from tests.support import (
+    ServedRepository,
+    serve_repository,
+    wait_until,
+)
 
 RESULTS, ERRORS = "em/results", "em/errors"
 PAIR = {
@@ -78,12 +80,7 @@ def pair_graph(path: Path) -> Path:
          helper.make_tensor_value_info("b", TensorProto.INT64, ["N", "L"])],
         [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", "L"]),
          helper.make_tensor_value_info("norm", TensorProto.FLOAT, ["N"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return save_graph(graph, path, opset=13)
 
 
 def expected(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,26 +218,8 @@ def test_named_inputs_are_checked_against_the_graph_at_load(tmp_path: Path) -> N
 
 # -- one module serving the repository over MQTT, HTTP and gRPC --------------------------
 
-@dataclass
-class Served:
-    module: Module
-    collector: Collector
-    billing: BillingSimulator
-    grpc_port: int
-
-    def billed(self) -> int:
-        return int(self.billing.totals()["records"])
-
-    def results(self, prefix: str) -> list[dict[str, Any]]:
-        return [r for r in self.collector.json(RESULTS) if str(r["id"]).startswith(prefix)]
-
-    def errors(self, prefix: str) -> dict[str, str]:
-        return {e["id"]: e["error"]["code"] for e in self.collector.json(ERRORS)
-                if str(e["id"]).startswith(prefix)}
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedRepository]:
     root = tmp_path_factory.mktemp("tensor")
     repository = root / "repository"
     pair_graph(repository / "pair" / "1" / "model.onnx")
@@ -249,31 +228,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (repository / "textdet" / "4").mkdir(parents=True)
     shutil.copy(detector, repository / "textdet" / "4" / "model.onnx")
     shutil.copy(detector.with_suffix(".json"), repository / "textdet" / "4" / "model.json")
-    (root / "broker").mkdir()
-    broker = start_broker(root / "broker")
-    billing = BillingSimulator(root / "billing.db", keys={API_KEY: KeyInfo()})
-    billing.start()
-    grpc_port = free_port()
-    module = Module(root / "module", broker.port, f"Model:Repository={repository}",
-                    "Model:Default=pair", "Mqtt:ModelTopicLevel=2",
-                    "Pipeline:MaxPayloadBytes=2000000", "Pipeline:MaxTensorElements=300000",
-                    "Pipeline:MaxQueueDelayMs=20", "Grpc:Enabled=true",
-                    f"Grpc:Port={grpc_port}", "Metering:MaxDelaySeconds=0.2",
-                    "Metering:MaxBackoffSeconds=1", "Metering:TimeoutSeconds=2",
-                    billing=billing.url, public_key=billing.public_key_b64)
-    collector = Collector(broker.port, [RESULTS, ERRORS])
-    try:
-        module.start()
-        yield Served(module, collector, billing, grpc_port)
-    finally:
-        collector.close()
-        module.stop()
-        billing.stop()
-        broker.stop()
+    with serve_repository(root, repository, "Pipeline:MaxPayloadBytes=2000000",
+                          "Pipeline:MaxTensorElements=300000",
+                          "Pipeline:MaxQueueDelayMs=20") as served:
+        yield served
 
 
 def test_mqtt_named_inputs_answer_like_numpy_and_only_answers_are_billed(
-    served: Served,
+    served: ServedRepository,
 ) -> None:
     rng = np.random.default_rng(7)
     before = served.billed()
@@ -345,7 +307,7 @@ def test_mqtt_named_inputs_answer_like_numpy_and_only_answers_are_billed(
 
 
 def test_v2_http_and_grpc_map_several_input_tensors_to_the_named_inputs(
-    served: Served,
+    served: ServedRepository,
 ) -> None:
     http = th.InferenceServerClient(f"127.0.0.1:{served.module.http_port}",
                                     network_timeout=20.0)
@@ -408,7 +370,7 @@ def test_v2_http_and_grpc_map_several_input_tensors_to_the_named_inputs(
     grpc.close()
 
 
-def test_a_real_text_detector_map_matches_onnxruntime(served: Served) -> None:
+def test_a_real_text_detector_map_matches_onnxruntime(served: ServedRepository) -> None:
     image = dbnet_image()
     session = ort.InferenceSession(str(text_detector()), providers=["CPUExecutionProvider"])
     reference = session.run(None, {"x": image[None]})[0][0]  # [1, H, W]
@@ -436,7 +398,7 @@ def test_a_real_text_detector_map_matches_onnxruntime(served: Served) -> None:
     assert {r["meter"]["name"] for r in served.billing.store.records()} >= {"textdet.tensor"}
 
 
-def test_a_map_input_past_max_shape_is_refused_before_it_runs(served: Served) -> None:
+def test_a_map_input_past_max_shape_is_refused_before_it_runs(served: ServedRepository) -> None:
     """The text detector takes at most ``[3, 1024, 1024]`` (``maxShape``): a ``[3, 1056,
     64]`` image, within every other limit, is refused by its declared shape over MQTT,
     v2 HTTP and gRPC, never run nor billed; the next image is answered."""

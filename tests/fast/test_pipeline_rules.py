@@ -231,8 +231,11 @@ class FailsOnHighDigits(ClassificationHead):
     def shape(self, outputs: Mapping[str, np.ndarray], frames: Sequence[Frame | None],
               answering: Answering) -> list[dict[str, Any]]:
         if int(np.argmax(outputs[self.outputs[0]][0])) >= 5:
-            raise IndexError("this head cannot shape digits above 4")
+            raise self.failure()
         return super().shape(outputs, frames, answering)
+
+    def failure(self) -> Exception:
+        return IndexError("this head cannot shape digits above 4")
 
 
 def test_an_answer_that_cannot_be_shaped_is_an_error_and_never_billed(
@@ -579,22 +582,13 @@ def test_a_batch_crashing_after_part_of_it_was_handed_on_answers_each_input_once
     assert len(pipe._flights) == 0
 
 
-class RefusesHighDigits(ClassificationHead):
+class RefusesHighDigits(FailsOnHighDigits):
     """A head whose answers for digits 5 and above are too large for the request."""
 
     name = "test-refuses-high-digits"
 
-    @classmethod
-    def build(cls, descriptor: Descriptor, shapes: Shapes) -> RefusesHighDigits:
-        plain = ClassificationHead.build(
-            descriptor.model_copy(update={"head": "classification"}), shapes)
-        return cls(plain.outputs[0], plain.labels, plain.logits)
-
-    def shape(self, outputs: Mapping[str, np.ndarray], frames: Sequence[Frame | None],
-              answering: Answering) -> list[dict[str, Any]]:
-        if int(np.argmax(outputs[self.outputs[0]][0])) >= 5:
-            raise Refusal(ErrorCode.OUTPUT_TOO_LARGE, "this answer is too large")
-        return super().shape(outputs, frames, answering)
+    def failure(self) -> Exception:
+        return Refusal(ErrorCode.OUTPUT_TOO_LARGE, "this answer is too large")
 
 
 class CrashingMeter(LedgerMeter):
