@@ -58,6 +58,12 @@ from edge_module.metering.transaction import disk_full, write_transaction
 log = get_logger("ledger")
 
 _UNKNOWN = object()  # a cache not filled yet
+# A delivery's record within a window: found by the key's index; a row from before
+# migration 0003 (request_time 0) reads its time from the record it names.
+_REPEAT_WITHIN = (
+    "SELECT d.record_id FROM deliveries d WHERE d.key = ? AND d.digest = ? AND "
+    "(d.request_time >= ? OR (d.request_time = 0 AND EXISTS (SELECT 1 FROM records r "
+    "WHERE r.id = d.record_id AND r.request_time >= ?)))")
 PENDING, ACCEPTED, DUPLICATE, QUARANTINED = 0, 1, 2, 3
 STATE_NAMES = {PENDING: "pending", ACCEPTED: "accepted", DUPLICATE: "duplicate",
                QUARANTINED: "quarantined"}
@@ -113,12 +119,10 @@ MIGRATIONS: list[tuple[str, str]] = [
     # input, on the inference thread) joined records by id, which has no index, so it
     # scanned every record kept (15 ms per input with 200,000 retained). An index on
     # records.id would cost every append a random b-tree insert; the copy costs none.
+    # Adding the column rewrites nothing (it needs no free space, even on a full disk):
+    # rows written before it keep 0 and are looked up through their record instead.
     ("0003_delivery_time", """
         ALTER TABLE deliveries ADD COLUMN request_time INTEGER NOT NULL DEFAULT 0;
-        CREATE INDEX migration_records_id ON records (id);
-        UPDATE deliveries SET request_time = coalesce((SELECT request_time FROM records
-            WHERE records.id = deliveries.record_id), 0);
-        DROP INDEX migration_records_id;
     """),
 ]
 
@@ -470,10 +474,9 @@ class Ledger:
                     "SELECT record_id FROM deliveries WHERE key = ? AND digest = ?",
                     (key, digest)).fetchone()
             else:
-                row = self._reader.execute(
-                    "SELECT record_id FROM deliveries WHERE key = ? AND digest = ? AND "
-                    "request_time >= ?", (key, digest, self.clock_ms() - within_ms)
-                ).fetchone()
+                since = self.clock_ms() - within_ms
+                row = self._reader.execute(_REPEAT_WITHIN, (key, digest, since, since)
+                                           ).fetchone()
         return str(row[0]) if row else None
 
     # -- draining ---------------------------------------------------------

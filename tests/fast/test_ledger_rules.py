@@ -206,10 +206,14 @@ def test_a_named_repeat_is_found_without_scanning_the_records_kept(
     ledger = make_ledger(path)
     assert ledger.replayed("id:a", b"d" * 16, 600_000) == ids[0]  # the time came along
     assert ledger.replayed("id:a", b"e" * 16, 600_000) is None
-    plan = " ".join(str(row) for row in ledger._conn.execute(
-        "EXPLAIN QUERY PLAN SELECT record_id FROM deliveries WHERE key = ? AND digest = ? "
-        "AND request_time >= ?", ("k", b"d", 0)))
-    assert "SCAN" not in plan and "USING INDEX" in plan
+    plan = [str(row) for row in ledger._conn.execute(
+        "EXPLAIN QUERY PLAN " + ledger_module._REPEAT_WITHIN, ("k", b"d", 0, 0))]
+    # the key's index finds the row; records are read only for a row from before 0003
+    assert "SEARCH d USING INDEX" in plan[0] and not any("SCAN d" in p for p in plan)
+    ledger.admit(1)
+    ledger.append(METER, [Usage(1, delivery_key="id:b", digest=b"d" * 16)])
+    assert ledger._conn.execute("SELECT request_time > 0 FROM deliveries WHERE key = "
+                                "'id:b'").fetchone() == (1,)
     ledger.close()
 
 
