@@ -94,6 +94,10 @@ class Meter(Protocol):
         """The record of an earlier answer to this same delivery (at most ``within_ms``
         old, when given), if any."""
 
+    def replayed_many(self, deliveries: Sequence[tuple[str, bytes]],
+                      within_ms: int | None = None) -> dict[tuple[str, bytes], str]:
+        """``replayed`` for several deliveries at once: those answered before."""
+
 
 class Gate(Protocol):
     """The licensing decision, taken once before inference."""
@@ -124,6 +128,10 @@ class NoMeter:
 
     def replayed(self, key: str, digest: bytes, within_ms: int | None = None) -> str | None:
         return None
+
+    def replayed_many(self, deliveries: Sequence[tuple[str, bytes]],
+                      within_ms: int | None = None) -> dict[tuple[str, bytes], str]:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -560,13 +568,18 @@ class Pipeline:
         # the gap: a copy that finds no other held finds the other's record instead.
         for job in jobs:
             self._enter_flight(job)
-            key = job.replay_key
-            if key is None or not job.repeatable:
-                continue
-            if job.inbound.redelivered:  # the transport says so: no time limit
-                job.replay_of = self.meter.replayed(key, job.digest())
-            else:  # only the name says so: a repeat within the window
-                job.replay_of = self.meter.replayed(key, job.digest(), self._repeat_window_ms)
+        # One look-up per batch for each kind: the transport says it was delivered
+        # before (no time limit), or only the name says so (a repeat within the window).
+        redelivered = [job for job in jobs if job.replay_key is not None and
+                       job.repeatable and job.inbound.redelivered]
+        named = [job for job in jobs if job.replay_key is not None and
+                 job.repeatable and not job.inbound.redelivered]
+        for group, window in ((redelivered, None), (named, self._repeat_window_ms)):
+            if group:
+                answered = self.meter.replayed_many(
+                    [(str(job.replay_key), job.digest()) for job in group], window)
+                for job in group:
+                    job.replay_of = answered.get((str(job.replay_key), job.digest()))
         fresh = [job for job in jobs if job.replay_of is None]
         refused: list[tuple[Job, Refusal]] = []
         if fresh:

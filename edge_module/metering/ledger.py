@@ -460,8 +460,21 @@ class Ledger:
 
     def replayed(self, key: str, digest: bytes, within_ms: int | None = None) -> str | None:
         """The record id of an earlier answer to this very delivery, if there was one
-        (recorded at most ``within_ms`` ago, when given). Reads committed records only,
-        without waiting for a write in progress."""
+        (recorded at most ``within_ms`` ago, when given)."""
+        return self.replayed_many([(key, digest)], within_ms).get((key, digest))
+
+    def replayed_many(self, deliveries: Sequence[tuple[str, bytes]],
+                      within_ms: int | None = None) -> dict[tuple[str, bytes], str]:
+        """``replayed`` for a batch's deliveries in one statement (the inference thread
+        asks once per batch): the ``(key, digest)`` pairs answered before, with their
+        record ids. Reads committed records only, without waiting for a write in
+        progress."""
+        wanted = set(deliveries)
+        if not wanted:
+            return {}
+        keys = sorted({key for key, _ in wanted})
+        since = None if within_ms is None else self.clock_ms() - within_ms
+        found: dict[tuple[str, bytes], str] = {}
         with self._read_lock:
             if self._closed:
                 raise MeteringError(f"the ledger {self.path} is closed")
@@ -469,15 +482,21 @@ class Ledger:
                 self._reader = sqlite3.connect(self.path, isolation_level=None,
                                                check_same_thread=False, timeout=10)
                 self._reader.execute("PRAGMA query_only=ON")
-            if within_ms is None:
-                row = self._reader.execute(
-                    "SELECT record_id FROM deliveries WHERE key = ? AND digest = ?",
-                    (key, digest)).fetchone()
-            else:
-                since = self.clock_ms() - within_ms
-                row = self._reader.execute(_REPEAT_WITHIN, (key, digest, since, since)
-                                           ).fetchone()
-        return str(row[0]) if row else None
+            for start in range(0, len(keys), 500):  # SQLite's bound-parameter limit
+                chunk = keys[start:start + 500]
+                rows = self._reader.execute(
+                    "SELECT key, digest, record_id, request_time FROM deliveries WHERE key "
+                    f"IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                for key, digest, record_id, request_time in rows:
+                    pair = (str(key), bytes(digest))
+                    if pair not in wanted:
+                        continue
+                    if since is not None and request_time < since and not (
+                            request_time == 0 and self._reader.execute(
+                                _REPEAT_WITHIN, (*pair, since, since)).fetchone()):
+                        continue  # too old (a row from before 0003: its record's time)
+                    found[pair] = str(record_id)
+        return found
 
     # -- draining ---------------------------------------------------------
 

@@ -42,3 +42,7 @@ class LedgerMeter:
 
     def replayed(self, key: str, digest: bytes, within_ms: int | None = None) -> str | None:
         return self.ledger.replayed(key, digest, within_ms)
+
+    def replayed_many(self, deliveries: Sequence[tuple[str, bytes]],
+                      within_ms: int | None = None) -> dict[tuple[str, bytes], str]:
+        return self.ledger.replayed_many(deliveries, within_ms)

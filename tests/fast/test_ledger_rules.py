@@ -255,3 +255,24 @@ def test_a_wake_cuts_a_back_off_short_but_never_the_endpoints_retry_after(
     drainer.wake()
     assert drainer.next_attempt == 0.0
     ledger.close()
+
+
+def test_a_batch_of_repeat_checks_is_one_look_up_with_the_same_answers(tmp_path: Path) -> None:
+    """The inference thread checks a batch's named inputs at once: the same answers as
+    one check each, the digest and the window still deciding."""
+    ledger = make_ledger(tmp_path / "l.db")
+    ledger.admit(3)
+    ids = ledger.append(METER, [Usage(1, delivery_key=f"id:{n}", digest=bytes([n]) * 16)
+                                for n in range(3)])
+    asked = [(f"id:{n}", bytes([n]) * 16) for n in range(3)] + [
+        ("id:0", b"x" * 16), ("id:9", b"\0" * 16)]  # other bytes, never seen
+    found = ledger.replayed_many(asked, 600_000)
+    assert found == {(f"id:{n}", bytes([n]) * 16): ids[n] for n in range(3)}
+    assert found == {pair: r for pair in asked
+                     if (r := ledger.replayed(*pair, 600_000)) is not None}
+    ledger.clock_ms = lambda: int(time.time() * 1000) + 700_000  # past the window
+    assert ledger.replayed_many(asked, 600_000) == {}
+    assert len(ledger.replayed_many(asked)) == 3  # a marked redelivery: any age
+    many = [(f"k{n}", b"d" * 16) for n in range(1200)]  # past SQLite's parameter limit
+    assert ledger.replayed_many(many, 600_000) == {}
+    ledger.close()
