@@ -634,7 +634,7 @@ class Pipeline:
         multiply the runs of everyone's either: the batch is split in halves, a half that
         runs is handed to the commit thread, a half that fails is split again, so one
         culprit among N costs about 2 log2 N runs (10 for 32), not N. At most
-        ``MaxRerunsPerFailedBatch`` runs per failed batch (0: as many as it has inputs);
+        ``MaxRerunsPerFailedBatch`` runs per failed batch (0: twice its inputs, enough);
         the jobs not resolved within them are answered InferenceFailed. Once a model
         version's failed batches pass ``MaxFailedBatchesPerMinute``, its failed batches
         are answered InferenceFailed whole, without a run more (logged once when that
@@ -646,8 +646,10 @@ class Pipeline:
                                    f"({exc}); it was not run again on its own: {reason}; "
                                    "send it again")
             return
-        # 0 (the default): as many runs as inputs, never worse than each input alone
-        budget = self.settings.max_reruns_per_failed_batch or len(jobs)
+        # 0 (the default): twice the inputs, the most a bisection can take (every node
+        # of its tree but the root), so an input not at fault is never refused for want
+        # of runs; the per-minute limit below bounds what that can cost
+        budget = self.settings.max_reruns_per_failed_batch or 2 * len(jobs)
         runs = 0
         middle = len(jobs) // 2
         # (part, how it failed or None when not run yet), popped left half first, so

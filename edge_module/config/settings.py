@@ -374,10 +374,10 @@ class PipelineSettings(Section):
         ge=0,
         description="When the model fails on a batch, it is split in halves (again and "
         "again) to find the inputs at fault, which alone get `InferenceFailed`: one among "
-        "32 takes 10 runs. At most this many runs per failed batch; 0: as many as the batch "
-        "has inputs (never worse than running each alone, and enough to clear the others "
-        "of a few inputs at fault). Inputs not cleared within them are answered "
-        "`InferenceFailed` too.",
+        "32 takes 10 runs. At most this many runs per failed batch; 0: twice the batch's "
+        "inputs, the most a bisection can need, so an input not at fault is never refused "
+        "for want of runs. Inputs not cleared within them are answered `InferenceFailed` "
+        "too.",
     )
     max_failed_batches_per_minute: int = Field(
         30,

@@ -492,6 +492,23 @@ def test_a_failed_batch_is_bisected_not_run_again_request_by_request(
     assert ledger.admit(10**6) == 10**6 - 15  # the culprit's room came back
 
 
+def test_by_default_no_input_of_a_failed_batch_is_refused_for_want_of_runs(
+        tmp_path: Path, transport: RecordingTransport, ledger: Ledger,
+        stop_after: list[Pipeline]) -> None:
+    """Bisection can need more runs than inputs (one culprit fourth of five takes six):
+    the default budget covers the whole tree, so only the culprits are refused."""
+    from tests.models import fragile_model
+
+    model = Model(fragile_model(tmp_path))
+    pipe, _ = _pipeline(model, transport, ledger, MaxBatchSize=5, MaxQueueDelayMs=2000)
+    stop_after.append(pipe)
+    _fragile_batch(pipe, [1.0, 2.0, 3.0, 99.0, 4.0])
+    transport.wait_answers(5)
+    assert _answers(transport) == {f"f{i}": ["InferenceFailed" if i == 3 else "result"]
+                                   for i in range(5)}
+    assert ledger.pending == 4
+
+
 def test_a_failed_batch_spends_at_most_its_rerun_budget(
         tmp_path: Path, transport: RecordingTransport, ledger: Ledger,
         stop_after: list[Pipeline]) -> None:
